@@ -1,0 +1,3 @@
+from quantpub.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,61 @@
+"""Command line: parse arguments, call one stage function, turn errors into one line.
+
+Exit codes: 0 success, 2 a problem with the input (matrix, model, plan), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from quantpub import __version__
+from quantpub.errors import PlanError, QuantpubError
+
+DEFAULT_MATRIX = "matrices/thebloke.yaml"
+log = logging.getLogger("quantpub")
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from quantpub.plan import EXAMPLE_MODEL, make_plan, render
+
+    model = args.model or EXAMPLE_MODEL
+    if args.model is None:
+        log.info("no --model given: planning for the built-in example config %s", model)
+    plan = make_plan(args.matrix, model, device=args.device)
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else render(plan))
+    if plan.problems:
+        raise PlanError(model, list(plan.problems))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quantpub", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"quantpub {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("plan", help="show every variant a matrix would build, with size and memory estimates")
+    p.add_argument("matrix", nargs="?", default=DEFAULT_MATRIX, help=f"matrix YAML file (default {DEFAULT_MATRIX})")
+    p.add_argument("--model", help="hub repo id or local checkpoint directory (only config.json is read); "
+                                   "default: a built-in Tulu-7B-shaped example config")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="estimate memory for quantizing on this device (default cuda)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=_plan)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except QuantpubError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

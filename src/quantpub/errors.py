@@ -1,0 +1,40 @@
+"""Typed errors. Each carries enough context (file, key, variant) for one clear line.
+
+The CLI turns a ``QuantpubError`` into ``error: <message>`` and exit code 2; anything
+else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class QuantpubError(Exception):
+    """Base for every error a user can fix by changing their input."""
+
+
+class MatrixError(QuantpubError):
+    """A matrix file that cannot be read or violates the schema.
+
+    ``key`` is the dotted path to the offending entry (``gptq.product.bits``), ``line``
+    the 1-based YAML line where it is known.
+    """
+
+    def __init__(self, path: str, message: str, *, key: str | None = None, line: int | None = None):
+        self.path, self.key, self.line = str(path), key, line
+        where = self.path if line is None else f"{self.path}:{line}"
+        super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")
+
+
+class ModelError(QuantpubError):
+    """A source model whose config cannot be found, read or is not supported."""
+
+    def __init__(self, model: str, message: str):
+        self.model = model
+        super().__init__(f"model {model}: {message}")
+
+
+class PlanError(QuantpubError):
+    """The matrix and the model do not fit together (e.g. calibration longer than context)."""
+
+    def __init__(self, model: str, problems: list[str]):
+        self.model, self.problems = model, problems
+        super().__init__(f"model {model}: " + "; ".join(problems))

@@ -1,0 +1,88 @@
+"""Size and memory estimates, from the config alone (no weights).
+
+Sizes follow the on-disk layouts exactly (AutoGPTQ v1 / AutoAWQ tensors, 16-bit for what is
+not quantized); GGUF sizes use llama.cpp's effective bits per weight for each type's tensor
+mix, so they are estimates. Memory is what layer-by-layer quantization holds at its peak;
+all numbers are in bytes.
+"""
+
+from __future__ import annotations
+
+from quantpub.source import ModelFacts, groups
+
+FP16 = 2
+FP32 = 4
+GIB = 1 << 30
+
+# Average bits per weight of a whole llama-family model in each type, tensor mix included
+# (llama.cpp's published sizes for Llama-2 7B, divided by its 6.74B parameters).
+GGUF_BITS_PER_WEIGHT = {
+    "Q2_K": 3.35, "Q3_K_S": 3.50, "Q3_K_M": 3.91, "Q3_K_L": 4.27, "Q4_0": 4.55, "Q4_1": 5.0,
+    "Q4_K_S": 4.58, "Q4_K_M": 4.85, "Q5_0": 5.54, "Q5_1": 6.0, "Q5_K_S": 5.54, "Q5_K_M": 5.69,
+    "Q6_K": 6.56, "Q8_0": 8.5, "IQ1_S": 1.56, "IQ2_XXS": 2.06, "IQ2_XS": 2.31, "IQ2_S": 2.5,
+    "IQ2_M": 2.7, "IQ3_XXS": 3.06, "IQ3_S": 3.44, "IQ3_M": 3.66, "IQ4_NL": 4.5, "IQ4_XS": 4.25,
+}
+
+
+def gptq_size(facts: ModelFacts, bits: int, group_size: int | None) -> int:
+    """Bytes of ``model.safetensors`` in the AutoGPTQ v1 layout.
+
+    Per linear layer: qweight (bits per weight), qzeros (bits per group and column),
+    fp16 scales (per group and column), int32 g_idx (per input row).
+    """
+    total = 0
+    for lin in facts.block_linears():
+        g = groups(lin.in_features, group_size)
+        per = (lin.in_features * lin.out_features * bits // 8
+               + g * lin.out_features * bits // 8
+               + g * lin.out_features * FP16
+               + lin.in_features * 4)
+        total += per * lin.count
+    return total * facts.num_layers + facts.unquantized_params * FP16
+
+
+def awq_size(facts: ModelFacts, bits: int, group_size: int) -> int:
+    """Bytes of an AutoAWQ checkpoint: qweight, qzeros and fp16 scales; no g_idx."""
+    total = 0
+    for lin in facts.block_linears():
+        g = groups(lin.in_features, group_size)
+        per = lin.in_features * lin.out_features * bits // 8 + g * lin.out_features * (bits // 8 + FP16)
+        total += per * lin.count
+    return total * facts.num_layers + facts.unquantized_params * FP16
+
+
+def gguf_size(facts: ModelFacts, quant_type: str) -> int:
+    return int(facts.total_params * GGUF_BITS_PER_WEIGHT[quant_type] / 8)
+
+
+def gguf_f16_size(facts: ModelFacts) -> int:
+    """The one 16-bit conversion every GGUF type is quantized from."""
+    return facts.total_params * FP16
+
+
+def layerwise_quantize_memory(
+    facts: ModelFacts, *, n_samples: int, seq_len: int, dtype_bytes: int, method: str
+) -> tuple[int, int]:
+    """(accelerator bytes, host bytes) at the peak of layer-by-layer GPTQ or AWQ.
+
+    The accelerator holds one decoder block, the fp32 Hessians of its linear layers (GPTQ)
+    or one block's worth of extra activations for the scale search (AWQ), the block's inputs
+    and outputs for every calibration sample, and one sample's MLP activations. The host
+    holds the whole model in ``dtype_bytes`` while blocks move through the accelerator.
+    """
+    linears = facts.block_linears()
+    block = sum(l.in_features * l.out_features * l.count for l in linears) * dtype_bytes
+    acts = 2 * n_samples * seq_len * facts.hidden_size * dtype_bytes
+    mlp = 3 * seq_len * facts.intermediate_size * dtype_bytes * facts.experts_per_token
+    if method == "gptq":
+        extra = sum(l.in_features ** 2 * FP32 * l.count for l in linears)
+    else:
+        extra = n_samples * seq_len * facts.intermediate_size * dtype_bytes
+    device = block + acts + mlp + extra
+    host = facts.total_params * dtype_bytes + GIB
+    return device, host
+
+
+def gguf_memory(facts: ModelFacts) -> int:
+    """Host bytes for convert + quantize: a few copies of the largest tensor in fp32."""
+    return 3 * facts.largest_tensor_params * FP32 + GIB

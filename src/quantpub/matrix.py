@@ -1,0 +1,399 @@
+"""The matrix file: a strict schema for the variants to build, expanded into ``VariantSpec``s.
+
+A typo is an error that names the file, line and key; nothing falls back to a silent default.
+See ``matrices/thebloke.yaml`` for a complete, commented example.
+"""
+
+from __future__ import annotations
+
+import itertools
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    BaseModel, BeforeValidator, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError,
+    field_validator, model_serializer, model_validator,
+)
+
+from quantpub import naming, yamlfile
+from quantpub.errors import MatrixError
+
+Bits = Literal[2, 3, 4, 8]
+Method = Literal["gptq", "awq", "gguf"]
+GGUF_TYPES = (
+    "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_1", "Q4_K_S", "Q4_K_M", "Q5_0", "Q5_1",
+    "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0", "IQ1_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS",
+    "IQ3_S", "IQ3_M", "IQ4_NL", "IQ4_XS",
+)
+# llama.cpp refuses these without an importance matrix.
+GGUF_NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ2_XXS", "IQ2_XS", "IQ2_S"})
+GgufType = Literal[GGUF_TYPES]  # type: ignore[valid-type]
+GROUP_SIZES = (32, 64, 128)
+PERPLEXITY_SPLIT = "test"
+
+
+def _group_size(value: Any) -> int | None:
+    """32 / 64 / 128, or none (also written -1 or null) for one group per column."""
+    if value is None or value == -1 or (isinstance(value, str) and value.lower() == "none"):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value not in GROUP_SIZES:
+        raise ValueError(f"must be one of 32, 64, 128 or none (-1), got {value!r}")
+    return value
+
+
+GroupSize = Annotated[int | None, BeforeValidator(_group_size)]
+Damp = Annotated[float, Field(gt=0, lt=1)]
+SeqLen = int | Literal["auto"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CalibrationSpec(Strict):
+    """Where calibration text comes from; shared by GPTQ, AWQ and the GGUF importance matrix."""
+
+    dataset: str = "wikitext"
+    config: str | None = "wikitext-2-raw-v1"
+    split: str = "train"
+    text_column: str = "text"
+    n_samples: Annotated[int, Field(gt=0)] = 128
+    seq_len: SeqLen = "auto"
+    seed: int = 0
+
+    @field_validator("split")
+    @classmethod
+    def _not_the_perplexity_split(cls, split: str) -> str:
+        if split == PERPLEXITY_SPLIT:
+            raise ValueError(
+                f"'{PERPLEXITY_SPLIT}' is the split perplexity is measured on; calibrate on 'train'"
+            )
+        return split
+
+    @field_validator("seq_len")
+    @classmethod
+    def _positive(cls, seq_len: SeqLen) -> SeqLen:
+        if seq_len != "auto" and seq_len <= 0:
+            raise ValueError(f"must be a positive number of tokens or 'auto', got {seq_len}")
+        return seq_len
+
+
+class GptqVariant(Strict):
+    """One explicit GPTQ variant. ``branch`` overrides the generated name."""
+
+    bits: Bits
+    group_size: GroupSize = 128
+    act_order: bool = False
+    damp: Damp = naming.DEFAULT_DAMP
+    sym: bool = True
+    dataset: str | None = None
+    seq_len: SeqLen | None = None
+    branch: str | None = None
+
+    @field_validator("branch")
+    @classmethod
+    def _branch_ok(cls, branch: str | None) -> str | None:
+        if branch is not None and (branch == naming.MAIN_BRANCH or not naming.is_valid_branch(branch)):
+            raise ValueError(
+                f"{branch!r} is not a usable branch name (letters, digits, '.', '_', '-'; "
+                "select the main variant with gptq.main instead of naming it 'main')"
+            )
+        return branch
+
+    def name_parts(self) -> naming.GptqNameParts:
+        return naming.GptqNameParts(
+            self.bits, self.group_size, self.act_order, self.damp, self.sym, self.dataset, self.seq_len
+        )
+
+
+class GptqProduct(Strict):
+    """Every combination of these lists becomes a variant."""
+
+    bits: Annotated[list[Bits], Field(min_length=1)]
+    group_size: Annotated[list[GroupSize], Field(min_length=1)] = [128]
+    act_order: Annotated[list[bool], Field(min_length=1)] = [False]
+    damp: Annotated[list[Damp], Field(min_length=1)] = [naming.DEFAULT_DAMP]
+    sym: bool = True
+
+
+class Selector(Strict):
+    """Matches variants whose given fields all equal; fields left out match anything."""
+
+    bits: Bits | None = None
+    group_size: GroupSize = None
+    act_order: bool | None = None
+    damp: Damp | None = None
+    sym: bool | None = None
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> Selector:
+        if not self.model_fields_set:
+            raise ValueError("an empty selector matches every variant; give at least one field")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _only_given(self, handler: SerializerFunctionWrapHandler) -> dict:
+        # A field left out means "any"; dumping it as null would mean "no group size".
+        return {k: v for k, v in handler(self).items() if k in self.model_fields_set}
+
+    def matches(self, variant: GptqVariant) -> bool:
+        return all(getattr(variant, f) == getattr(self, f) for f in self.model_fields_set)
+
+
+class GptqSection(Strict):
+    product: GptqProduct | None = None
+    variants: list[GptqVariant] = []
+    exclude: list[Selector] = []
+    main: Selector | None = None
+    dataset: str | None = None
+    seq_len: SeqLen | None = None
+    n_samples: Annotated[int, Field(gt=0)] | None = None
+
+
+class AwqTarget(Strict):
+    """AutoAWQ's parameters; TheBloke published 4-bit, group 128, zero point, GEMM."""
+
+    bits: Literal[4] = 4
+    group_size: Literal[32, 64, 128] = 128
+    zero_point: bool = True
+    version: Literal["GEMM", "GEMV"] = "GEMM"
+
+
+class AwqSection(Strict):
+    """The first target is published on main, any others on their own branches."""
+
+    targets: Annotated[list[AwqTarget], Field(min_length=1)] = [AwqTarget()]
+
+
+class GgufSection(Strict):
+    types: Annotated[list[GgufType], Field(min_length=1)]
+    imatrix: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> GgufSection:
+        seen = set()
+        for t in self.types:
+            if t in seen:
+                raise ValueError(f"type {t} is listed twice")
+            seen.add(t)
+        needs = sorted(GGUF_NEEDS_IMATRIX.intersection(self.types))
+        if needs and not self.imatrix:
+            raise ValueError(f"{', '.join(needs)} need an importance matrix: set imatrix: true")
+        return self
+
+
+class RepoSection(Strict):
+    """Hub repo names; ``{model_name}`` is the source model's last path component."""
+
+    namespace: str = "quantpub"
+    gptq: str = "{model_name}-GPTQ"
+    awq: str = "{model_name}-AWQ"
+    gguf: str = "{model_name}-GGUF"
+
+    @field_validator("gptq", "awq", "gguf")
+    @classmethod
+    def _template(cls, template: str) -> str:
+        try:
+            name = template.format(model_name="m")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"{template!r}: the only placeholder is {{model_name}} ({exc})") from None
+        if "/" in name or not naming.is_valid_branch(name):
+            raise ValueError(f"{template!r} does not give a valid repo name")
+        return template
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, namespace: str) -> str:
+        if not naming.is_valid_branch(namespace):
+            raise ValueError(f"{namespace!r} is not a valid hub namespace")
+        return namespace
+
+
+class CardSection(Strict):
+    """Card facts the source model does not give."""
+
+    quantized_by: str | None = None
+    prompt_template: str | None = None
+    model_name: str | None = None
+    model_creator: str | None = None
+
+
+class Matrix(Strict):
+    calibration: CalibrationSpec = CalibrationSpec()
+    gptq: GptqSection | None = None
+    awq: AwqSection | None = None
+    gguf: GgufSection | None = None
+    repos: RepoSection = RepoSection()
+    card: CardSection = CardSection()
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """One variant to build, before any model is known."""
+
+    id: str
+    method: Method
+    origin: str  # where in the matrix it came from, for error messages
+    branch: str | None  # None for GGUF: files on main
+    params: GptqVariant | AwqTarget | str  # str: the GGUF type
+    calibration: CalibrationSpec | None  # None: needs no calibration
+
+
+def load_matrix(path: str | Path) -> tuple[Matrix, list[VariantSpec]]:
+    """Read, validate and expand a matrix file.
+
+    Raises:
+        MatrixError: naming the file, line and key of the first problem found.
+    """
+    data, lines = yamlfile.load(path)
+    if data is None:
+        raise MatrixError(str(path), "the file is empty; declare at least one of gptq, awq, gguf")
+    if not isinstance(data, dict):
+        raise MatrixError(str(path), f"expected a mapping of sections, got {type(data).__name__}", line=1)
+    try:
+        matrix = Matrix.model_validate(data)
+    except ValidationError as exc:
+        raise _matrix_error(path, exc, lines) from None
+    return matrix, expand(matrix, path, lines)
+
+
+def expand(matrix: Matrix, path: str | Path = "<matrix>", lines: dict | None = None) -> list[VariantSpec]:
+    """All variants of ``matrix`` in publication order: GPTQ, AWQ, GGUF."""
+    lines = lines or {}
+    specs = _gptq_specs(matrix, path, lines) + _awq_specs(matrix) + _gguf_specs(matrix)
+    if not specs:
+        raise MatrixError(str(path), "the matrix declares no variants; add gptq, awq or gguf entries")
+    return specs
+
+
+def _gptq_specs(matrix: Matrix, path, lines) -> list[VariantSpec]:
+    section = matrix.gptq
+    if section is None:
+        return []
+    found: list[tuple[str, GptqVariant]] = []
+    if section.product is not None:
+        p = section.product
+        for bits, group, act, damp in itertools.product(p.bits, p.group_size, p.act_order, p.damp):
+            variant = GptqVariant(bits=bits, group_size=group, act_order=act, damp=damp, sym=p.sym)
+            if not any(rule.matches(variant) for rule in section.exclude):
+                found.append(("gptq.product", variant))
+    found += [(f"gptq.variants[{i}]", v) for i, v in enumerate(section.variants)]
+    if not found:
+        raise MatrixError(str(path), "no GPTQ variant is left; check gptq.product, gptq.variants and gptq.exclude",
+                          key="gptq", line=lines.get(("gptq",)))
+
+    ids = naming.gptq_variant_ids([v.name_parts() for _, v in found])
+    ids = [v.branch or generated for (_, v), generated in zip(found, ids)]
+    first_origin: dict[str, str] = {}
+    for (origin, variant), vid in zip(found, ids):
+        if vid in first_origin:
+            raise MatrixError(
+                str(path),
+                f"{first_origin[vid]} and {origin} ({_describe(variant)}) would share branch {vid}; "
+                "remove one or set a distinct branch: on the explicit variant",
+                key="gptq", line=lines.get(("gptq",)),
+            )
+        first_origin[vid] = origin
+
+    main_index = _main_index(section, found, path, lines)
+    calibration = matrix.calibration.model_copy(update={
+        k: v for k, v in (("dataset", section.dataset), ("seq_len", section.seq_len),
+                          ("n_samples", section.n_samples)) if v is not None
+    })
+    specs = []
+    order = [main_index] + [i for i in range(len(found)) if i != main_index]  # main is published first
+    for i in order:
+        (origin, variant), vid = found[i], ids[i]
+        own = {k: v for k, v in (("dataset", variant.dataset), ("seq_len", variant.seq_len)) if v is not None}
+        specs.append(VariantSpec(
+            id=vid, method="gptq", origin=origin, branch=naming.gptq_branch(vid, i == main_index),
+            params=variant, calibration=calibration.model_copy(update=own),
+        ))
+    return specs
+
+
+def _main_index(section: GptqSection, found, path, lines) -> int:
+    if section.main is None:
+        return 0
+    hits = [i for i, (_, v) in enumerate(found) if section.main.matches(v)]
+    if len(hits) != 1:
+        which = "no variant" if not hits else f"{len(hits)} variants ({', '.join(found[i][0] for i in hits)})"
+        raise MatrixError(str(path), f"matches {which}; it must select exactly one",
+                          key="gptq.main", line=lines.get(("gptq", "main")))
+    return hits[0]
+
+
+def _awq_specs(matrix: Matrix) -> list[VariantSpec]:
+    if matrix.awq is None:
+        return []
+    specs = []
+    for i, t in enumerate(matrix.awq.targets):
+        vid = naming.awq_variant_id(t.bits, t.group_size, t.zero_point, t.version)
+        specs.append(VariantSpec(
+            id=vid, method="awq", origin=f"awq.targets[{i}]",
+            branch=naming.MAIN_BRANCH if i == 0 else vid, params=t, calibration=matrix.calibration,
+        ))
+    return specs
+
+
+def _gguf_specs(matrix: Matrix) -> list[VariantSpec]:
+    if matrix.gguf is None:
+        return []
+    calibration = matrix.calibration if matrix.gguf.imatrix else None
+    return [
+        VariantSpec(id=naming.gguf_variant_id(t), method="gguf", origin=f"gguf.types[{i}]",
+                    branch=None, params=t, calibration=calibration)
+        for i, t in enumerate(matrix.gguf.types)
+    ]
+
+
+def _describe(v: GptqVariant) -> str:
+    group = "none" if v.group_size is None else v.group_size
+    return f"bits={v.bits}, group_size={group}, act_order={v.act_order}, damp={naming.format_number(v.damp)}"
+
+
+def _matrix_error(path, exc: ValidationError, lines) -> MatrixError:
+    errors = sorted(exc.errors(), key=lambda e: yamlfile.nearest_line(lines, tuple(e["loc"])) or 0)
+    first = errors[0]
+    loc = tuple(first["loc"])
+    key = ".".join(str(p) for p in loc) or "<top level>"
+    if first["type"] == "extra_forbidden":
+        allowed = _allowed_keys(Matrix, loc[:-1])
+        message = f"unknown key; allowed here: {', '.join(allowed)}"
+    else:
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] not in ("value_error", "missing") and "input" in first:
+            message += f" (got {first['input']!r})"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return MatrixError(str(path), message, key=key, line=yamlfile.nearest_line(lines, loc))
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the schema class found by walking ``loc`` down from ``model``."""
+    current: Any = model
+    for part in loc:
+        current = _model_in(current)
+        if current is None:
+            return []
+        if isinstance(part, str):
+            current = current.model_fields[part].annotation
+        # an int index: the element type is unwrapped by _model_in on the next step
+    current = _model_in(current)
+    return list(current.model_fields) if current else []
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The BaseModel class inside Optional[...] / list[...] / Annotated[...], if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType, list, Annotated):
+        for arg in typing.get_args(annotation):
+            found = _model_in(arg)
+            if found is not None:
+                return found
+    return None

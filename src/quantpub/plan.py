@@ -1,0 +1,195 @@
+"""Matrix + model config -> the ordered jobs, with sizes and memory, before any work starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from quantpub import estimate, naming
+from quantpub.backends import BACKENDS
+from quantpub.matrix import AwqTarget, GptqVariant, Matrix, VariantSpec, load_matrix
+from quantpub.source import ModelFacts, model_facts
+
+AUTO_SEQ_LEN_CAP = 4096
+EXAMPLE_MODEL = str(Path(__file__).parent / "examples" / "tulu-7b")
+Device = Literal["cuda", "cpu"]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One variant of one model, with everything decided that can be decided from the config."""
+
+    variant: VariantSpec
+    repo: str
+    target: str  # hub branch (GPTQ, AWQ) or file name on main (GGUF)
+    seq_len: int | None  # resolved calibration length; None when no calibration is needed
+    n_samples: int | None
+    size: int  # estimated bytes on disk
+    device_memory: int | None  # estimated accelerator bytes; None for CPU-only work
+    host_memory: int
+
+    @property
+    def id(self) -> str:
+        return self.variant.id
+
+    @property
+    def method(self) -> str:
+        return self.variant.method
+
+    def describe(self) -> str:
+        p = self.variant.params
+        calib = f" seq={self.seq_len} n={self.n_samples}" if self.seq_len else ""
+        if isinstance(p, GptqVariant):
+            group = "none" if p.group_size is None else p.group_size
+            sym = "" if p.sym else " asym"
+            return (f"bits={p.bits} gs={group} act_order={p.act_order} damp={naming.format_number(p.damp)}"
+                    f"{sym}{calib}")
+        if isinstance(p, AwqTarget):
+            return f"bits={p.bits} gs={p.group_size} zero_point={p.zero_point} {p.version}{calib}"
+        return f"{p}{' imatrix' + calib if self.seq_len else ''}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    matrix_path: str
+    matrix: Matrix
+    facts: ModelFacts
+    device: Device
+    jobs: tuple[Job, ...]
+    notes: tuple[str, ...]  # worth knowing, not blocking
+    problems: tuple[str, ...]  # blocking: nothing may start while any is present
+
+    @property
+    def repos(self) -> list[str]:
+        return list(dict.fromkeys(job.repo for job in self.jobs))
+
+    def to_dict(self) -> dict[str, Any]:
+        f = self.facts
+        return {
+            "matrix": self.matrix_path,
+            "model": {
+                "id": f.model, "name": f.name, "model_type": f.model_type,
+                "parameters": f.total_params, "context_length": f.context_length,
+                "rope_scaling": f.rope_scaling, "sliding_window": f.sliding_window,
+                "experts": f.num_experts,
+            },
+            "device": self.device,
+            "jobs": [
+                {"variant": j.id, "method": j.method, "parameters": j.describe(), "repo": j.repo,
+                 "branch": j.variant.branch, "file": None if j.variant.branch else j.target,
+                 "seq_len": j.seq_len, "n_samples": j.n_samples, "estimated_size": j.size,
+                 "estimated_device_memory": j.device_memory, "estimated_host_memory": j.host_memory}
+                for j in self.jobs
+            ],
+            "notes": list(self.notes),
+            "problems": list(self.problems),
+        }
+
+
+def make_plan(matrix_path: str | Path, model: str, *, device: Device = "cuda",
+              config: dict[str, Any] | None = None) -> Plan:
+    """Read the matrix and the model's config and decide every job.
+
+    Problems (unsupported architecture, calibration longer than the context) are collected in
+    ``Plan.problems`` rather than raised, so the whole plan can still be shown.
+
+    Raises:
+        MatrixError: the matrix file is invalid.
+        ModelError: the model's config cannot be read.
+    """
+    matrix, specs = load_matrix(matrix_path)
+    facts = model_facts(model, config)
+    notes: list[str] = []
+    problems: list[str] = []
+
+    unsupported = sorted({s.method for s in specs if facts.model_type not in BACKENDS[s.method].model_types})
+    for method in unsupported:
+        supported = ", ".join(sorted(BACKENDS[method].model_types))
+        problems.append(f"{method}: model_type {facts.model_type!r} is not supported (supported: {supported})")
+
+    jobs = []
+    for spec in specs:
+        seq_len = _seq_len(spec, facts, notes, problems)
+        jobs.append(_job(spec, matrix, facts, device, seq_len))
+    if facts.num_experts > 1:
+        notes.append(f"mixture of experts: {facts.num_experts} experts, {facts.experts_per_token} per token; "
+                     "each expert sees about "
+                     f"{facts.experts_per_token / facts.num_experts:.0%} of the calibration tokens")
+    return Plan(str(matrix_path), matrix, facts, device, tuple(jobs),
+                tuple(dict.fromkeys(notes)), tuple(dict.fromkeys(problems)))
+
+
+def _seq_len(spec: VariantSpec, facts: ModelFacts, notes: list[str], problems: list[str]) -> int | None:
+    if spec.calibration is None:
+        return None
+    requested = spec.calibration.seq_len
+    ctx = facts.context_length
+    if requested == "auto":
+        seq_len = min(ctx, AUTO_SEQ_LEN_CAP)
+    elif requested > ctx:
+        problems.append(f"{spec.id}: calibration seq_len {requested} is longer than the model's context "
+                        f"({ctx}); lower seq_len or use auto")
+        seq_len = requested
+    else:
+        seq_len = requested
+    if seq_len < ctx and ctx > AUTO_SEQ_LEN_CAP:
+        notes.append(f"long-context model: calibrating at {seq_len} tokens of its {ctx}-token context "
+                     f"({_rope(facts)}); the quantized model keeps the full context, but accuracy on "
+                     "prompts longer than the calibration length is not calibrated")
+    return seq_len
+
+
+def _rope(facts: ModelFacts) -> str:
+    if facts.rope_scaling:
+        kind = facts.rope_scaling.get("rope_type") or facts.rope_scaling.get("type")
+        return f"rope scaling {kind} x{facts.rope_scaling.get('factor')}"
+    if facts.sliding_window:
+        return f"sliding window {facts.sliding_window}"
+    return "no rope scaling"
+
+
+def _job(spec: VariantSpec, matrix: Matrix, facts: ModelFacts, device: Device, seq_len: int | None) -> Job:
+    repos = matrix.repos
+    n_samples = spec.calibration.n_samples if spec.calibration else None
+    p = spec.params
+    if isinstance(p, str):  # GGUF
+        return Job(spec, naming.repo_id(repos.namespace, repos.gguf, facts.name),
+                   naming.gguf_filename(facts.name, p), seq_len, n_samples,
+                   estimate.gguf_size(facts, p), None, estimate.gguf_memory(facts))
+    if isinstance(p, GptqVariant):
+        size = estimate.gptq_size(facts, p.bits, p.group_size)
+        template = repos.gptq
+    else:
+        size = estimate.awq_size(facts, p.bits, p.group_size)
+        template = repos.awq
+    dtype_bytes = estimate.FP16 if device == "cuda" else estimate.FP32
+    dev, host = estimate.layerwise_quantize_memory(
+        facts, n_samples=n_samples, seq_len=seq_len, dtype_bytes=dtype_bytes, method=spec.method)
+    if device == "cpu":
+        dev, host = None, host + dev
+    return Job(spec, naming.repo_id(repos.namespace, template, facts.name), spec.branch,
+               seq_len, n_samples, size, dev, host)
+
+
+def render(plan: Plan) -> str:
+    """The plan as a fixed-width table with its notes and problems."""
+    f = plan.facts
+    head = (f"plan for {f.name} ({f.model_type}, {f.total_params / 1e9:.2f}B parameters, "
+            f"context {f.context_length}) from {plan.matrix_path}; memory estimated for {plan.device}")
+    rows = [("variant", "method", "parameters", "branch / file", "size", "GPU mem", "CPU mem", "repo")]
+    for j in plan.jobs:
+        rows.append((j.id, j.method, j.describe(), j.target, gb(j.size),
+                     "-" if j.device_memory is None else gb(j.device_memory), gb(j.host_memory), j.repo))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [head, ""] + ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    total = sum(j.size for j in plan.jobs)
+    lines.append(f"\n{len(plan.jobs)} variants, {gb(total)} in all, into {', '.join(plan.repos)}")
+    lines += [f"note: {n}" for n in plan.notes]
+    lines += [f"problem: {p}" for p in plan.problems]
+    return "\n".join(lines)
+
+
+def gb(n: int) -> str:
+    """Bytes as the Hub and TheBloke's tables show them: decimal gigabytes, 2 decimals."""
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"

@@ -1,0 +1,59 @@
+"""Hermetic tests: every cache in a temp dir, the hub offline, no token.
+
+The environment is set at import, before any test module imports huggingface_hub (which
+reads it once), and again per test so subprocesses and call-time reads see the test's dir.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+CONFIGS = FIXTURES / "configs"
+REPO_ROOT = Path(__file__).parent.parent
+MATRICES = REPO_ROOT / "matrices"
+TOKEN_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN")
+
+
+def _hermetic_env(root: Path) -> dict[str, str]:
+    return {
+        "HF_HOME": str(root / "hf"),
+        "HF_HUB_CACHE": str(root / "hf" / "hub"),
+        "HF_DATASETS_CACHE": str(root / "hf" / "datasets"),
+        "HF_XET_CACHE": str(root / "hf" / "xet"),
+        "XDG_CACHE_HOME": str(root / "cache"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_TOKEN": "",
+    }
+
+
+_SESSION_ROOT = Path(tempfile.mkdtemp(prefix="quantpub-tests-"))
+os.environ.update(_hermetic_env(_SESSION_ROOT))
+for _var in TOKEN_VARS[1:]:
+    os.environ.pop(_var, None)
+
+
+@pytest.fixture(autouse=True)
+def hermetic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    env = _hermetic_env(tmp_path)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    for var in TOKEN_VARS[1:]:
+        monkeypatch.delenv(var, raising=False)
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return tmp_path
+    monkeypatch.setattr(constants, "HF_HOME", env["HF_HOME"])
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", env["HF_HUB_CACHE"])
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf" / "token"))
+    return tmp_path
