@@ -30,6 +30,21 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize(args: argparse.Namespace) -> int:
+    from quantpub.worker import quantize
+
+    outcomes = quantize(args.matrix, args.model, args.out, only=args.only, calibration_file=args.calibration_file,
+                        device=args.device, n_samples=args.n_samples, seq_len=args.seq_len)
+    for o in outcomes:
+        state = "skipped (already built)" if o.skipped else ("FAILED: " + o.error if o.error else "built")
+        print(f"{o.variant}: {state}" + (f" -> {o.path}" if o.path else ""))
+    failed = [o.variant for o in outcomes if o.error]
+    if failed:
+        print(f"error: {len(failed)} of {len(outcomes)} variants failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantpub", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"quantpub {__version__}")
@@ -45,6 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="estimate memory for quantizing on this device (default cuda)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=_plan)
+
+    q = sub.add_parser("quantize", help="build and validate the GPTQ and AWQ variants of a matrix")
+    q.add_argument("matrix", help="matrix YAML file")
+    q.add_argument("--model", required=True, help="hub repo id or local checkpoint directory")
+    q.add_argument("--out", required=True, help="directory that receives one sub-directory per variant")
+    q.add_argument("--only", nargs="+", metavar="VARIANT", help="build only these variant ids")
+    q.add_argument("--calibration-file", help="local .txt/.jsonl/.parquet text instead of the matrix's dataset")
+    q.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
+    q.add_argument("--n-samples", type=int, help="override the matrix's calibration sample count")
+    q.add_argument("--seq-len", type=int, help="override the matrix's calibration sequence length")
+    q.set_defaults(func=_quantize)
     return parser
 
 

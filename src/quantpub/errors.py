@@ -38,3 +38,19 @@ class PlanError(QuantpubError):
     def __init__(self, model: str, problems: list[str]):
         self.model, self.problems = model, problems
         super().__init__(f"model {model}: " + "; ".join(problems))
+
+
+class CalibrationError(QuantpubError):
+    """Calibration text that cannot be loaded, or is too short for the requested samples."""
+
+    def __init__(self, source: str, message: str):
+        self.source = source
+        super().__init__(f"calibration data {source}: {message}")
+
+
+class QuantizeError(QuantpubError):
+    """A variant that failed to quantize, save or validate."""
+
+    def __init__(self, variant: str, model: str, message: str):
+        self.variant, self.model = variant, model
+        super().__init__(f"variant {variant} of {model}: {message}")

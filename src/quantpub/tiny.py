@@ -1,0 +1,95 @@
+"""Tiny random-weight models mirroring the seed models, built offline in seconds.
+
+For tests, benchmarks and the offline demo: no weights can be downloaded on these machines,
+so a model is built from a config (dimensions multiples of 256, as llama.cpp's K-quants
+need) with a BPE tokenizer trained on local text.
+"""
+
+from __future__ import annotations
+
+import pydoc
+import sys
+from pathlib import Path
+from typing import Any
+
+SHAPES: dict[str, dict[str, Any]] = {
+    # Tulu 7B / OpenLLaMA 13B: plain llama
+    "llama": dict(architectures=["LlamaForCausalLM"], model_type="llama", max_position_embeddings=2048),
+    # LlongOrca 7B 16k: Llama-2 with linear rope scaling x4
+    "llama-16k": dict(architectures=["LlamaForCausalLM"], model_type="llama", max_position_embeddings=16384,
+                      rope_scaling={"type": "linear", "factor": 4.0}),
+    # Jackalope 7B: Mistral with grouped KV heads and a sliding window
+    "mistral": dict(architectures=["MistralForCausalLM"], model_type="mistral", num_key_value_heads=2,
+                    max_position_embeddings=32768, sliding_window=4096),
+    # bagel 8x7b: Mixtral with 4 small experts, 2 per token
+    "mixtral": dict(architectures=["MixtralForCausalLM"], model_type="mixtral", num_key_value_heads=2,
+                    num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32768),
+}
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] "
+          "+ '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def corpus_text(min_chars: int = 400_000) -> str:
+    """Deterministic English-ish text from the standard library's docstrings (offline)."""
+    parts, total = [], 0
+    for name in sorted(sys.stdlib_module_names):
+        if name.startswith("_") or name in {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo"}:
+            continue
+        try:
+            module = __import__(name)
+        except Exception:  # noqa: BLE001 - some stdlib modules do not import on every platform
+            continue
+        for obj in [module, *vars(module).values()]:
+            doc = pydoc.getdoc(obj) if callable(obj) or obj is module else ""
+            if doc and len(doc) > 200:
+                parts.append(doc)
+                total += len(doc)
+        if total >= min_chars:
+            break
+    return "\n\n".join(dict.fromkeys(parts))
+
+
+def build_tokenizer(text: str, vocab_size: int, chat_template: str | None = None):
+    """A byte-level BPE tokenizer trained on ``text``, as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"] + (["<|im_start|>", "<|im_end|>"] if chat_template else [])
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(text.split("\n\n"), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    if chat_template:
+        fast.chat_template = chat_template
+    return fast
+
+
+def build_tiny_model(out: str | Path, shape: str = "llama", *, hidden_size: int = 256, layers: int = 2,
+                     intermediate_size: int = 512, heads: int = 4, vocab_size: int = 1024,
+                     chat_template: str | None = None, seed: int = 0, text: str | None = None) -> Path:
+    """Write a random-weight checkpoint (fp32 safetensors, config, tokenizer) to ``out``."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    if shape not in SHAPES:
+        raise ValueError(f"unknown tiny shape {shape!r}; choose from {', '.join(SHAPES)}")
+    out = Path(out)
+    tokenizer = build_tokenizer(text or corpus_text(), vocab_size, chat_template)
+    spec = dict(SHAPES[shape])
+    model_type = spec.pop("model_type")
+    config = AutoConfig.for_model(
+        model_type, hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=layers,
+        num_attention_heads=heads, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False, torch_dtype="float32", **spec,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
+                                               eos_token_id=tokenizer.eos_token_id)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,42 @@
+"""Load a saved GPTQ/AWQ variant back with transformers, run it, and fail on NaN or errors."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from quantpub.matrix import GptqVariant
+
+PROMPT_TOKENS = 16
+NEW_TOKENS = 4
+
+
+def validate(out: Path, params: Any, device: str, prompt_ids: list[int]) -> dict[str, Any]:
+    """Load ``out`` with ``from_pretrained``, forward ``prompt_ids`` and greedily generate.
+
+    Returns a record of what was checked. Raises ``ValueError`` with the reason on failure.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, GPTQConfig
+
+    started = time.monotonic()
+    kwargs: dict[str, Any] = {"device_map": device}
+    if isinstance(params, GptqVariant) and device == "cpu" and params.bits == 4 and params.group_size is None:
+        # The automatic CPU int4 kernel needs a group size of 32..256; the torch kernel does not.
+        kwargs["quantization_config"] = GPTQConfig(bits=4, group_size=-1, desc_act=params.act_order,
+                                                   sym=params.sym, backend="gptq_torch")
+    model = AutoModelForCausalLM.from_pretrained(out, **kwargs)
+    ids = torch.tensor([prompt_ids[:PROMPT_TOKENS]], device=model.device)
+    with torch.no_grad():
+        logits = model(ids).logits
+    if not torch.isfinite(logits).all():
+        raise ValueError("the forward pass produced NaN or infinite logits")
+    generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                               do_sample=False, min_new_tokens=NEW_TOKENS)
+    new = generated[0, ids.shape[1]:].tolist()
+    if len(new) != NEW_TOKENS or not all(0 <= t < model.config.vocab_size for t in new):
+        raise ValueError(f"generation returned {new}")
+    kernel = type(model.model.layers[0].self_attn.q_proj).__name__
+    return {"loaded_with": "transformers.AutoModelForCausalLM", "kernel": kernel, "device": device,
+            "prompt_tokens": ids.shape[1], "generated_tokens": new, "seconds": round(time.monotonic() - started, 2)}

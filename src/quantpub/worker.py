@@ -1,0 +1,184 @@
+"""The worker: load a model once, quantize every GPTQ/AWQ job of a plan, validate, write atomically.
+
+Each variant lands in ``OUT/<variant id>/``. It is built in ``OUT/.partial-<id>-<pid>/`` and
+renamed into place only after it was saved, validated and its ``quantpub.json`` manifest
+written, so a killed run never leaves a directory under the final name; a re-run skips
+variants whose directory exists and rebuilds the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from quantpub import __version__, calibration
+from quantpub.errors import PlanError, QuantizeError, QuantpubError
+from quantpub.plan import Job, Plan, make_plan
+
+log = logging.getLogger(__name__)
+MANIFEST = "quantpub.json"
+WORKER_METHODS = ("gptq", "awq")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    variant: str
+    path: Path | None
+    skipped: bool = False
+    error: str | None = None
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def select_jobs(plan: Plan, only: list[str] | None) -> list[Job]:
+    jobs = [j for j in plan.jobs if j.method in WORKER_METHODS]
+    if only:
+        known = {j.id for j in jobs}
+        unknown = [v for v in only if v not in known]
+        if unknown:
+            raise QuantpubError(f"--only {', '.join(unknown)}: no such GPTQ/AWQ variant in {plan.matrix_path}; "
+                                f"choose from {', '.join(sorted(known))}")
+        jobs = [j for j in jobs if j.id in only]
+    return jobs
+
+
+def quantize(matrix_path: str | Path, model: str, out: str | Path, *, only: list[str] | None = None,
+             calibration_file: str | Path | None = None, device: str = "auto",
+             n_samples: int | None = None, seq_len: int | None = None) -> list[Outcome]:
+    """Build every GPTQ/AWQ variant of the matrix that is not built yet.
+
+    ``n_samples`` / ``seq_len`` override the matrix's calibration size for every variant
+    (smoke runs on CPU); the manifest records what was used. One variant's failure does not
+    stop the others; it is reported in its ``Outcome``.
+
+    Raises:
+        MatrixError, ModelError, PlanError, CalibrationError: before any model is loaded.
+    """
+    import torch
+
+    device = resolve_device(device)
+    plan = make_plan(matrix_path, model, device="cpu" if device == "cpu" else "cuda")
+    if plan.problems:
+        raise PlanError(model, list(plan.problems))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [replace(j, n_samples=n_samples or j.n_samples, seq_len=seq_len or j.seq_len)
+            for j in select_jobs(plan, only)]
+    todo = [j for j in jobs if not (out / j.id / MANIFEST).is_file()]
+    outcomes = [Outcome(j.id, out / j.id, skipped=True) for j in jobs if j not in todo]
+    for o in outcomes:
+        log.info("%s: already built in %s, skipped", o.variant, o.path)
+    if not todo:
+        return outcomes
+
+    from quantpub.backends.gptqmodel_session import ModelSession
+
+    model_dir = _local_model(model)
+    session = ModelSession(model_dir, device, torch.float32 if device == "cpu" else torch.float16)
+    calibrations = _calibrations(todo, session.tokenizer, calibration_file)  # before the model loads
+    for i, job in enumerate(todo, 1):
+        log.info("[%d/%d] %s: quantizing (%s)", i, len(todo), job.id, job.describe())
+        try:
+            path = build_variant(session, job, calibrations[_calib_key(job)], out, model)
+            outcomes.append(Outcome(job.id, path))
+        except Exception as exc:  # noqa: BLE001 - one variant's failure must not stop the others
+            log.error("%s: failed: %s: %s", job.id, type(exc).__name__, exc)
+            outcomes.append(Outcome(job.id, None, error=f"{type(exc).__name__}: {exc}"))
+    return outcomes
+
+
+def _local_model(model: str) -> Path:
+    if Path(model).is_dir():
+        return Path(model)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+
+
+def _calib_key(job: Job) -> tuple:
+    spec = job.variant.calibration
+    return (spec.dataset, spec.config, spec.split, spec.text_column, spec.seed, job.seq_len, job.n_samples)
+
+
+def _calibrations(jobs: list[Job], tokenizer, file) -> dict[tuple, calibration.CalibrationSet]:
+    """One CalibrationSet per distinct calibration; each source text is loaded once."""
+    texts: dict[tuple, tuple[str, str]] = {}
+    sets = {}
+    for job in jobs:
+        key = _calib_key(job)
+        if key in sets:
+            continue
+        spec = job.variant.calibration
+        text_key = key[:4]
+        if text_key not in texts:
+            texts[text_key] = calibration.load_text(spec, file)
+        text, source = texts[text_key]
+        sets[key] = calibration.build(text, source, tokenizer, n_samples=job.n_samples,
+                                      seq_len=job.seq_len, seed=spec.seed)
+    return sets
+
+
+def build_variant(session, job: Job, calib: calibration.CalibrationSet, out: Path, model: str) -> Path:
+    from quantpub.backends import awq, gptq
+    from quantpub.validate import validate
+
+    final = out / job.id
+    partial = out / f".partial-{job.id}-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    started = time.monotonic()
+    try:
+        backend = gptq if job.method == "gptq" else awq
+        backend.quantize(session, job.variant.params, calib, partial)
+        (partial / "quant_log.csv").unlink(missing_ok=True)
+        for name in ("generation_config.json",):  # GPTQModel rewrites it (do_sample: true)
+            if (session.model_dir / name).is_file():
+                shutil.copyfile(session.model_dir / name, partial / name)
+        quantized_s = time.monotonic() - started
+        validation = validate(partial, job.variant.params, session.device, list(calib.samples[0]))
+        _write_manifest(partial, job, calib, model, session.device, quantized_s, validation)
+        if final.exists():  # a half-finished rename of an earlier run cannot exist; an old complete one can
+            shutil.rmtree(final)
+        os.replace(partial, final)
+    except Exception as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise QuantizeError(job.id, model, f"{type(exc).__name__}: {exc}") from exc
+    log.info("%s: built and validated in %.1fs -> %s", job.id, time.monotonic() - started, final)
+    return final
+
+
+def _write_manifest(path: Path, job: Job, calib, model: str, device: str, seconds: float,
+                    validation: dict[str, Any]) -> None:
+    import gptqmodel
+    import torch
+    import transformers
+
+    files = {}
+    for f in sorted(p for p in path.iterdir() if p.is_file()):
+        digest = hashlib.sha256()
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        files[f.name] = {"size": f.stat().st_size, "sha256": digest.hexdigest()}
+    manifest = {
+        "variant": job.id, "method": job.method, "branch": job.variant.branch, "repo": job.repo,
+        "parameters": job.variant.params.model_dump(mode="json"), "model": model,
+        "calibration": calib.record(), "device": device, "quantize_seconds": round(seconds, 2),
+        "validation": validation, "files": files, "size": sum(f["size"] for f in files.values()),
+        "tools": {"quantpub": __version__, "gptqmodel": gptqmodel.__version__,
+                  "transformers": transformers.__version__, "torch": torch.__version__},
+    }
+    (path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
