@@ -57,3 +57,30 @@ def hermetic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf" / "token"))
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """Calibration text: the standard library's docstrings, as a local file."""
+    from quantpub.tiny import corpus_text
+
+    path = tmp_path_factory.mktemp("corpus") / "calib.txt"
+    path.write_text(corpus_text())
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, corpus):
+    """Builds tiny random-weight models on first use, once per session: tiny_models('mistral')."""
+    from quantpub.tiny import CHATML, build_tiny_model
+
+    root = tmp_path_factory.mktemp("models")
+    built: dict[str, Path] = {}
+
+    def get(shape: str) -> Path:
+        if shape not in built:
+            built[shape] = build_tiny_model(root / f"tiny-{shape}", shape, text=corpus.read_text(),
+                                            chat_template=CHATML if shape == "mistral" else None)
+        return built[shape]
+
+    return get

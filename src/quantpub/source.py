@@ -149,7 +149,7 @@ def model_facts(model: str, config: dict[str, Any] | None = None) -> ModelFacts:
             experts_per_token=int(cfg.get("num_experts_per_tok") or 1),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             context_length=int(cfg.get("max_position_embeddings") or 2048),
-            rope_scaling=cfg.get("rope_scaling"),
+            rope_scaling=_rope_scaling(cfg),
             sliding_window=cfg.get("sliding_window"),
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
         )
@@ -157,6 +157,14 @@ def model_facts(model: str, config: dict[str, Any] | None = None) -> ModelFacts:
         raise ModelError(model, f"config.json has no {exc.args[0]!r}; is this a causal language model?") from None
     except (TypeError, ValueError) as exc:
         raise ModelError(model, f"config.json has a malformed field: {exc}") from None
+
+
+def _rope_scaling(cfg: dict[str, Any]) -> dict | None:
+    """``rope_scaling`` (transformers 4) or a non-default ``rope_parameters`` (transformers 5)."""
+    if cfg.get("rope_scaling"):
+        return cfg["rope_scaling"]
+    params = cfg.get("rope_parameters") or {}
+    return params if params.get("rope_type", "default") != "default" else None
 
 
 def groups(in_features: int, group_size: int | None) -> int:

@@ -1,0 +1,165 @@
+"""Real GPTQ/AWQ quantization of tiny random models on CPU (slow: about 2 minutes)."""
+
+import json
+
+import pytest
+from safetensors import safe_open
+
+from conftest import MATRICES
+from quantpub.cli import main
+from quantpub.errors import QuantpubError
+from quantpub.worker import MANIFEST, quantize
+
+pytestmark = pytest.mark.slow
+SMALL = {"n_samples": 8, "seq_len": 128}
+AUTOGPTQ_KEYS = ["bits", "group_size", "damp_percent", "desc_act", "static_groups", "sym", "true_sequential",
+                 "model_name_or_path", "model_file_base_name", "quant_method", "checkpoint_format", "meta"]
+TULU = {  # variant id -> (bits, group_size as written, desc_act)
+    "gptq-4bit-128g-actorder_False": (4, 128, False),
+    "gptq-4bit-32g-actorder_True": (4, 32, True),
+    "gptq-4bit-64g-actorder_True": (4, 64, True),
+    "gptq-4bit-128g-actorder_True": (4, 128, True),
+    "gptq-8bit--1g-actorder_True": (8, -1, True),
+    "gptq-8bit-128g-actorder_False": (8, 128, False),
+}
+
+
+@pytest.fixture(scope="module")
+def built(tiny_models, corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("variants")
+    outcomes = quantize(MATRICES / "thebloke.yaml", str(tiny_models("llama")), out, calibration_file=corpus,
+                        device="cpu", **SMALL)
+    return out, outcomes
+
+
+def test_six_gptq_variants_and_awq_are_built_and_validated(built):
+    out, outcomes = built
+    assert [o.error for o in outcomes] == [None] * 7
+    assert {o.variant for o in outcomes} == set(TULU) | {"awq-4bit-128g-GEMM"}
+    for o in outcomes:
+        manifest = json.loads((o.path / MANIFEST).read_text())
+        assert manifest["validation"]["loaded_with"] == "transformers.AutoModelForCausalLM"
+        assert len(manifest["validation"]["generated_tokens"]) == 4
+        assert manifest["calibration"]["n_samples"] == 8 and manifest["calibration"]["seq_len"] == 128
+        assert manifest["files"]["model.safetensors"]["size"] == (o.path / "model.safetensors").stat().st_size
+    assert not list(out.glob(".partial-*"))
+
+
+def test_gptq_configs_match_autogptq_field_by_field(built):
+    out, _ = built
+    for vid, (bits, group, desc_act) in TULU.items():
+        qc = json.loads((out / vid / "quantize_config.json").read_text())
+        assert list(qc) == AUTOGPTQ_KEYS
+        assert (qc["bits"], qc["group_size"], qc["desc_act"]) == (bits, group, desc_act)
+        assert (qc["damp_percent"], qc["static_groups"], qc["sym"], qc["true_sequential"]) == (0.01, False, True, True)
+        assert (qc["model_name_or_path"], qc["model_file_base_name"]) == (None, "model")
+        assert (qc["quant_method"], qc["checkpoint_format"]) == ("gptq", "gptq")
+        config = json.loads((out / vid / "config.json").read_text())
+        assert config["quantization_config"] == qc
+        text = (out / vid / "quantize_config.json").read_text() + (out / vid / "config.json").read_text()
+        assert "/tmp" not in text and "offload" not in text
+        with safe_open(out / vid / "model.safetensors", "pt") as f:
+            keys = set(f.keys())
+        for part in ("qweight", "qzeros", "scales", "g_idx"):
+            assert f"model.layers.0.self_attn.q_proj.{part}" in keys
+
+
+def test_awq_configs_match_autoawq(built):
+    out, _ = built
+    awq = out / "awq-4bit-128g-GEMM"
+    assert json.loads((awq / "config.json").read_text())["quantization_config"] == {
+        "bits": 4, "group_size": 128, "modules_to_not_convert": None, "quant_method": "awq",
+        "version": "gemm", "zero_point": True}
+    assert json.loads((awq / "quant_config.json").read_text()) == {
+        "quant_method": "awq", "zero_point": True, "q_group_size": 128, "w_bit": 4, "version": "GEMM",
+        "modules_to_not_convert": None}
+    assert not (awq / "quantize_config.json").exists()
+
+
+def test_generation_config_is_the_source_one(built, tiny_models):
+    out, _ = built
+    source = json.loads((tiny_models("llama") / "generation_config.json").read_text())
+    for vid in TULU:
+        assert json.loads((out / vid / "generation_config.json").read_text()) == source
+
+
+def test_each_variant_loads_and_generates_with_transformers(built):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
+
+    out, _ = built
+    for vid in ("gptq-4bit-32g-actorder_True", "awq-4bit-128g-GEMM"):
+        model = AutoModelForCausalLM.from_pretrained(out / vid, device_map="cpu")
+        tok = AutoTokenizer.from_pretrained(out / vid)
+        ids = tok("Return the number of items", return_tensors="pt").input_ids
+        gen = model.generate(ids, max_new_tokens=3, do_sample=False, min_new_tokens=3)
+        assert gen.shape[1] == ids.shape[1] + 3
+        assert torch.isfinite(model(ids).logits).all()
+
+
+def test_rerun_skips_what_is_built(built, tiny_models, corpus, capsys):
+    out, _ = built
+    code = main(["quantize", str(MATRICES / "thebloke.yaml"), "--model", str(tiny_models("llama")), "--out",
+                 str(out), "--calibration-file", str(corpus), "--device", "cpu"])
+    assert code == 0
+    assert capsys.readouterr().out.count("skipped (already built)") == 7
+
+
+def test_unknown_only_variant_is_an_error(tiny_models, tmp_path):
+    with pytest.raises(QuantpubError, match="--only gptq-5bit: no such GPTQ/AWQ variant"):
+        quantize(MATRICES / "thebloke.yaml", str(tiny_models("llama")), tmp_path, only=["gptq-5bit"])
+
+
+def test_missing_calibration_file_fails_before_the_model_loads(tiny_models, tmp_path, capsys):
+    code = main(["quantize", str(MATRICES / "thebloke-gptq.yaml"), "--model", str(tiny_models("llama")),
+                 "--out", str(tmp_path / "o"), "--calibration-file", str(tmp_path / "none.txt"), "--device", "cpu"])
+    assert code == 2
+    assert "none.txt: no such file" in capsys.readouterr().err
+    assert not list((tmp_path / "o").iterdir())
+
+
+def test_a_failing_variant_leaves_no_directory_and_others_finish(tiny_models, corpus, tmp_path, monkeypatch):
+    import quantpub.validate
+
+    real = quantpub.validate.validate
+
+    def broken_for_8bit(out, params, device, ids):
+        if params.bits == 8:
+            raise ValueError("the forward pass produced NaN or infinite logits")
+        return real(out, params, device, ids)
+
+    monkeypatch.setattr(quantpub.validate, "validate", broken_for_8bit)
+    matrix = tmp_path / "m.yaml"
+    matrix.write_text("gptq:\n  variants: [{bits: 8}, {bits: 4}]\n")
+    outcomes = quantize(matrix, str(tiny_models("llama")), tmp_path / "o", calibration_file=corpus,
+                        device="cpu", **SMALL)
+    assert [(o.variant, o.error is None) for o in outcomes] == [
+        ("gptq-8bit-128g-actorder_False", False), ("gptq-4bit-128g-actorder_False", True)]
+    assert "NaN" in outcomes[0].error
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["gptq-4bit-128g-actorder_False"]
+
+
+@pytest.mark.parametrize("shape", ["mistral", "llama-16k", "mixtral"])
+def test_architectures(shape, tiny_models, corpus, tmp_path):
+    matrix = tmp_path / "m.yaml"
+    matrix.write_text("gptq:\n  variants: [{bits: 4, group_size: 128}]\n")
+    model = tiny_models(shape)
+    (outcome,) = quantize(matrix, str(model), tmp_path / "o", calibration_file=corpus, device="cpu", **SMALL)
+    assert outcome.error is None
+    config = json.loads((outcome.path / "config.json").read_text())
+    source = json.loads((model / "config.json").read_text())
+    for key in ("sliding_window", "rope_parameters", "max_position_embeddings", "num_local_experts"):
+        assert config.get(key) == source.get(key), key
+    if shape == "llama-16k":
+        assert config["rope_parameters"]["rope_type"] == "linear" and config["rope_parameters"]["factor"] == 4.0
+        assert config["max_position_embeddings"] == 16384
+    if shape == "mistral":
+        assert "chat_template" in json.loads((outcome.path / "tokenizer_config.json").read_text()) or \
+            (outcome.path / "chat_template.jinja").exists()
+    if shape == "mixtral":
+        with safe_open(outcome.path / "model.safetensors", "pt") as f:
+            keys = set(f.keys())
+        for layer in range(2):
+            for expert in range(4):
+                for proj in ("gate_proj", "up_proj", "down_proj"):
+                    assert f"model.layers.{layer}.mlp.experts.{expert}.{proj}.qweight" in keys
