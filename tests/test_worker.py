@@ -163,3 +163,10 @@ def test_architectures(shape, tiny_models, corpus, tmp_path):
             for expert in range(4):
                 for proj in ("gate_proj", "up_proj", "down_proj"):
                     assert f"model.layers.{layer}.mlp.experts.{expert}.{proj}.qweight" in keys
+        experts = json.loads((outcome.path / MANIFEST).read_text())["experts"]
+        assert experts["min_tokens"] == 256
+        assert len(experts["tokens"]) == 2 * 4  # every expert of both layers was calibrated
+        assert experts["starved"] == sorted((k for k, n in experts["tokens"].items() if n < 256),
+                                            key=lambda k: [int(x) for x in k.split() if x.isdigit()])
+    else:
+        assert json.loads((outcome.path / MANIFEST).read_text())["experts"] is None

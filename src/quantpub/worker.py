@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from quantpub import __version__, calibration
+from quantpub.moe import expert_coverage
 from quantpub.errors import PlanError, QuantizeError, QuantpubError
 from quantpub.plan import Job, Plan, make_plan
 
@@ -141,14 +142,18 @@ def build_variant(session, job: Job, calib: calibration.CalibrationSet, out: Pat
     started = time.monotonic()
     try:
         backend = gptq if job.method == "gptq" else awq
-        backend.quantize(session, job.variant.params, calib, partial)
+        quant_log = backend.quantize(session, job.variant.params, calib, partial)
+        experts = expert_coverage(quant_log, min_tokens=_hidden_size(session.model_dir))
+        if experts and experts["starved"]:
+            log.warning("%s: %d experts got fewer than %d calibration tokens: %s", job.id, len(experts["starved"]),
+                        experts["min_tokens"], ", ".join(experts["starved"]))
         (partial / "quant_log.csv").unlink(missing_ok=True)
         for name in ("generation_config.json",):  # GPTQModel rewrites it (do_sample: true)
             if (session.model_dir / name).is_file():
                 shutil.copyfile(session.model_dir / name, partial / name)
         quantized_s = time.monotonic() - started
         validation = validate(partial, job.variant.params, session.device, list(calib.samples[0]))
-        _write_manifest(partial, job, calib, model, session.device, quantized_s, validation)
+        _write_manifest(partial, job, calib, model, session.device, quantized_s, validation, experts)
         if final.exists():  # a half-finished rename of an earlier run cannot exist; an old complete one can
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -159,8 +164,13 @@ def build_variant(session, job: Job, calib: calibration.CalibrationSet, out: Pat
     return final
 
 
+def _hidden_size(model_dir: Path) -> int:
+    config = json.loads((model_dir / "config.json").read_text())
+    return int(config.get("hidden_size") or config.get("text_config", {}).get("hidden_size", 0))
+
+
 def _write_manifest(path: Path, job: Job, calib, model: str, device: str, seconds: float,
-                    validation: dict[str, Any]) -> None:
+                    validation: dict[str, Any], experts: dict[str, Any] | None) -> None:
     import gptqmodel
     import torch
     import transformers
@@ -176,7 +186,7 @@ def _write_manifest(path: Path, job: Job, calib, model: str, device: str, second
         "variant": job.id, "method": job.method, "branch": job.variant.branch, "repo": job.repo,
         "parameters": job.variant.params.model_dump(mode="json"), "model": model,
         "calibration": calib.record(), "device": device, "quantize_seconds": round(seconds, 2),
-        "validation": validation, "files": files, "size": sum(f["size"] for f in files.values()),
+        "validation": validation, "experts": experts, "files": files, "size": sum(f["size"] for f in files.values()),
         "tools": {"quantpub": __version__, "gptqmodel": gptqmodel.__version__,
                   "transformers": transformers.__version__, "torch": torch.__version__},
     }

@@ -19,7 +19,8 @@ def autoawq_configs(t: AwqTarget) -> tuple[dict, dict]:
     return in_config, quant_config
 
 
-def quantize(session: ModelSession, t: AwqTarget, calibration: CalibrationSet, out: Path) -> None:
+def quantize(session: ModelSession, t: AwqTarget, calibration: CalibrationSet, out: Path) -> object:
+    """Quantize a fresh fp16 copy of the session's model into ``out``; returns GPTQModel's quantize log."""
     import torch
 
     gptqmodel = _import_gptqmodel()
@@ -30,8 +31,9 @@ def quantize(session: ModelSession, t: AwqTarget, calibration: CalibrationSet, o
                    format=t.version.lower(), offload_to_disk=False)
     model = session.fresh(qc, dtype=torch.float16)  # AWQ's scale search runs in fp16
     backend = gptqmodel.BACKEND.AWQ_TORCH if session.device == "cpu" else gptqmodel.BACKEND.AUTO
-    model.quantize(calibration.as_gptqmodel(), batch_size=1, backend=backend)
+    log = model.quantize(calibration.as_gptqmodel(), batch_size=1, backend=backend)
     model.save(str(out))
     (out / "quantize_config.json").unlink(missing_ok=True)  # AutoAWQ writes quant_config.json instead
     in_config, quant_config = autoawq_configs(t)
     rewrite_configs(out, in_config, ("quant_config.json", quant_config))
+    return log

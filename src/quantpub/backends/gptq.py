@@ -29,7 +29,8 @@ def autogptq_config(v: GptqVariant, quantizer: str) -> dict:
     }
 
 
-def quantize(session: ModelSession, v: GptqVariant, calibration: CalibrationSet, out: Path) -> None:
+def quantize(session: ModelSession, v: GptqVariant, calibration: CalibrationSet, out: Path) -> object:
+    """Quantize a fresh copy of the session's model into ``out``; returns GPTQModel's quantize log."""
     gptqmodel = _import_gptqmodel()
     qc = gptqmodel.QuantizeConfig(
         bits=v.bits, group_size=-1 if v.group_size is None else v.group_size, desc_act=v.act_order,
@@ -40,9 +41,10 @@ def quantize(session: ModelSession, v: GptqVariant, calibration: CalibrationSet,
         offload_to_disk=False,
     )
     model = session.fresh(qc)
-    model.quantize(calibration.as_gptqmodel(), batch_size=1)
+    log = model.quantize(calibration.as_gptqmodel(), batch_size=1)
     model.save(str(out))
     rewrite_configs(out, autogptq_config(v, f"gptqmodel:{gptqmodel.__version__}"))
+    return log
 
 
 def rewrite_configs(out: Path, quantization: dict, extra_file: tuple[str, dict] | None = None) -> None:
