@@ -7,7 +7,7 @@ transformers, forward, generate), so the comparison is conservative for quantpub
 
     .venv/bin/python benchmarks/matrix_cost.py [--layers 4] [--hidden 256] [--n-samples 16] [--seq-len 256] [--no-awq]
 
-Writes benchmarks/results/matrix_cost.json and .md.
+Writes benchmarks/results/matrix_cost[_gptq].json, .md and .log.
 """
 
 from __future__ import annotations
@@ -46,10 +46,10 @@ model.save(out)
 """
 
 
-def timed(cmd: list[str], log) -> tuple[float, int]:
-    """(wall seconds, peak RSS in bytes) of one child process."""
+def timed(cmd: list[str], log, cwd: Path) -> tuple[float, int]:
+    """(wall seconds, peak RSS in bytes) of one child process, run in ``cwd`` (GPTQModel writes logs/ there)."""
     started = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(cmd)} (see the log)")
@@ -71,6 +71,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     work = Path(tempfile.mkdtemp(prefix="quantpub-bench-"))
+    stem = "matrix_cost_gptq" if args.no_awq else "matrix_cost"
     RESULTS.mkdir(parents=True, exist_ok=True)
     text_file = work / "calib.txt"
     text_file.write_text(corpus_text())
@@ -87,14 +88,14 @@ def main() -> None:
     samples_file = work / "samples.json"
     samples_file.write_text(json.dumps([list(s) for s in calib.samples]))
 
-    log = (RESULTS / "matrix_cost.log").open("w")
+    log = (RESULTS / f"{stem}.log").open("w")
     quantpub_cmd = [sys.executable, "-m", "quantpub", "quantize", str(matrix), "--model", str(model),
                     "--out", str(work / "quantpub"), "--calibration-file", str(text_file), "--device", "cpu",
                     "--n-samples", str(args.n_samples), "--seq-len", str(args.seq_len)]
     # Warm-up: GPTQModel compiles a packing extension on first use; neither side should pay it.
     timed([sys.executable, "-c", PLAIN_SCRIPT, str(model), str(samples_file), str(work / "warm"),
-           json.dumps({"method": "gptq", "bits": 4, "group_size": 128, "act_order": False, "damp": 0.01})], log)
-    q_wall, q_rss = timed(quantpub_cmd, log)
+           json.dumps({"method": "gptq", "bits": 4, "group_size": 128, "act_order": False, "damp": 0.01})], log, work)
+    q_wall, q_rss = timed(quantpub_cmd, log, work)
 
     per_variant = []
     for spec in specs:
@@ -102,7 +103,7 @@ def main() -> None:
         payload = ({"method": "gptq", "bits": p.bits, "group_size": -1 if p.group_size is None else p.group_size,
                     "act_order": p.act_order, "damp": p.damp} if isinstance(p, GptqVariant) else {"method": "awq"})
         wall, rss = timed([sys.executable, "-c", PLAIN_SCRIPT, str(model), str(samples_file),
-                           str(work / "plain" / spec.id), json.dumps(payload)], log)
+                           str(work / "plain" / spec.id), json.dumps(payload)], log, work)
         per_variant.append({"variant": spec.id, "seconds": round(wall, 1), "peak_rss_bytes": rss})
     b_wall = sum(v["seconds"] for v in per_variant)
     b_rss = max(v["peak_rss_bytes"] for v in per_variant)
@@ -116,16 +117,16 @@ def main() -> None:
         "separate_processes": {"seconds": round(b_wall, 1), "peak_rss_bytes": b_rss, "per_variant": per_variant},
         "time_ratio": round(q_wall / b_wall, 3),
     }
-    (RESULTS / "matrix_cost.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = [f"# Matrix cost ({matrix.name}, {len(specs)} variants, tiny llama h{args.hidden} x{args.layers}, "
           f"{args.n_samples}x{args.seq_len} calibration, {os.cpu_count()} CPUs)", "",
           "| run | wall time | peak RSS |", "| --- | --- | --- |",
           f"| quantpub quantize (one process, validates every variant) | {q_wall:.1f} s | {q_rss / 2**20:.0f} MiB |",
           f"| GPTQModel, one process per variant (no validation) | {b_wall:.1f} s | {b_rss / 2**20:.0f} MiB |",
           "", f"time ratio quantpub / separate: **{q_wall / b_wall:.2f}**", ""]
-    (RESULTS / "matrix_cost.md").write_text("\n".join(md))
+    (RESULTS / f"{stem}.md").write_text("\n".join(md))
     print("\n".join(md))
-    print(f"results in {RESULTS / 'matrix_cost.json'}")
+    print(f"results in {RESULTS / (stem + '.json')}")
 
 
 if __name__ == "__main__":
