@@ -93,7 +93,8 @@ def quantize(matrix_path: str | Path, model: str, out: str | Path, *, only: list
     for i, job in enumerate(todo, 1):
         log.info("[%d/%d] %s: quantizing (%s)", i, len(todo), job.id, job.describe())
         try:
-            path = build_variant(session, job, calibrations[_calib_key(job)], out, model)
+            path = build_variant(session, job, calibrations[_calib_key(job)], out, model,
+                                 expert_min_tokens=plan.facts.hidden_size)
             outcomes.append(Outcome(job.id, path))
         except Exception as exc:  # noqa: BLE001 - one variant's failure must not stop the others
             log.error("%s: failed: %s: %s", job.id, type(exc).__name__, exc)
@@ -132,7 +133,8 @@ def _calibrations(jobs: list[Job], tokenizer, file) -> dict[tuple, calibration.C
     return sets
 
 
-def build_variant(session, job: Job, calib: calibration.CalibrationSet, out: Path, model: str) -> Path:
+def build_variant(session, job: Job, calib: calibration.CalibrationSet, out: Path, model: str, *,
+                  expert_min_tokens: int) -> Path:
     from quantpub.backends import awq, gptq
     from quantpub.validate import validate
 
@@ -143,18 +145,18 @@ def build_variant(session, job: Job, calib: calibration.CalibrationSet, out: Pat
     try:
         backend = gptq if job.method == "gptq" else awq
         quant_log = backend.quantize(session, job.variant.params, calib, partial)
-        experts = expert_coverage(quant_log, min_tokens=_hidden_size(session.model_dir))
+        experts = expert_coverage(quant_log, min_tokens=expert_min_tokens)
         if experts and experts["starved"]:
             log.warning("%s: %d experts got fewer than %d calibration tokens: %s", job.id, len(experts["starved"]),
                         experts["min_tokens"], ", ".join(experts["starved"]))
         (partial / "quant_log.csv").unlink(missing_ok=True)
-        for name in ("generation_config.json",):  # GPTQModel rewrites it (do_sample: true)
-            if (session.model_dir / name).is_file():
-                shutil.copyfile(session.model_dir / name, partial / name)
+        source_generation = session.model_dir / "generation_config.json"
+        if source_generation.is_file():  # GPTQModel rewrites it (do_sample: true)
+            shutil.copyfile(source_generation, partial / "generation_config.json")
         quantized_s = time.monotonic() - started
         validation = validate(partial, job.variant.params, session.device, list(calib.samples[0]))
         _write_manifest(partial, job, calib, model, session.device, quantized_s, validation, experts)
-        if final.exists():  # a half-finished rename of an earlier run cannot exist; an old complete one can
+        if final.exists():  # a directory without our manifest (finished ones were skipped): replace it
             shutil.rmtree(final)
         os.replace(partial, final)
     except Exception as exc:
@@ -162,11 +164,6 @@ def build_variant(session, job: Job, calib: calibration.CalibrationSet, out: Pat
         raise QuantizeError(job.id, model, f"{type(exc).__name__}: {exc}") from exc
     log.info("%s: built and validated in %.1fs -> %s", job.id, time.monotonic() - started, final)
     return final
-
-
-def _hidden_size(model_dir: Path) -> int:
-    config = json.loads((model_dir / "config.json").read_text())
-    return int(config.get("hidden_size") or config.get("text_config", {}).get("hidden_size", 0))
 
 
 def _write_manifest(path: Path, job: Job, calib, model: str, device: str, seconds: float,
