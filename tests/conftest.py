@@ -84,3 +84,39 @@ def tiny_models(tmp_path_factory, corpus):
         return built[shape]
 
     return get
+
+
+HUB_TOKEN = "hf_test_write_token_0001"
+
+
+@pytest.fixture
+def local_hub_online(monkeypatch):
+    """Lift offline mode for a test that talks to a hub it started on 127.0.0.1 (nothing else is reachable)."""
+    from huggingface_hub import constants
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(var, "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
+@pytest.fixture
+def hub(tmp_path, local_hub_online):
+    """A real quantpub hub on a free 127.0.0.1 port, with one write token (user 'alice')."""
+    from quantpub.hub import HubConfig, start_in_thread
+
+    server, thread = start_in_thread(HubConfig(tmp_path / "hub-data", tokens={HUB_TOKEN: "alice"}))
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def tulu_build(tiny_models, corpus, tmp_path_factory):
+    """The six Tulu GPTQ branches + AWQ of thebloke.yaml, quantized once per session from a tiny llama."""
+    from quantpub.worker import quantize
+
+    out = tmp_path_factory.mktemp("variants")
+    outcomes = quantize(MATRICES / "thebloke.yaml", str(tiny_models("llama")), out, calibration_file=corpus,
+                        device="cpu", n_samples=8, seq_len=128)
+    return out, outcomes

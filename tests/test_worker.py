@@ -24,12 +24,9 @@ TULU = {  # variant id -> (bits, group_size as written, desc_act)
 }
 
 
-@pytest.fixture(scope="module")
-def built(tiny_models, corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("variants")
-    outcomes = quantize(MATRICES / "thebloke.yaml", str(tiny_models("llama")), out, calibration_file=corpus,
-                        device="cpu", **SMALL)
-    return out, outcomes
+@pytest.fixture
+def built(tulu_build):
+    return tulu_build
 
 
 def test_six_gptq_variants_and_awq_are_built_and_validated(built):

@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from quantpub import __version__
 from quantpub.errors import PlanError, QuantpubError
@@ -45,6 +46,26 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hub_serve(args: argparse.Namespace) -> int:
+    from quantpub.hub import HubConfig, serve
+    from quantpub.hub.server import load_or_create_tokens
+
+    tokens, where = load_or_create_tokens(args.data_dir, args.token_file)
+    log.info("write tokens: %s", where)
+    serve(HubConfig(Path(args.data_dir), tokens=tokens), host=args.host, port=args.port)
+    return 0
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from quantpub.publish import publish
+
+    results = publish(args.dir, endpoint=args.endpoint, token=args.token, repo=args.repo,
+                      namespace=args.namespace, only=args.only, private=args.private)
+    for r in results:
+        print(f"{r.variant}: {r.repo}@{r.branch} {'published' if r.changed else 'unchanged'} (commit {r.commit})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantpub", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"quantpub {__version__}")
@@ -71,6 +92,26 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--n-samples", type=int, help="override the matrix's calibration sample count")
     q.add_argument("--seq-len", type=int, help="override the matrix's calibration sequence length")
     q.set_defaults(func=_quantize)
+
+    h = sub.add_parser("hub", help="the built-in Hub-API server")
+    hsub = h.add_subparsers(dest="hub_command", required=True, metavar="HUB_COMMAND")
+    hs = hsub.add_parser("serve", help="serve the Hub HTTP API (repos, branches, LFS, downloads by revision)")
+    hs.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    hs.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
+    hs.add_argument("--data-dir", default="hub-data", help="where repos are stored (default ./hub-data)")
+    hs.add_argument("--token-file", help="write tokens, one 'user:token' per line; default: DATA_DIR/tokens, "
+                                         "created with one random token for user 'quantpub'")
+    hs.set_defaults(func=_hub_serve)
+
+    pub = sub.add_parser("publish", help="push finished variants to a hub: GPTQ/AWQ branches, GGUF files on main")
+    pub.add_argument("dir", help="the quantize output directory (or one variant directory)")
+    pub.add_argument("--repo", help="repo id NS/NAME (default: the one recorded for each variant)")
+    pub.add_argument("--namespace", help="publish under this namespace instead of the matrix's")
+    pub.add_argument("--endpoint", help="hub URL (default $HF_ENDPOINT or https://huggingface.co)")
+    pub.add_argument("--token", help="write token (default $HF_TOKEN or the saved login)")
+    pub.add_argument("--only", nargs="+", metavar="VARIANT", help="publish only these variant ids")
+    pub.add_argument("--private", action="store_true", help="create missing repos as private")
+    pub.set_defaults(func=_publish)
     return parser
 
 

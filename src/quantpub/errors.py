@@ -54,3 +54,11 @@ class QuantizeError(QuantpubError):
     def __init__(self, variant: str, model: str, message: str):
         self.variant, self.model = variant, model
         super().__init__(f"variant {variant} of {model}: {message}")
+
+
+class PublishError(QuantpubError):
+    """A variant that cannot be published: bad input, changed files, or a hub error."""
+
+    def __init__(self, repo: str, branch: str | None, message: str):
+        self.repo, self.branch = repo, branch
+        super().__init__(f"{repo}@{branch}: {message}" if branch else f"{repo}: {message}")

@@ -1,0 +1,246 @@
+"""Publish finished variants with the unmodified ``huggingface_hub`` client.
+
+A variant with a branch (GPTQ, AWQ) makes its branch exactly equal to its directory: one
+commit adds what changed and deletes what the variant no longer has. The ``main`` variant
+goes first; every other branch is created from main. GGUF variants add their files to their
+repo's main and only ever replace or delete their own files. A repo card rendered by the card
+stage (``OUT/cards/<repo name>/README.md``) travels with every commit to that repo.
+
+Idempotent: the remote tree is compared with the local files by hash (git blob id for
+regular files, sha256 for LFS files) before anything is uploaded; an unchanged variant makes
+no commit, a changed one exactly one, built on the head it was compared with
+(``parent_commit``, so a concurrent writer makes it fail rather than be overwritten).
+
+What is published is what the worker validated: every file is checked against the sha256 in
+the variant's ``quantpub.json`` first, and nothing is rewritten here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from quantpub.errors import PublishError
+
+os.environ.setdefault("HF_HUB_DISABLE_XET", "1")  # read at import: servers without Xet need plain LFS
+
+log = logging.getLogger(__name__)
+MANIFEST = "quantpub.json"
+CARDS_DIR = "cards"
+RETRY_STATUS = (429, 500, 502, 503, 504)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Published:
+    variant: str
+    repo: str
+    branch: str
+    commit: str
+    changed: bool
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    path: str          # path in the repo
+    source: Path
+    size: int
+    sha256: str
+
+
+def find_variants(out: str | Path) -> list[dict]:
+    """Manifests of the finished variants in ``out`` (or of ``out`` itself), main branches first."""
+    out = Path(out)
+    if (out / MANIFEST).is_file():
+        dirs = [out]
+    else:
+        dirs = sorted(p for p in out.iterdir() if (p / MANIFEST).is_file()) if out.is_dir() else []
+    if not dirs:
+        raise PublishError(str(out), None, f"no finished variant (a directory with {MANIFEST}) found; "
+                                           "run `quantpub quantize` first")
+    manifests = []
+    for d in dirs:
+        manifest = json.loads((d / MANIFEST).read_text())
+        manifest["dir"] = d
+        manifests.append(manifest)
+    return sorted(manifests, key=lambda m: (m["repo"], m.get("branch") != "main", m["variant"]))
+
+
+def local_files(manifest: dict, card: Path | None) -> list[LocalFile]:
+    """The variant's files, each verified against the sha256 the worker recorded."""
+    d: Path = manifest["dir"]
+    files = []
+    for name, meta in sorted(manifest["files"].items()):
+        path = d / name
+        if not path.is_file():
+            raise PublishError(manifest["repo"], manifest.get("branch"),
+                               f"{path} is listed in {d / MANIFEST} but missing; rebuild the variant")
+        if path.stat().st_size != meta["size"] or sha256_file(path) != meta["sha256"]:
+            raise PublishError(manifest["repo"], manifest.get("branch"),
+                               f"{path} changed after it was validated (sha256 differs from {d / MANIFEST}); "
+                               "rebuild the variant instead of editing it")
+        files.append(LocalFile(name, path, meta["size"], meta["sha256"]))
+    manifest_path = d / MANIFEST
+    files.append(LocalFile(MANIFEST, manifest_path, manifest_path.stat().st_size, sha256_file(manifest_path)))
+    if card is not None and card.is_file():
+        files.append(LocalFile("README.md", card, card.stat().st_size, sha256_file(card)))
+    return files
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def git_blob_id(path: Path) -> str:
+    digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def retry(call: Callable[[], T], what: str, *, attempts: int = 5, base_wait: float = 1.0) -> T:
+    """Retry transient failures (5xx, 429, timeouts, refused connections) with backoff; never 4xx."""
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except HfHubHTTPError as exc:
+            status = exc.response.status_code if exc.response is not None else None
+            if status not in RETRY_STATUS or attempt == attempts:
+                raise
+            reason = f"HTTP {status}"
+        except (httpx2.TimeoutException, httpx2.NetworkError) as exc:
+            if attempt == attempts:
+                raise
+            reason = type(exc).__name__
+        wait = base_wait * 2 ** (attempt - 1)
+        log.warning("%s: %s, retrying in %.0fs (attempt %d of %d)", what, reason, wait, attempt + 1, attempts)
+        time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def publish(out: str | Path, *, endpoint: str | None = None, token: str | None = None, repo: str | None = None,
+            namespace: str | None = None, only: list[str] | None = None, private: bool = False) -> list[Published]:
+    """Publish every finished variant under ``out``.
+
+    Args:
+        out: the worker's output directory (or one variant directory).
+        endpoint: hub URL; default ``HF_ENDPOINT`` or huggingface.co.
+        repo: publish to this repo id instead of the one recorded in the manifests (only when
+            all selected variants share one repo).
+        namespace: replace the namespace of the recorded repo ids.
+        only: variant ids to publish.
+        private: create missing repos as private.
+
+    Raises:
+        PublishError: bad input, a file changed since validation, or a hub error (named with
+            the repo and branch).
+    """
+    from huggingface_hub import HfApi
+
+    out = Path(out)
+    manifests = find_variants(out)
+    if only:
+        unknown = sorted(set(only) - {m["variant"] for m in manifests})
+        if unknown:
+            raise PublishError(str(out), None, f"--only {', '.join(unknown)}: no such finished variant; choose from "
+                                               f"{', '.join(m['variant'] for m in manifests)}")
+        manifests = [m for m in manifests if m["variant"] in only]
+    if repo is not None:
+        repos = {m["repo"] for m in manifests}
+        if len(repos) > 1:
+            raise PublishError(repo, None, f"--repo given but the variants belong to {len(repos)} repos "
+                                           f"({', '.join(sorted(repos))}); use --only or --namespace")
+    cards_root = (out if not (out / MANIFEST).is_file() else out.parent) / CARDS_DIR
+    jobs = []  # every file is verified before anything is sent
+    for manifest in manifests:
+        target = repo or manifest["repo"]
+        if namespace:
+            target = f"{namespace}/{target.split('/', 1)[1]}"
+        card = cards_root / target.split("/", 1)[1] / "README.md"
+        jobs.append((manifest, target, local_files(manifest, card)))
+    api = HfApi(endpoint=endpoint, token=token)
+    results, created = [], set()
+    for manifest, target, files in jobs:
+        try:
+            if target not in created:
+                retry(lambda: api.create_repo(target, private=private, exist_ok=True), f"create {target}")
+                created.add(target)
+            results.append(_publish_variant(api, manifest, target, files))
+        except PublishError:
+            raise
+        except Exception as exc:
+            raise PublishError(target, manifest.get("branch") or "main",
+                               f"{manifest['variant']}: {type(exc).__name__}: {exc}") from exc
+    return results
+
+
+def _publish_variant(api, manifest: dict, repo: str, files: list[LocalFile]) -> Published:
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    variant, branch = manifest["variant"], manifest.get("branch") or "main"
+    owns_branch = manifest.get("branch") is not None
+    if branch != "main":
+        retry(lambda: api.create_branch(repo, branch=branch, revision="main", exist_ok=True),
+              f"create branch {branch} of {repo}")
+    info = retry(lambda: api.repo_info(repo, revision=branch, files_metadata=False), f"read {repo}@{branch}")
+    head = info.sha
+    remote = {f.path: f for f in retry(lambda: list(api.list_repo_tree(repo, revision=head, recursive=True)),
+                                       f"list {repo}@{branch}") if hasattr(f, "size")}
+    ops = [CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=str(f.source))
+           for f in files if not _same(remote.get(f.path), f)]
+    local = {f.path for f in files}
+    if owns_branch:
+        stale = [p for p in remote if p not in local and p != ".gitattributes"]
+    else:  # GGUF on a shared main: only this variant's own files (e.g. a split set that shrank)
+        stale = [p for p in remote if p not in local and _owned_by(p, manifest)]
+    ops += [CommitOperationDelete(path_in_repo=p) for p in stale]
+    if not ops:
+        log.info("%s: %s@%s is up to date (commit %s), nothing to publish", variant, repo, branch, head[:10])
+        return Published(variant, repo, branch, head, changed=False)
+    changed = sum(isinstance(o, CommitOperationAdd) for o in ops)
+    log.info("%s: publishing to %s@%s: %d files added or changed, %d deleted", variant, repo, branch,
+             changed, len(stale))
+    commit = retry(lambda: api.create_commit(
+        repo, operations=ops, revision=branch, parent_commit=head,
+        commit_message=f"{variant}: {'add' if not remote.keys() - {'.gitattributes'} else 'update'} "
+                       f"({manifest['method']}, built by quantpub {manifest['tools']['quantpub']})",
+        commit_description=_description(manifest)), f"commit {variant} to {repo}@{branch}")
+    return Published(variant, repo, branch, commit.oid, changed=True)
+
+
+def _same(remote, local: LocalFile) -> bool:
+    if remote is None or remote.size != local.size:
+        return False
+    if remote.lfs is not None:
+        return remote.lfs.sha256 == local.sha256
+    return remote.blob_id == git_blob_id(local.source)
+
+
+def _owned_by(path: str, manifest: dict) -> bool:
+    """A GGUF repo file belongs to this variant if it carries the variant's ``<model>.<TYPE>`` stem."""
+    stems = {name.split("-0", 1)[0].removesuffix(".gguf") for name in manifest["files"] if name.endswith(".gguf")}
+    return any(path == f"{s}.gguf" or (path.startswith(f"{s}-") and path.endswith(".gguf")) for s in stems)
+
+
+def _description(manifest: dict) -> str:
+    calib = manifest.get("calibration") or {}
+    lines = [f"Variant `{manifest['variant']}` of `{manifest['model']}`.",
+             f"Parameters: `{json.dumps(manifest.get('parameters'), sort_keys=True)}`."]
+    if calib:
+        lines.append(f"Calibration: {calib.get('source')}, {calib.get('n_samples')} x {calib.get('seq_len')} tokens, "
+                     f"sha256 {str(calib.get('sha256'))[:16]}.")
+    return "\n".join(lines)

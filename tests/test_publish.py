@@ -1,0 +1,158 @@
+"""Publishing real quantized tiny models to the real local hub, then loading them back by revision."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx2
+import pytest
+from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub.errors import HfHubHTTPError
+
+from conftest import HUB_TOKEN
+from quantpub.cli import main
+from quantpub.errors import PublishError
+from quantpub.publish import MANIFEST, publish, retry, sha256_file
+
+GPTQ_REPO = "alice/tiny-llama-GPTQ"
+
+
+@pytest.fixture
+def published(tulu_build, hub):
+    out, outcomes = tulu_build
+    assert all(o.error is None for o in outcomes)
+    results = publish(out, endpoint=hub.url, token=HUB_TOKEN, namespace="alice")
+    return out, results
+
+
+LOAD_BACK = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
+for repo, branch, manifest in json.loads(sys.argv[1]):
+    p = manifest["parameters"]
+    kwargs = {}
+    if manifest["method"] == "gptq" and p["bits"] == 4 and p["group_size"] == -1:
+        kwargs["quantization_config"] = GPTQConfig(bits=4, backend="gptq_torch")
+    model = AutoModelForCausalLM.from_pretrained(repo, revision=branch, device_map="cpu", **kwargs)
+    tok = AutoTokenizer.from_pretrained(repo, revision=branch)
+    ids = tok("def main():", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert torch.isfinite(model(ids).logits).all()
+    print("loaded", repo, branch, out.shape[1] - ids.shape[1])
+"""
+
+
+@pytest.mark.slow
+def test_six_branches_load_by_revision_and_download_byte_identical(published, hub, tmp_path):
+    out, results = published
+    gptq = [r for r in results if r.repo == GPTQ_REPO]
+    assert len(gptq) == 6 and all(r.changed for r in results)
+    api = HfApi(endpoint=hub.url, token=HUB_TOKEN)
+    branches = {b.name: b.target_commit for b in api.list_repo_refs(GPTQ_REPO).branches}
+    assert set(branches) == {r.branch for r in gptq} and "main" in branches
+    loads = []
+    for r in results:
+        manifest = json.loads((out / r.variant / MANIFEST).read_text())
+        assert r.branch == (manifest["branch"] or "main")
+        if r.repo == GPTQ_REPO:
+            assert branches[r.branch] == r.commit
+        snap = Path(snapshot_download(r.repo, revision=r.branch, endpoint=hub.url))
+        local = {p.name for p in (out / r.variant).iterdir()}
+        remote = {p.name for p in snap.iterdir() if p.is_file()} - {".gitattributes"}
+        assert remote == local, r.variant
+        for name in local:
+            assert (snap / name).read_bytes() == (out / r.variant / name).read_bytes(), (r.variant, name)
+        loads.append((r.repo, r.branch, manifest))
+    # what a user runs: a fresh process with HF_ENDPOINT pointing at the hub
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "user-cache")}
+    done = subprocess.run([sys.executable, "-c", LOAD_BACK, json.dumps(loads)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("loaded") == len(results)
+    assert all(line.endswith(" 3") for line in done.stdout.splitlines() if line.startswith("loaded"))
+
+
+@pytest.mark.slow
+def test_republish_is_idempotent_and_a_change_makes_one_commit(published, hub, tmp_path, capsys):
+    out, first = published
+    api = HfApi(endpoint=hub.url, token=HUB_TOKEN)
+    before = {r.branch: len(api.list_repo_commits(r.repo, revision=r.branch)) for r in first}
+    again = publish(out, endpoint=hub.url, token=HUB_TOKEN, namespace="alice")
+    assert not any(r.changed for r in again)
+    assert [r.commit for r in again] == [r.commit for r in first]
+    assert {r.branch: len(api.list_repo_commits(r.repo, revision=r.branch)) for r in first} == before
+
+    # a rebuilt variant (new files, new manifest) -> exactly one new commit on its branch only
+    variant = next(r for r in first if r.branch != "main" and r.repo == GPTQ_REPO)
+    rebuilt = tmp_path / "rebuilt" / variant.variant
+    shutil.copytree(out / variant.variant, rebuilt)
+    config = json.loads((rebuilt / "config.json").read_text())
+    config["rebuilt"] = True
+    (rebuilt / "config.json").write_text(json.dumps(config))
+    manifest = json.loads((rebuilt / MANIFEST).read_text())
+    manifest["files"]["config.json"] = {"size": (rebuilt / "config.json").stat().st_size,
+                                        "sha256": sha256_file(rebuilt / "config.json")}
+    (rebuilt / MANIFEST).write_text(json.dumps(manifest))
+    code = main(["publish", str(rebuilt.parent), "--endpoint", hub.url, "--token", HUB_TOKEN, "--namespace", "alice"])
+    assert code == 0
+    assert "published" in capsys.readouterr().out
+    after = {r.branch: len(api.list_repo_commits(r.repo, revision=r.branch)) for r in first}
+    assert after[variant.branch] == before[variant.branch] + 1
+    assert {b: n for b, n in after.items() if b != variant.branch} == \
+        {b: n for b, n in before.items() if b != variant.branch}
+
+
+@pytest.mark.slow
+def test_a_file_changed_after_validation_is_not_published(tulu_build, hub, tmp_path):
+    out, _ = tulu_build
+    copy = tmp_path / "v" / "awq-4bit-128g-GEMM"
+    shutil.copytree(out / "awq-4bit-128g-GEMM", copy)
+    (copy / "config.json").write_text("{}")
+    with pytest.raises(PublishError, match="changed after it was validated"):
+        publish(copy.parent, endpoint=hub.url, token=HUB_TOKEN, namespace="alice")
+    assert not HfApi(endpoint=hub.url).repo_exists("alice/tiny-llama-AWQ")
+
+
+def test_nothing_to_publish_is_a_clear_error(tmp_path):
+    with pytest.raises(PublishError, match="no finished variant"):
+        publish(tmp_path)
+
+
+def _http_error(status: int) -> HfHubHTTPError:
+    request = httpx2.Request("POST", "http://127.0.0.1/api/x")
+    return HfHubHTTPError(f"{status}", response=httpx2.Response(status, request=request))
+
+
+def test_retry_backs_off_on_transient_errors_only():
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise _http_error(503)
+        return "ok"
+
+    assert retry(flaky, "flaky", base_wait=0) == "ok" and len(calls) == 3
+    calls.clear()
+
+    def forbidden():
+        calls.append(1)
+        raise _http_error(403)
+
+    with pytest.raises(HfHubHTTPError):
+        retry(forbidden, "forbidden", base_wait=0)
+    assert len(calls) == 1
+
+    def refused():
+        calls.append(1)
+        raise httpx2.ConnectError("refused")
+
+    calls.clear()
+    with pytest.raises(httpx2.ConnectError):
+        retry(refused, "refused", attempts=3, base_wait=0)
+    assert len(calls) == 3
