@@ -113,7 +113,7 @@ def hub(tmp_path, local_hub_online):
 
 @pytest.fixture(scope="session")
 def tulu_build(tiny_models, corpus, tmp_path_factory):
-    """The six Tulu GPTQ branches + AWQ of thebloke.yaml, quantized once per session from a tiny llama."""
+    """Every variant of thebloke.yaml (six Tulu GPTQ branches, AWQ, twelve GGUF types), built once per session from a tiny llama."""
     from quantpub.worker import quantize
 
     out = tmp_path_factory.mktemp("variants")

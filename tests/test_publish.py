@@ -62,18 +62,22 @@ def test_six_branches_load_by_revision_and_download_byte_identical(published, hu
         if r.repo == GPTQ_REPO:
             assert branches[r.branch] == r.commit
         snap = Path(snapshot_download(r.repo, revision=r.branch, endpoint=hub.url))
-        local = {p.name for p in (out / r.variant).iterdir()}
-        remote = {p.name for p in snap.iterdir() if p.is_file()} - {".gitattributes"}
-        assert remote == local, r.variant
-        for name in local:
-            assert (snap / name).read_bytes() == (out / r.variant / name).read_bytes(), (r.variant, name)
-        loads.append((r.repo, r.branch, manifest))
+        local = {p.name: p.name for p in (out / r.variant).iterdir()}
+        remote = {str(p.relative_to(snap)) for p in snap.rglob("*") if p.is_file()} - {".gitattributes"}
+        if manifest["method"] == "gguf":  # files of all types share main; the manifest sits under quantpub/
+            local[MANIFEST] = f"quantpub/{r.variant}.json"
+            assert set(local.values()) <= remote, r.variant
+        else:
+            assert remote == set(local.values()), r.variant
+            loads.append((r.repo, r.branch, manifest))
+        for name, in_repo in local.items():
+            assert (snap / in_repo).read_bytes() == (out / r.variant / name).read_bytes(), (r.variant, name)
     # what a user runs: a fresh process with HF_ENDPOINT pointing at the hub
     env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "user-cache")}
     done = subprocess.run([sys.executable, "-c", LOAD_BACK, json.dumps(loads)], env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("loaded") == len(results)
+    assert done.stdout.count("loaded") == len(loads) == 7
     assert all(line.endswith(" 3") for line in done.stdout.splitlines() if line.startswith("loaded"))
 
 
@@ -81,11 +85,15 @@ def test_six_branches_load_by_revision_and_download_byte_identical(published, hu
 def test_republish_is_idempotent_and_a_change_makes_one_commit(published, hub, tmp_path, capsys):
     out, first = published
     api = HfApi(endpoint=hub.url, token=HUB_TOKEN)
-    before = {r.branch: len(api.list_repo_commits(r.repo, revision=r.branch)) for r in first}
+    before = {(r.repo, r.branch): len(api.list_repo_commits(r.repo, revision=r.branch)) for r in first}
     again = publish(out, endpoint=hub.url, token=HUB_TOKEN, namespace="alice")
     assert not any(r.changed for r in again)
-    assert [r.commit for r in again] == [r.commit for r in first]
-    assert {r.branch: len(api.list_repo_commits(r.repo, revision=r.branch)) for r in first} == before
+    own_branch = [r for r in first if not r.repo.endswith("-GGUF")]
+    assert [r.commit for r in again if not r.repo.endswith("-GGUF")] == [r.commit for r in own_branch]
+    gguf_head = api.repo_info("alice/tiny-llama-GGUF").sha  # GGUF types share main: its head after the last one
+    assert {r.commit for r in again if r.repo.endswith("-GGUF")} == {gguf_head} == \
+        {[r for r in first if r.repo.endswith("-GGUF")][-1].commit}
+    assert {(r.repo, r.branch): len(api.list_repo_commits(r.repo, revision=r.branch)) for r in first} == before
 
     # a rebuilt variant (new files, new manifest) -> exactly one new commit on its branch only
     variant = next(r for r in first if r.branch != "main" and r.repo == GPTQ_REPO)
@@ -101,10 +109,10 @@ def test_republish_is_idempotent_and_a_change_makes_one_commit(published, hub, t
     code = main(["publish", str(rebuilt.parent), "--endpoint", hub.url, "--token", HUB_TOKEN, "--namespace", "alice"])
     assert code == 0
     assert "published" in capsys.readouterr().out
-    after = {r.branch: len(api.list_repo_commits(r.repo, revision=r.branch)) for r in first}
-    assert after[variant.branch] == before[variant.branch] + 1
-    assert {b: n for b, n in after.items() if b != variant.branch} == \
-        {b: n for b, n in before.items() if b != variant.branch}
+    after = {(r.repo, r.branch): len(api.list_repo_commits(r.repo, revision=r.branch)) for r in first}
+    key = (variant.repo, variant.branch)
+    assert after[key] == before[key] + 1
+    assert {k: n for k, n in after.items() if k != key} == {k: n for k, n in before.items() if k != key}
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ pytestmark = pytest.mark.slow
 SMALL = {"n_samples": 8, "seq_len": 128}
 AUTOGPTQ_KEYS = ["bits", "group_size", "damp_percent", "desc_act", "static_groups", "sym", "true_sequential",
                  "model_name_or_path", "model_file_base_name", "quant_method", "checkpoint_format", "meta"]
+GGUF = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_K_S", "Q4_K_M", "Q5_0", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0"]
 TULU = {  # variant id -> (bits, group_size as written, desc_act)
     "gptq-4bit-128g-actorder_False": (4, 128, False),
     "gptq-4bit-32g-actorder_True": (4, 32, True),
@@ -31,9 +32,11 @@ def built(tulu_build):
 
 def test_six_gptq_variants_and_awq_are_built_and_validated(built):
     out, outcomes = built
-    assert [o.error for o in outcomes] == [None] * 7
-    assert {o.variant for o in outcomes} == set(TULU) | {"awq-4bit-128g-GEMM"}
+    assert [o.error for o in outcomes] == [None] * 19
+    assert {o.variant for o in outcomes} == set(TULU) | {"awq-4bit-128g-GEMM"} | {f"gguf-{t}" for t in GGUF}
     for o in outcomes:
+        if o.variant.startswith("gguf-"):
+            continue
         manifest = json.loads((o.path / MANIFEST).read_text())
         assert manifest["validation"]["loaded_with"] == "transformers.AutoModelForCausalLM"
         assert len(manifest["validation"]["generated_tokens"]) == 4
@@ -99,11 +102,11 @@ def test_rerun_skips_what_is_built(built, tiny_models, corpus, capsys):
     code = main(["quantize", str(MATRICES / "thebloke.yaml"), "--model", str(tiny_models("llama")), "--out",
                  str(out), "--calibration-file", str(corpus), "--device", "cpu"])
     assert code == 0
-    assert capsys.readouterr().out.count("skipped (already built)") == 7
+    assert capsys.readouterr().out.count("skipped (already built)") == 19
 
 
 def test_unknown_only_variant_is_an_error(tiny_models, tmp_path):
-    with pytest.raises(QuantpubError, match="--only gptq-5bit: no such GPTQ/AWQ variant"):
+    with pytest.raises(QuantpubError, match="--only gptq-5bit: no such variant"):
         quantize(MATRICES / "thebloke.yaml", str(tiny_models("llama")), tmp_path, only=["gptq-5bit"])
 
 

