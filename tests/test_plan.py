@@ -25,6 +25,7 @@ def llama7b(tmp_path):
     model.mkdir()
     (model / "config.json").write_text((CONFIGS.parent.parent.parent / "src/quantpub/examples/tulu-7b/config.json")
                                        .read_text())
+    (model / "README.md").write_text("# Tulu 7B\n\nPrompt:\n\n```\n<|user|>\nprompt goes here\n<|assistant|>\n```\n")
     return model
 
 

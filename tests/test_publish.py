@@ -15,6 +15,7 @@ from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError
 
 from conftest import HUB_TOKEN
+from quantpub.card.render import gb
 from quantpub.cli import main
 from quantpub.errors import PublishError
 from quantpub.publish import MANIFEST, publish, retry, sha256_file
@@ -24,8 +25,11 @@ GPTQ_REPO = "alice/tiny-llama-GPTQ"
 
 @pytest.fixture
 def published(tulu_build, hub):
+    from quantpub.card import render_run
+
     out, outcomes = tulu_build
     assert all(o.error is None for o in outcomes)
+    render_run(out, hub=hub.url, namespace="alice")
     results = publish(out, endpoint=hub.url, token=HUB_TOKEN, namespace="alice")
     return out, results
 
@@ -63,7 +67,10 @@ def test_six_branches_load_by_revision_and_download_byte_identical(published, hu
             assert branches[r.branch] == r.commit
         snap = Path(snapshot_download(r.repo, revision=r.branch, endpoint=hub.url))
         local = {p.name: p.name for p in (out / r.variant).iterdir()}
-        remote = {str(p.relative_to(snap)) for p in snap.rglob("*") if p.is_file()} - {".gitattributes"}
+        card = (snap / "README.md").read_text()  # the rendered card travels with every commit
+        assert card == (out / "cards" / r.repo.split("/")[1] / "README.md").read_text()
+        assert f"| {gb(manifest['size'])} |" in card  # sizes in the card are the files' sizes
+        remote = {str(p.relative_to(snap)) for p in snap.rglob("*") if p.is_file()} - {".gitattributes", "README.md"}
         if manifest["method"] == "gguf":  # files of all types share main; the manifest sits under quantpub/
             local[MANIFEST] = f"quantpub/{r.variant}.json"
             assert set(local.values()) <= remote, r.variant

@@ -116,8 +116,24 @@ def make_plan(matrix_path: str | Path, model: str, *, device: Device = "cuda",
         notes.append(f"mixture of experts: {facts.num_experts} experts, {facts.experts_per_token} per token; "
                      "each expert sees about "
                      f"{facts.experts_per_token / facts.num_experts:.0%} of the calibration tokens")
+    prompt = _prompt_note(model, matrix)
+    if prompt:
+        notes.append(prompt)
     return Plan(str(matrix_path), matrix, facts, device, tuple(jobs),
                 tuple(dict.fromkeys(notes)), tuple(dict.fromkeys(problems)))
+
+
+def _prompt_note(model: str, matrix: Matrix) -> str | None:
+    """Warn before any work when the cards would have to say "Unknown" (local checkpoints only: no network)."""
+    if not Path(model).is_dir():
+        return None
+    from quantpub.card import read_source
+
+    prompt = read_source(model, matrix.card.model_dump()).prompt
+    if prompt.known:
+        return None
+    return ("prompt template unknown: no chat_template in the tokenizer config and no known format in the "
+            "model card; the cards will say 'Unknown' unless the matrix sets card.prompt_template")
 
 
 def _seq_len(spec: VariantSpec, facts: ModelFacts, notes: list[str], problems: list[str]) -> int | None:

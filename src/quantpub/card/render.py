@@ -119,7 +119,7 @@ def gptq_rows(manifests: list[dict], model_type: str, hub: str, repo: str) -> li
         rows.append({
             "branch": m["branch"], "url": f"{hub}/{repo}/tree/{m['branch']}", "bits": p["bits"],
             "gs": p["group_size"] if p["group_size"] is not None else "None",
-            "act_order": "Yes" if p["desc_act"] else "No", "damp": p["damp_percent"],
+            "act_order": "Yes" if p["act_order"] else "No", "damp": p["damp"],
             "dataset": dataset_cell(m["calibration"], hub), "seq_len": m["calibration"]["seq_len"],
             "size": gb(m["size"]), "exllama": "Yes" if p["bits"] == 4 and model_type in LLAMA_FAMILY else "No",
             "desc": gptq_desc(p, [x["parameters"] for x in manifests]), "eval": m.get("evaluation")})
@@ -128,7 +128,7 @@ def gptq_rows(manifests: list[dict], model_type: str, hub: str, repo: str) -> li
 
 def gptq_desc(p: dict[str, Any], siblings: list[dict[str, Any]]) -> str:
     """TheBloke's description: what the parameters are, and what they trade against the siblings."""
-    act = "with Act Order" if p["desc_act"] else "without Act Order"
+    act = "with Act Order" if p["act_order"] else "without Act Order"
     gs = p["group_size"]
     text = f"{p['bits']}-bit, {act}" + (f" and group size {gs}g." if gs else ".")
     same = sorted({s["group_size"] for s in siblings if s["bits"] == p["bits"] and s["group_size"]})
@@ -151,7 +151,7 @@ def awq_rows(manifests: list[dict], hub: str, repo: str) -> list[dict[str, Any]]
 
 def gguf_rows(manifests: list[dict], hub: str, repo: str) -> list[dict[str, Any]]:
     rows = []
-    for m in sorted(manifests, key=lambda m: (GGUF_BITS.get(m["parameters"]["type"], 0), m["parameters"]["type"])):
+    for m in manifests:
         t = m["parameters"]["type"]
         files = sorted(n for n in m["files"] if n.endswith(".gguf"))
         rows.append({"name": files[0] if len(files) == 1 else f"{files[0]} ... ({len(files)} parts)",
@@ -196,7 +196,7 @@ def render(kind: str, repo: str, manifests: list[dict], source: Source, *, repos
 
     env = Environment(loader=PackageLoader("quantpub.card", "templates"), undefined=StrictUndefined,
                       keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
-    manifests = sorted(manifests, key=lambda m: (m.get("branch") != "main", m["variant"]))
+    manifests = sorted(manifests, key=lambda m: m.get("branch") != "main")  # main first, then as given
     rows = {"gptq": lambda: gptq_rows(manifests, source.model_type, hub, repo),
             "awq": lambda: awq_rows(manifests, hub, repo), "gguf": lambda: gguf_rows(manifests, hub, repo)}[kind]()
     data = card_data(kind, source, manifests, quantized_by)
@@ -226,6 +226,8 @@ def render_run(out: str | Path, *, hub: str = HUB, namespace: str | None = None)
         raise QuantpubError(f"{out}: no {RUN_RECORD}; render cards for a directory written by `quantpub quantize`")
     record = json.loads(record_path.read_text())
     manifests = [json.loads(p.read_text()) for p in sorted(out.glob(f"*/{MANIFEST}")) if p.parent.name[0] != "."]
+    order = {v: i for i, v in enumerate(record.get("variants", []))}
+    manifests.sort(key=lambda m: order.get(m["variant"], len(order)))  # the matrix's order
     by_repo: dict[str, list[dict]] = {}
     for m in manifests:
         repo = m["repo"] if namespace is None else f"{namespace}/{m['repo'].split('/', 1)[1]}"
