@@ -66,6 +66,18 @@ def _publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from quantpub.evaluate import evaluate
+
+    results = evaluate(args.dir, model=args.model, eval_file=args.eval_file, context=args.context,
+                       stride=args.stride, windows=args.windows, device=args.device, only=args.only,
+                       force=args.force)
+    for variant, r in results.items():
+        print(f"{variant}: perplexity {r['perplexity']:.4f} (unquantised {r['reference_perplexity']:.4f}), "
+              f"KLD {r['kld']:.5f} via {r['runtime']}")
+    return 0
+
+
 def _card(args: argparse.Namespace) -> int:
     from quantpub.card import render_run
 
@@ -110,6 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--n-samples", type=int, help="override the matrix's calibration sample count")
     q.add_argument("--seq-len", type=int, help="override the matrix's calibration sequence length")
     q.set_defaults(func=_quantize)
+
+    e = sub.add_parser("evaluate", help="perplexity and KL divergence of every variant against the unquantised model")
+    e.add_argument("dir", help="the quantize output directory")
+    e.add_argument("--model", help="the unquantised model (default: the one the run recorded)")
+    e.add_argument("--eval-file", help="held-out local text (default: wikitext-2-raw-v1 test through datasets)")
+    e.add_argument("--context", type=int, default=512, help="tokens per window (default 512)")
+    e.add_argument("--stride", type=int, help="tokens between window starts (default: the context)")
+    e.add_argument("--windows", type=int, default=8, help="number of windows (default 8)")
+    e.add_argument("--device", default="cpu", help="device for the transformers formats (default cpu)")
+    e.add_argument("--only", nargs="+", metavar="VARIANT", help="evaluate only these variant ids")
+    e.add_argument("--force", action="store_true", help="evaluate again variants that already have results")
+    e.set_defaults(func=_evaluate)
 
     c = sub.add_parser("card", help="render the README.md of every repo of a finished run, without publishing")
     c.add_argument("dir", help="the quantize output directory")
