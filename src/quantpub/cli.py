@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from quantpub import __version__
@@ -52,7 +53,7 @@ def _hub_serve(args: argparse.Namespace) -> int:
 
     tokens, where = load_or_create_tokens(args.data_dir, args.token_file)
     log.info("write tokens: %s", where)
-    serve(HubConfig(Path(args.data_dir), tokens=tokens), host=args.host, port=args.port)
+    serve(HubConfig(Path(args.data_dir), tokens=tokens, log_requests=True), host=args.host, port=args.port)
     return 0
 
 
@@ -63,6 +64,104 @@ def _publish(args: argparse.Namespace) -> int:
                       namespace=args.namespace, only=args.only, private=args.private)
     for r in results:
         print(f"{r.variant}: {r.repo}@{r.branch} {'published' if r.changed else 'unchanged'} (commit {r.commit})")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from quantpub.run import RunOptions, embedded_hub, load_back, run
+
+    work = Path(args.work)
+    options = RunOptions(calibration_file=args.calibration_file, eval_file=args.eval_file, device=args.device,
+                         n_samples=args.n_samples, seq_len=args.seq_len, namespace=args.namespace,
+                         token=args.token, max_attempts=args.max_attempts, evaluate=not args.no_evaluate,
+                         context=args.context, windows=args.windows, executor=args.executor,
+                         ray_address=args.ray_address)
+    models = args.model
+    server = None
+    publish_to = args.publish_to
+    if args.example or not models:
+        models, options = _example(work, options)
+    if publish_to is None:  # the built-in hub, kept up until the example variant has been loaded back
+        server, publish_to, token = embedded_hub(work)
+        options = replace_token(options, token)  # and site-relative card links: the port changes per run
+    try:
+        started = time.monotonic()
+        summary = run(args.matrix, models, work, publish_to=publish_to, options=options)
+        print(f"done in {time.monotonic() - started:.0f}s; ledger {summary['ledger']} (quantpub status --work {work})")
+        for repo in summary["repos"]:
+            print(f"published: {publish_to}/{repo}")
+        gptq = next((r for r in summary["repos"] if r.endswith("-GPTQ")), None)
+        if gptq and server is not None:
+            branch = _first_branch(work, models[0])
+            print(f"loading {gptq}@{branch} back through the hub and generating:")
+            print("  " + load_back(publish_to, gptq, branch).replace("\n", "\n  "))
+        if server is not None:
+            print(f"serve the repos again with: quantpub hub serve --data-dir {work / 'hub'} --port 8765\n"
+                  f"then: HF_ENDPOINT=http://127.0.0.1:8765 python -c \"from transformers import "
+                  f"AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('{gptq or 'REPO'}', "
+                  f"revision='{_first_branch(work, models[0]) if gptq else 'BRANCH'}')\"")
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+    if summary["failed"]:
+        print(f"error: {len(summary['failed'])} variants failed: {', '.join(summary['failed'])} "
+              f"(see quantpub status --work {work})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def replace_token(options, token):
+    from dataclasses import replace
+
+    return replace(options, token=options.token or token, card_hub="" if options.card_hub is None else options.card_hub)
+
+
+def _first_branch(work: Path, model: str) -> str:
+    from quantpub.ledger import Ledger
+
+    ledger = Ledger(work / "ledger.sqlite3")
+    try:
+        rows = [r for r in ledger.rows(model) if r.method == "gptq" and r.state == "published"]
+    finally:
+        ledger.close()
+    return next((r.target for r in rows if r.target != "main"), rows[0].target if rows else "main")
+
+
+def _example(work: Path, options):
+    """The offline example: a tiny llama built here, calibrated and evaluated on local text."""
+    from dataclasses import replace
+
+    from quantpub.tiny import build_tiny_model, corpus_text
+
+    data = work / "example"
+    model = data / "tiny-llama"
+    text = corpus_text()
+    cut = int(len(text) * 0.8)
+    calib, held_out = data / "calibration.txt", data / "held-out.txt"
+    if not (model / "config.json").is_file():
+        data.mkdir(parents=True, exist_ok=True)
+        calib.write_text(text[:cut])
+        held_out.write_text(text[cut:])
+        build_tiny_model(model, "llama", text=text[:cut])
+    log.info("example: tiny llama %s, calibration %s, held-out %s", model, calib, held_out)
+    return [str(model)], replace(options, calibration_file=options.calibration_file or str(calib),
+                                 eval_file=options.eval_file or str(held_out), device="cpu",
+                                 n_samples=options.n_samples or 16, seq_len=options.seq_len or 256,
+                                 context=min(options.context, 256), windows=min(options.windows, 8))
+
+
+def _status(args: argparse.Namespace) -> int:
+    from quantpub.ledger import Ledger, render
+
+    path = Path(args.work) / "ledger.sqlite3"
+    if not path.is_file():
+        raise QuantpubError(f"{path}: no ledger here; run `quantpub run` first or pass --work")
+    ledger = Ledger(path)
+    try:
+        print(render(ledger.rows()))
+    finally:
+        ledger.close()
     return 0
 
 
@@ -102,6 +201,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="the whole job: plan, quantize, validate, evaluate, card, publish (resumable)")
+    r.add_argument("matrix", nargs="?", default=DEFAULT_MATRIX, help=f"matrix YAML file (default {DEFAULT_MATRIX})")
+    r.add_argument("--model", nargs="+", help="hub repo ids or local checkpoints; default: the offline example")
+    r.add_argument("--example", action="store_true", help="build a tiny llama and run on it, offline (the default "
+                                                          "when no --model is given)")
+    r.add_argument("--work", default="quantpub-work", help="work dir: variants, ledger, hub data (default ./quantpub-work)")
+    r.add_argument("--publish-to", help="hub URL; default: the built-in hub on 127.0.0.1 over WORK/hub")
+    r.add_argument("--token", help="write token for --publish-to (default $HF_TOKEN)")
+    r.add_argument("--namespace", help="publish under this namespace instead of the matrix's")
+    r.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local worker processes, or Ray tasks (default local)")
+    r.add_argument("--ray-address", help="existing Ray cluster (default: start a local one)")
+    r.add_argument("--calibration-file", help="local calibration text instead of the matrix's dataset")
+    r.add_argument("--eval-file", help="local held-out text for evaluation (default wikitext-2 test)")
+    r.add_argument("--no-evaluate", action="store_true", help="skip perplexity/KLD (cards then have no quality column)")
+    r.add_argument("--context", type=int, default=512, help="evaluation window (default 512)")
+    r.add_argument("--windows", type=int, default=8, help="evaluation windows (default 8)")
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    r.add_argument("--n-samples", type=int, help="override the calibration sample count")
+    r.add_argument("--seq-len", type=int, help="override the calibration sequence length")
+    r.add_argument("--max-attempts", type=int, default=2, help="tries per variant across re-runs (default 2)")
+    r.set_defaults(func=_run)
+
+    st = sub.add_parser("status", help="the ledger: every variant's state, attempts and errors")
+    st.add_argument("--work", default="quantpub-work", help="work dir (default ./quantpub-work)")
+    st.set_defaults(func=_status)
 
     p = sub.add_parser("plan", help="show every variant a matrix would build, with size and memory estimates")
     p.add_argument("matrix", nargs="?", default=DEFAULT_MATRIX, help=f"matrix YAML file (default {DEFAULT_MATRIX})")

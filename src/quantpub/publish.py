@@ -178,6 +178,9 @@ def publish(out: str | Path, *, endpoint: str | None = None, token: str | None =
             target = f"{namespace}/{target.split('/', 1)[1]}"
         card = cards_root / target.split("/", 1)[1] / "README.md"
         jobs.append((manifest, target, local_files(manifest, card)))
+    from huggingface_hub import constants
+
+    constants.HF_HUB_DISABLE_XET = True  # the env var is read at import, which may have happened already
     api = HfApi(endpoint=endpoint, token=token)
     results, created = [], set()
     for manifest, target, files in jobs:

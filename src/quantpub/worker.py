@@ -234,7 +234,7 @@ def _write_run_record(out: Path, plan: Plan, model: str) -> None:
     """What the card stage needs beyond the manifests: the source model and the matrix's card settings."""
     record = {"model": model, "matrix": str(plan.matrix_path), "card": plan.matrix.card.model_dump(mode="json"),
               "repos": plan.repos, "variants": [j.id for j in plan.jobs], "quantpub": __version__}
-    tmp = out / f".{RUN_RECORD}.partial"
+    tmp = out / f".{RUN_RECORD}.{os.getpid()}.partial"
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, out / RUN_RECORD)
 

@@ -101,7 +101,8 @@ def gb(n: int | float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def dataset_cell(calib: dict[str, Any] | None, hub: str) -> str:
+def dataset_cell(calib: dict[str, Any] | None, hub: str = HUB) -> str:
+    """The calibration dataset, linked on huggingface.co where it lives (whatever hub the card is for)."""
     if not calib:
         return "-"
     source = str(calib["source"])
@@ -120,7 +121,7 @@ def gptq_rows(manifests: list[dict], model_type: str, hub: str, repo: str) -> li
             "branch": m["branch"], "url": f"{hub}/{repo}/tree/{m['branch']}", "bits": p["bits"],
             "gs": p["group_size"] if p["group_size"] is not None else "None",
             "act_order": "Yes" if p["act_order"] else "No", "damp": p["damp"],
-            "dataset": dataset_cell(m["calibration"], hub), "seq_len": m["calibration"]["seq_len"],
+            "dataset": dataset_cell(m["calibration"]), "seq_len": m["calibration"]["seq_len"],
             "size": gb(m["size"]), "exllama": "Yes" if p["bits"] == 4 and model_type in LLAMA_FAMILY else "No",
             "desc": gptq_desc(p, [x["parameters"] for x in manifests]), "eval": m.get("evaluation")})
     return rows
@@ -144,7 +145,7 @@ def gptq_desc(p: dict[str, Any], siblings: list[dict[str, Any]]) -> str:
 
 def awq_rows(manifests: list[dict], hub: str, repo: str) -> list[dict[str, Any]]:
     return [{"branch": m["branch"], "url": f"{hub}/{repo}/tree/{m['branch']}", "bits": m["parameters"]["bits"],
-             "gs": m["parameters"]["group_size"], "dataset": dataset_cell(m["calibration"], hub),
+             "gs": m["parameters"]["group_size"], "dataset": dataset_cell(m["calibration"]),
              "seq_len": m["calibration"]["seq_len"], "size": gb(m["size"]), "eval": m.get("evaluation")}
             for m in manifests]
 
@@ -191,7 +192,11 @@ def card_data(kind: str, source: Source, manifests: list[dict], quantized_by: st
 
 def render(kind: str, repo: str, manifests: list[dict], source: Source, *, repos: list[str],
            quantized_by: str | None = "quantpub", hub: str = HUB) -> str:
-    """The README.md of one published repo (kind: gptq, awq or gguf)."""
+    """The README.md of one published repo (kind: gptq, awq or gguf).
+
+    ``hub`` is the URL links point to; "" gives site-relative links (``/ns/repo``), stable across
+    the built-in hub's ports, with shell commands written against ``$HF_ENDPOINT``.
+    """
     from jinja2 import Environment, PackageLoader, StrictUndefined
 
     env = Environment(loader=PackageLoader("quantpub.card", "templates"), undefined=StrictUndefined,
@@ -201,7 +206,7 @@ def render(kind: str, repo: str, manifests: list[dict], source: Source, *, repos
             "awq": lambda: awq_rows(manifests, hub, repo), "gguf": lambda: gguf_rows(manifests, hub, repo)}[kind]()
     data = card_data(kind, source, manifests, quantized_by)
     body = env.get_template(f"{kind}.md.j2").render(
-        kind=kind, repo=repo, hub=hub, source=source, rows=rows, repos=_repo_links(repos, hub),
+        kind=kind, repo=repo, hub=hub, shell_hub=hub or "$HF_ENDPOINT", source_hub=HUB, source=source, rows=rows, repos=_repo_links(repos, hub),
         evaluated=any(r["eval"] for r in rows), eval_info=next((r["eval"] for r in rows if r["eval"]), None),
         tools=manifests[0]["tools"], quantized_by=quantized_by, prompt=source.prompt,
         python_prompt=source.prompt.template.replace("{system_message}", "You are a helpful assistant.")

@@ -47,6 +47,7 @@ class HubConfig:
     data_dir: Path
     tokens: dict[str, str] = field(default_factory=dict)
     max_file_size: int = MAX_FILE_SIZE
+    log_requests: bool = False  # one INFO line per request (``hub serve``); DEBUG otherwise
     secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
 
 
@@ -110,7 +111,8 @@ class Handler(BaseHTTPRequestHandler):
         log.debug("%s %s", self.address_string(), format % args)
 
     def log_request(self, code="-", size="-"):
-        log.info("%s %s -> %s", self.command, urlsplit(self.path).path, code)
+        level = logging.INFO if self.server.config.log_requests else logging.DEBUG
+        log.log(level, "%s %s -> %s", self.command, urlsplit(self.path).path, code)
 
     def do_GET(self):
         self._dispatch()

@@ -1,0 +1,152 @@
+"""quantpub run end to end: killed mid-run with SIGKILL, re-run, every variant published exactly once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from huggingface_hub import HfApi
+
+from quantpub.ledger import Ledger
+from quantpub.run import embedded_hub
+
+pytestmark = pytest.mark.slow
+MATRIX = """\
+gptq:
+  variants:
+    - {bits: 4, group_size: 128}
+    - {bits: 4, group_size: 32, act_order: true}
+awq:
+  targets: [{}]
+gguf:
+  types: [Q4_K_M, Q8_0]
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_models, corpus, tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    (root / "m.yaml").write_text(MATRIX)
+    text = corpus.read_text()
+    (root / "held-out.txt").write_text(text[-60_000:])
+    return root, tiny_models("llama")
+
+
+def command(root: Path, model: Path, corpus: Path, work: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "quantpub", "run", str(root / "m.yaml"), "--model", str(model), "--work", str(work),
+            "--calibration-file", str(corpus), "--eval-file", str(root / "held-out.txt"), "--device", "cpu",
+            "--n-samples", "8", "--seq-len", "128", "--context", "128", "--windows", "2", *extra]
+
+
+def states(work: Path) -> dict[str, str]:
+    try:
+        with sqlite3.connect(work / "ledger.sqlite3", timeout=30) as db:
+            return dict(db.execute("SELECT variant, state FROM variants").fetchall())
+    except sqlite3.OperationalError:
+        return {}
+
+
+def ledger_rows(work: Path):
+    ledger = Ledger(work / "ledger.sqlite3")
+    try:
+        return ledger.rows()
+    finally:
+        ledger.close()
+
+
+def commit_counts(work: Path) -> dict[tuple[str, str], int]:
+    server, url, token = embedded_hub(work)
+    try:
+        api = HfApi(endpoint=url, token=token)
+        counts = {}
+        for repo in ("quantpub/tiny-llama-GPTQ", "quantpub/tiny-llama-AWQ", "quantpub/tiny-llama-GGUF"):
+            for branch in api.list_repo_refs(repo).branches:
+                counts[(repo, branch.name)] = len(api.list_repo_commits(repo, revision=branch.name))
+        return counts
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(setup, corpus, tmp_path_factory):
+    root, model = setup
+    work = tmp_path_factory.mktemp("work")
+    env = {**os.environ, "HF_HUB_OFFLINE": "0"}
+    proc = subprocess.Popen(command(root, model, corpus, work), env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    out = work / "tiny-llama"
+    while time.monotonic() < deadline and proc.poll() is None:
+        built = {p.parent.name for p in out.glob("*/quantpub.json")}
+        if built and not {"gptq-4bit-32g-actorder_True", "awq-4bit-128g-GEMM"} <= built:
+            break  # some variants finished, the GPU group is still working
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its worker processes
+    proc.wait(60)
+    before = {r.variant: r.state for r in ledger_rows(work)}
+    finished = {p.parent.name for p in out.glob("*/quantpub.json")}  # on disk when killed
+    stamps = {v: (work / "tiny-llama" / v / "quantpub.json").stat().st_mtime_ns for v in finished}
+    done = subprocess.run(command(root, model, corpus, work), env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return work, before, finished, stamps, done
+
+
+def test_rerun_after_sigkill_publishes_everything_exactly_once(killed_and_resumed, local_hub_online):
+    work, before, finished, stamps, done = killed_and_resumed
+    assert finished and len(finished) < 5  # killed in the middle
+    rows = ledger_rows(work)
+    assert {r.variant: r.state for r in rows} == {v: "published" for v in before}
+    assert all(r.commit_oid and len(r.commit_oid) == 40 for r in rows)
+    counts = commit_counts(work)
+    # initial commit + one per variant on its branch; branches start from main (initial + main variant)
+    assert counts[("quantpub/tiny-llama-GPTQ", "main")] == 2
+    assert counts[("quantpub/tiny-llama-GPTQ", "gptq-4bit-32g-actorder_True")] == 3
+    assert counts[("quantpub/tiny-llama-AWQ", "main")] == 2
+    assert counts[("quantpub/tiny-llama-GGUF", "main")] == 3
+
+
+def test_nothing_finished_was_redone(killed_and_resumed):
+    work, _, finished, stamps, _ = killed_and_resumed
+    rows = {r.variant: r for r in ledger_rows(work)}
+    for v in finished:
+        assert (work / "tiny-llama" / v / "quantpub.json").stat().st_mtime_ns >= stamps[v]
+        assert rows[v].attempts == 1, v  # built once, before the kill, and recognised by hash after it
+    assert not list((work / "tiny-llama").glob(".partial-*"))
+
+
+def test_a_third_run_changes_nothing(killed_and_resumed, setup, corpus, local_hub_online):
+    work, *_ = killed_and_resumed
+    root, model = setup
+    before = commit_counts(work)
+    rows_before = ledger_rows(work)
+    done = subprocess.run(command(root, model, corpus, work), env={**os.environ, "HF_HUB_OFFLINE": "0"},
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert commit_counts(work) == before
+    assert {r.variant: r.attempts for r in ledger_rows(work)} == {r.variant: r.attempts for r in rows_before}
+
+
+def test_ray_executor_gives_the_same_ledger(killed_and_resumed, setup, corpus, tmp_path, local_hub_online):
+    work, *_ = killed_and_resumed
+    root, model = setup
+    ray_work = tmp_path / "ray-work"
+    done = subprocess.run(command(root, model, corpus, ray_work, "--executor", "ray"),
+                          env={**os.environ, "HF_HUB_OFFLINE": "0"}, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    def shape(rows):
+        return [(r.variant, r.method, r.repo, r.target, r.state, r.attempts) for r in rows]
+
+    local = shape(ledger_rows(work))
+    # attempts differ only for variants the killed local run had to start twice
+    assert [x[:5] for x in shape(ledger_rows(ray_work))] == [x[:5] for x in local]
+    assert all(x[5] == 1 for x in shape(ledger_rows(ray_work)))
+    assert commit_counts(ray_work) == commit_counts(work)
