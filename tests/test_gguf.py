@@ -160,7 +160,7 @@ def test_one_failing_type_does_not_stop_the_others(tiny_models, corpus, tmp_path
     outcomes = quantize(matrix(tmp_path, ["Q5_0", "Q4_0"]), str(tiny_models("llama")), tmp_path / "o",
                         calibration_file=corpus, device="cpu")
     assert [(o.variant, o.error is None) for o in outcomes] == [("gguf-Q5_0", False), ("gguf-Q4_0", True)]
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [".work", "gguf-Q4_0"]  # 16-bit kept for retry
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [".work", "gguf-Q4_0", "quantpub-run.json"]  # 16-bit kept
 
 
 def test_gguf_files_publish_to_main(twelve, hub):

