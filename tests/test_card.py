@@ -24,7 +24,7 @@ from quantpub.card.prompt import detect
 from quantpub.plan import make_plan
 from quantpub.worker import _parameters
 
-SEEDS = Path(__file__).resolve().parents[2] / "shared" / "seeds"
+SEEDS = FIXTURES / "seeds"
 GOLDEN = FIXTURES / "cards"
 TOOLS = {"quantpub": "0.1.0", "transformers": "5.23.0", "torch": "2.13.0+cpu", "gptqmodel": "7.6.0",
          "optimum": "2.3.0", "llama-cpp-python": "0.3.36"}

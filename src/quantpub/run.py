@@ -49,9 +49,17 @@ class RunOptions:
     card_hub: str | None = None  # where card links point; default the publish endpoint ("" = site-relative)
 
 
-def quantize_group(matrix: str, model: str, out: str, only: list[str], options: RunOptions) -> list[tuple]:
-    """One worker process: build ``only`` (variants of one group). Returns (variant, error) pairs."""
+def quantize_group(matrix: str, model: str, out: str, only: list[str], options: RunOptions,
+                   group: str = "worker") -> list[tuple]:
+    """One worker process: build ``only`` (variants of one group). Returns (variant, error) pairs.
+
+    Logs go to the console and to ``OUT/logs/<group>.log``.
+    """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    (Path(out) / "logs").mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(Path(out) / "logs" / f"{group}.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
     from quantpub.worker import quantize
 
     outcomes = quantize(matrix, model, out, only=only, calibration_file=options.calibration_file,
@@ -189,7 +197,7 @@ def _execute(matrix: str, model: str, out: Path, groups: dict[str, list[str]], o
         yield from _execute_ray(matrix, model, out, groups, options)
         return
     with ProcessPoolExecutor(max_workers=len(groups), mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(quantize_group, matrix, model, str(out), ids, options): name
+        futures = {pool.submit(quantize_group, matrix, model, str(out), ids, options, name): name
                    for name, ids in groups.items()}
         for future in as_completed(futures):  # the ledger hears of each group as soon as it is done
             name = futures[future]
@@ -213,7 +221,7 @@ def _execute_ray(matrix: str, model: str, out: Path, groups: dict[str, list[str]
             opts = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
         else:
             opts = {"num_cpus": 1, "num_gpus": 0}
-        refs[name] = task.options(**opts, max_retries=0).remote(matrix, model, str(out), ids, options)
+        refs[name] = task.options(**opts, max_retries=0).remote(matrix, model, str(out), ids, options, name)
     pending = {ref: name for name, ref in refs.items()}
     while pending:
         (ready,), _ = ray.wait(list(pending), num_returns=1)
