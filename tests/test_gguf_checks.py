@@ -75,3 +75,10 @@ def test_workers_are_bounded_by_jobs_and_cores():
     assert gguf.workers_for(1, 10**6) == 1
     assert 1 <= gguf.workers_for(100, 10**6) <= gguf.cpu_count()
     assert gguf.workers_for(100, 10**15) == 1  # a huge model: memory allows one at a time
+
+
+def test_majority_rule_skipped_when_few_rows_are_256_aligned():
+    # SmolLM2-like: 6 of 7 weights per layer have 576-wide rows (fallback types), ffn_down is upgraded
+    rows = [(f"blk.{i}.w{j}.weight", "IQ4_NL", (576, 576)) for i in range(4) for j in range(6)]
+    rows += [(f"blk.{i}.ffn_down.weight", "Q3_K", (1536, 576)) for i in range(4)]
+    assert gguf.check_mix("Q2_K", rows) == []

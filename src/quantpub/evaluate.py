@@ -95,11 +95,11 @@ def score(logprobs_per_window, data: HeldOut, reference: np.ndarray | None) -> d
 def hf_logprobs(model_dir: Path, data: HeldOut, device: str, params: dict | None = None):
     """Log-probabilities of every window through transformers (the source, GPTQ and AWQ)."""
     import torch
-    from transformers import AutoModelForCausalLM, GPTQConfig
+    from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {}
-    if params and params.get("bits") == 4 and params.get("group_size") is None and device == "cpu":
-        kwargs["quantization_config"] = GPTQConfig(bits=4, backend="gptq_torch")
+    from quantpub.validate import cpu_loader_kwargs
+
+    kwargs: dict[str, Any] = cpu_loader_kwargs(model_dir, params, device) if params and "act_order" in params else {}
     dtype = torch.float32 if device == "cpu" else torch.float16
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=device, **kwargs)
     model.eval()

@@ -12,20 +12,39 @@ PROMPT_TOKENS = 16
 NEW_TOKENS = 4
 
 
+def cpu_loader_kwargs(model_dir: Path, params: dict[str, Any], device: str) -> dict[str, Any]:
+    """Extra ``from_pretrained`` arguments for 4-bit GPTQ on CPU.
+
+    The automatic CPU int4 kernel needs a group size of 32..256 that divides every input size
+    (SmolLM2's 576 is not a multiple of 128); the torch kernel has neither limit.
+    """
+    import json
+
+    from transformers import GPTQConfig
+
+    if device != "cpu" or params.get("bits") != 4:
+        return {}
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    inputs = {config.get("hidden_size", 0), config.get("intermediate_size", 0)}
+    group = params.get("group_size")
+    if group is not None and all(n % group == 0 for n in inputs):
+        return {}
+    return {"quantization_config": GPTQConfig(bits=4, group_size=group or -1, desc_act=params.get("act_order", False),
+                                              sym=params.get("sym", True), backend="gptq_torch")}
+
+
 def validate(out: Path, params: Any, device: str, prompt_ids: list[int]) -> dict[str, Any]:
     """Load ``out`` with ``from_pretrained``, forward ``prompt_ids`` and greedily generate.
 
     Returns a record of what was checked. Raises ``ValueError`` with the reason on failure.
     """
     import torch
-    from transformers import AutoModelForCausalLM, GPTQConfig
+    from transformers import AutoModelForCausalLM
 
     started = time.monotonic()
     kwargs: dict[str, Any] = {"device_map": device}
-    if isinstance(params, GptqVariant) and device == "cpu" and params.bits == 4 and params.group_size is None:
-        # The automatic CPU int4 kernel needs a group size of 32..256; the torch kernel does not.
-        kwargs["quantization_config"] = GPTQConfig(bits=4, group_size=-1, desc_act=params.act_order,
-                                                   sym=params.sym, backend="gptq_torch")
+    if isinstance(params, GptqVariant):
+        kwargs.update(cpu_loader_kwargs(out, params.model_dump(mode="json"), device))
     model = AutoModelForCausalLM.from_pretrained(out, **kwargs)
     ids = torch.tensor([prompt_ids[:PROMPT_TOKENS]], device=model.device)
     with torch.no_grad():
