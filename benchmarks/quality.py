@@ -126,6 +126,8 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     for method, marker in (("gptq", "o"), ("awq", "s"), ("gguf", "^")):
         pts = [r for r in rows if r["method"] == method]
+        if not pts:
+            continue
         ax.scatter([r["size"] / 1e6 for r in pts], [r["kld"] for r in pts], marker=marker, label=method.upper())
         for r in pts:
             ax.annotate(r["variant"].split("-", 1)[1], (r["size"] / 1e6, r["kld"]), fontsize=6)
