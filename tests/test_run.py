@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -42,14 +41,6 @@ def command(root: Path, model: Path, corpus: Path, work: Path, *extra: str) -> l
     return [sys.executable, "-m", "quantpub", "run", str(root / "m.yaml"), "--model", str(model), "--work", str(work),
             "--calibration-file", str(corpus), "--eval-file", str(root / "held-out.txt"), "--device", "cpu",
             "--n-samples", "8", "--seq-len", "128", "--context", "128", "--windows", "2", *extra]
-
-
-def states(work: Path) -> dict[str, str]:
-    try:
-        with sqlite3.connect(work / "ledger.sqlite3", timeout=30) as db:
-            return dict(db.execute("SELECT variant, state FROM variants").fetchall())
-    except sqlite3.OperationalError:
-        return {}
 
 
 def ledger_rows(work: Path):

@@ -83,7 +83,7 @@ def _run(args: argparse.Namespace) -> int:
         models, options = _example(work, options)
     if publish_to is None:  # the built-in hub, kept up until the example variant has been loaded back
         server, publish_to, token = embedded_hub(work)
-        options = replace_token(options, token)  # and site-relative card links: the port changes per run
+        options = _with_hub_token(options, token)  # and site-relative card links: the port changes per run
     try:
         started = time.monotonic()
         summary = run(args.matrix, models, work, publish_to=publish_to, options=options)
@@ -111,7 +111,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def replace_token(options, token):
+def _with_hub_token(options, token):
     from dataclasses import replace
 
     return replace(options, token=options.token or token, card_hub="" if options.card_hub is None else options.card_hub)

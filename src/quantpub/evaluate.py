@@ -22,11 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from quantpub.artifacts import MANIFEST, RUN_RECORD, write_text_atomic
 from quantpub.errors import QuantpubError
 
 log = logging.getLogger(__name__)
-MANIFEST = "quantpub.json"
-RUN_RECORD = "quantpub-run.json"
 
 
 @dataclass(frozen=True)
@@ -92,14 +91,15 @@ def score(logprobs_per_window, data: HeldOut, reference: np.ndarray | None) -> d
     return out
 
 
-def hf_logprobs(model_dir: Path, data: HeldOut, device: str, params: dict | None = None):
+def hf_logprobs(model_dir: Path, data: HeldOut, device: str, manifest: dict | None = None):
     """Log-probabilities of every window through transformers (the source, GPTQ and AWQ)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from quantpub.validate import cpu_loader_kwargs
 
-    kwargs: dict[str, Any] = cpu_loader_kwargs(model_dir, params, device) if params and "act_order" in params else {}
+    gptq = manifest is not None and manifest["method"] == "gptq"
+    kwargs: dict[str, Any] = cpu_loader_kwargs(model_dir, manifest["parameters"], device) if gptq else {}
     dtype = torch.float32 if device == "cpu" else torch.float16
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=device, **kwargs)
     model.eval()
@@ -168,14 +168,12 @@ def evaluate(out: str | Path, *, model: str | None = None, eval_file: str | Path
             logprobs = gguf_logprobs(manifest_path.parent / first, data, cpu_count())
             runtime = "llama.cpp"
         else:
-            logprobs = hf_logprobs(manifest_path.parent, data, device, manifest["parameters"])
+            logprobs = hf_logprobs(manifest_path.parent, data, device, manifest)
             runtime = "transformers"
         result = {**score(logprobs, data, reference), **info, "runtime": runtime,
                   "seconds": round(time.monotonic() - started, 2)}
         manifest["evaluation"] = result
-        tmp = manifest_path.with_name(f".{MANIFEST}.partial")
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(tmp, manifest_path)
+        write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
         results[variant] = result
         log.info("evaluate: %s perplexity %.4f (unquantised %.4f), KLD %.5f", variant, result["perplexity"],
                  ref_ppl, result["kld"])

@@ -51,7 +51,7 @@ def build_gguf_set(plan: Plan, jobs: list[Job], model_dir: Path, out: Path, mode
         log.info("GGUF: importance matrix for %d tensors from %d samples in %.1fs", imatrix_record["tensors"],
                  imatrix_record["samples"], imatrix_record["seconds"])
     reference = gguf.evaluate(base, text, VALIDATION_TOKENS, cores)
-    expect = _expectations(config, tokenizer, plan)
+    expect = _expectations(tokenizer, plan)
     workers = gguf.workers_for(len(jobs), base.stat().st_size)
     threads = max(1, cores // workers)
     log.info("GGUF: quantizing %d types, %d at a time with %d threads each", len(jobs), workers, threads)
@@ -116,7 +116,7 @@ def _build_one(job: Job, *, base: Path, out: Path, model: str, name: str, outtyp
     return final
 
 
-def _expectations(config: dict, tokenizer, plan: Plan) -> gguf.Expectations:
+def _expectations(tokenizer, plan: Plan) -> gguf.Expectations:
     return gguf.Expectations(
         context_length=plan.facts.context_length, rope_scaling=plan.facts.rope_scaling,
         chat_template=getattr(tokenizer, "chat_template", None) or None,

@@ -20,19 +20,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from quantpub.artifacts import CARDS_DIR, MANIFEST, sha256_file
 from quantpub.errors import PublishError
 
-os.environ.setdefault("HF_HUB_DISABLE_XET", "1")  # read at import: servers without Xet need plain LFS
-
 log = logging.getLogger(__name__)
-MANIFEST = "quantpub.json"
-CARDS_DIR = "cards"
 RETRY_STATUS = (429, 500, 502, 503, 504)
 T = TypeVar("T")
 
@@ -97,14 +93,6 @@ def local_files(manifest: dict, card: Path | None) -> list[LocalFile]:
 def manifest_path_in_repo(manifest: dict) -> str:
     """``quantpub.json`` on a variant's own branch; ``quantpub/<variant>.json`` where variants share main (GGUF)."""
     return MANIFEST if manifest.get("branch") is not None else f"quantpub/{manifest['variant']}.json"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def git_blob_id(path: Path) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from quantpub.artifacts import MANIFEST, sha256_file
 from quantpub.errors import PlanError, QuantpubError
 from quantpub.ledger import Ledger
 
@@ -160,7 +162,6 @@ def run_model(matrix: str, model: str, work: Path, ledger: Ledger, endpoint: str
 def _reconcile(ledger: Ledger, model: str, out: Path, jobs) -> None:
     """Trust the files, checked by hash: a finished directory counts, a changed or missing one is rebuilt."""
     from quantpub.publish import local_files
-    from quantpub.worker import MANIFEST
 
     for job in jobs:
         row = ledger.get(model, job.id)
@@ -239,9 +240,6 @@ def _cpus() -> int:
 
 
 def _record_build(ledger: Ledger, model: str, out: Path, variant: str, error: str | None) -> None:
-    from quantpub.publish import sha256_file
-    from quantpub.worker import MANIFEST
-
     if error:
         ledger.fail(model, variant, error)
         log.error("[quantize] %s: failed: %s", variant, error.splitlines()[0])
@@ -255,8 +253,7 @@ def _record_build(ledger: Ledger, model: str, out: Path, variant: str, error: st
 
 def _evaluate(ledger: Ledger, model: str, out: Path, options: RunOptions) -> None:
     from quantpub.evaluate import evaluate
-    from quantpub.publish import sha256_file
-    from quantpub.worker import MANIFEST, resolve_device
+    from quantpub.worker import resolve_device
 
     try:
         results = evaluate(out, model=model, eval_file=options.eval_file, context=options.context,
@@ -290,7 +287,7 @@ def load_back(endpoint: str, repo: str, revision: str, prompt: str = "def main()
             "m = t.AutoModelForCausalLM.from_pretrained(r, revision=v); tok = t.AutoTokenizer.from_pretrained(r, revision=v); "
             "ids = tok(p, return_tensors='pt').input_ids; "
             "print(tok.decode(m.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)[0]))")
-    env = {**__import__("os").environ, "HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1"}
+    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1"}
     done = subprocess.run([sys.executable, "-c", code, repo, revision, prompt], env=env, capture_output=True,
                           text=True, timeout=600)
     if done.returncode:

@@ -8,7 +8,6 @@ variants whose directory exists and rebuilds the rest.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -19,13 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from quantpub import __version__, calibration
+from quantpub.artifacts import MANIFEST, RUN_RECORD, sha256_file, write_text_atomic
 from quantpub.moe import expert_coverage
 from quantpub.errors import PlanError, QuantizeError, QuantpubError
 from quantpub.plan import Job, Plan, make_plan
 
 log = logging.getLogger(__name__)
-MANIFEST = "quantpub.json"
-RUN_RECORD = "quantpub-run.json"
 WORKER_METHODS = ("gptq", "awq", "gguf")
 
 
@@ -120,7 +118,8 @@ def _gguf(plan: Plan, jobs: list[Job], model_dir: Path, out: Path, model: str, c
     text, source = calibration.load_text(spec, calibration_file)  # imatrix samples and validation text
     calib = None
     if jobs[0].variant.calibration is not None:
-        calib = _calibrations(jobs[:1], tokenizer, calibration_file)[_calib_key(jobs[0])]
+        calib = calibration.build(text, source, tokenizer, n_samples=jobs[0].n_samples, seq_len=jobs[0].seq_len,
+                                  seed=spec.seed)
     held_out = text[len(text) // 2:]  # validation reads the second half; imatrix windows may come from anywhere
     try:
         return build_gguf_set(plan, jobs, model_dir, out, model, tokenizer=tokenizer, text=held_out,
@@ -201,13 +200,8 @@ def _write_manifest(path: Path, job: Job, calib, model: str, device: str, second
     import torch
     import transformers
 
-    files = {}
-    for f in sorted(p for p in path.iterdir() if p.is_file()):
-        digest = hashlib.sha256()
-        with f.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        files[f.name] = {"size": f.stat().st_size, "sha256": digest.hexdigest()}
+    files = {f.name: {"size": f.stat().st_size, "sha256": sha256_file(f)}
+             for f in sorted(p for p in path.iterdir() if p.is_file())}
     manifest = {
         "variant": job.id, "method": job.method, "branch": job.variant.branch, "repo": job.repo,
         "parameters": _parameters(job), "model": model,
@@ -229,14 +223,11 @@ def _write_manifest(path: Path, job: Job, calib, model: str, device: str, second
     (path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-
 def _write_run_record(out: Path, plan: Plan, model: str) -> None:
     """What the card stage needs beyond the manifests: the source model and the matrix's card settings."""
     record = {"model": model, "matrix": str(plan.matrix_path), "card": plan.matrix.card.model_dump(mode="json"),
               "repos": plan.repos, "variants": [j.id for j in plan.jobs], "quantpub": __version__}
-    tmp = out / f".{RUN_RECORD}.{os.getpid()}.partial"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, out / RUN_RECORD)
+    write_text_atomic(out / RUN_RECORD, json.dumps(record, indent=2) + "\n")
 
 
 def _parameters(job: Job) -> dict[str, Any]:

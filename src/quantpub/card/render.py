@@ -16,12 +16,11 @@ from typing import Any
 
 import yaml
 
+from quantpub.artifacts import CARDS_DIR, MANIFEST, RUN_RECORD, write_text_atomic
 from quantpub.card.prompt import PromptTemplate, detect
+from quantpub.plan import gb
 
 log = logging.getLogger(__name__)
-RUN_RECORD = "quantpub-run.json"
-MANIFEST = "quantpub.json"
-CARDS_DIR = "cards"
 HUB = "https://huggingface.co"
 LLAMA_FAMILY = ("llama", "mistral")
 CARRIED_META = ("license", "license_name", "license_link", "datasets", "language")
@@ -97,10 +96,6 @@ def _source_files(model: str) -> dict[str, str]:
 
 
 # table rows
-def gb(n: int | float) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
-
-
 def dataset_cell(calib: dict[str, Any] | None, hub: str = HUB) -> str:
     """The calibration dataset, linked on huggingface.co where it lives (whatever hub the card is for)."""
     if not calib:
@@ -244,8 +239,6 @@ def render_run(out: str | Path, *, hub: str = HUB, namespace: str | None = None)
                       quantized_by=(record.get("card") or {}).get("quantized_by") or "quantpub", hub=hub)
         path = out / CARDS_DIR / repo.split("/", 1)[1] / "README.md"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".md.partial")
-        tmp.write_text(text)
-        tmp.replace(path)
+        write_text_atomic(path, text)
         paths.append(path)
     return paths

@@ -1,0 +1,27 @@
+"""What a run leaves on disk, named in one place, and the two ways it is written and checked."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+MANIFEST = "quantpub.json"          # per variant: parameters, files with sha256, validation, evaluation
+RUN_RECORD = "quantpub-run.json"    # per output dir: source model, matrix card settings, variant order
+CARDS_DIR = "cards"                 # OUT/cards/<repo name>/README.md
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary sibling and a rename: readers see the old or the new file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)
