@@ -29,7 +29,7 @@ def quantize(session: ModelSession, t: AwqTarget, calibration: CalibrationSet, o
     # sym=False is AutoAWQ's zero_point=True; the format is GEMM or GEMV.
     qc = AWQConfig(bits=t.bits, group_size=t.group_size, sym=not t.zero_point,
                    format=t.version.lower(), offload_to_disk=False)
-    model = session.fresh(qc, dtype=torch.float16)  # AWQ's scale search runs in fp16
+    model = session.load(qc, dtype=torch.float16)  # AWQ's scale search runs in fp16
     backend = gptqmodel.BACKEND.AWQ_TORCH if session.device == "cpu" else gptqmodel.BACKEND.AUTO
     log = model.quantize(calibration.as_gptqmodel(), batch_size=1, backend=backend)
     model.save(str(out))

@@ -29,10 +29,10 @@ def autogptq_config(v: GptqVariant, quantizer: str) -> dict:
     }
 
 
-def quantize(session: ModelSession, v: GptqVariant, calibration: CalibrationSet, out: Path) -> object:
-    """Quantize a fresh copy of the session's model into ``out``; returns GPTQModel's quantize log."""
+def quantize_config(v: GptqVariant):
+    """GPTQModel's config for a variant; the exact and the shared mode solve with the same one."""
     gptqmodel = _import_gptqmodel()
-    qc = gptqmodel.QuantizeConfig(
+    return gptqmodel.QuantizeConfig(
         bits=v.bits, group_size=-1 if v.group_size is None else v.group_size, desc_act=v.act_order,
         sym=v.sym, damp_percent=v.damp, true_sequential=True,
         # AutoGPTQ semantics: without act order, g_idx is the plain i // group_size.
@@ -40,11 +40,27 @@ def quantize(session: ModelSession, v: GptqVariant, calibration: CalibrationSet,
         # Disk offload doubles the time and writes its temp path into the config.
         offload_to_disk=False,
     )
-    model = session.fresh(qc)
+
+
+def quantize(session: ModelSession, v: GptqVariant, calibration: CalibrationSet, out: Path) -> object:
+    """Exact mode: quantize a freshly loaded copy of the model into ``out``; returns GPTQModel's quantize log.
+
+    GPTQModel's looper feeds each layer's *quantized* outputs to the next layer, so every
+    variant pays its own calibration pass.
+    """
+    gptqmodel = _import_gptqmodel()
+    model = session.load(quantize_config(v))
     log = model.quantize(calibration.as_gptqmodel(), batch_size=1)
     model.save(str(out))
-    rewrite_configs(out, autogptq_config(v, f"gptqmodel:{gptqmodel.__version__}"))
+    del model
+    write_gptq_configs(out, v)
     return log
+
+
+def write_gptq_configs(out: Path, v: GptqVariant) -> None:
+    """``config.json``'s quantization_config and ``quantize_config.json`` as AutoGPTQ wrote them."""
+    gptqmodel = _import_gptqmodel()
+    rewrite_configs(out, autogptq_config(v, f"gptqmodel:{gptqmodel.__version__}"))
 
 
 def rewrite_configs(out: Path, quantization: dict, extra_file: tuple[str, dict] | None = None) -> None:

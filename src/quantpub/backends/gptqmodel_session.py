@@ -1,18 +1,24 @@
-"""One source model loaded once through GPTQModel, handed out as fresh copies per variant.
+"""The source model through GPTQModel: one resident copy at a time, loaded fresh per use.
 
-GPTQ and AWQ quantization replace a model's linear layers in place, so each variant gets a
-deep copy of the pristine model held here: the checkpoint is read from disk once, whatever
-the number of variants (and cast once per dtype: GPTQ on CPU wants fp32, AWQ fp16).
+GPTQ and AWQ replace a model's linear layers in place, so a variant cannot reuse another's
+model. Rather than keeping a pristine copy in memory and deep-copying it per variant (three
+copies at the peak, plus a cast for AWQ), each use loads the checkpoint again: the page cache
+makes the second read cheap, and host memory holds one copy of the weights at a time. The
+shared GPTQ pass (``gptq_shared``) loads once for all its variants.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
+import threading
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+# transformers and GPTQModel patch module-level state while they build a model (init
+# functions, default devices); loads run one at a time, even from helper threads.
+LOAD_LOCK = threading.Lock()
 
 
 def _import_gptqmodel():
@@ -24,12 +30,10 @@ def _import_gptqmodel():
 
 
 class ModelSession:
-    """The pristine source model, its tokenizer, and the device work runs on."""
+    """Where the source model is, its tokenizer, and the device and dtype work runs in."""
 
     def __init__(self, model_dir: Path, device: str, dtype):
         self.model_dir, self.device, self.dtype = Path(model_dir), device, dtype
-        self._base = None
-        self._casts: dict = {}
 
     @property
     def tokenizer(self):
@@ -44,18 +48,14 @@ class ModelSession:
 
         return DEVICE.CUDA if self.device.startswith("cuda") else DEVICE.CPU
 
-    def fresh(self, quantize_config, dtype=None):
-        """A GPTQModel wrapper around a new copy of the source model, ready to quantize."""
+    def load(self, quantize_config, dtype=None):
+        """A GPTQModel wrapper around a newly loaded copy of the source model, ready to quantize."""
         gptqmodel = _import_gptqmodel()
-        if self._base is None:
-            log.info("loading %s once for all variants (%s)", self.model_dir, self.dtype)
-            self._base = gptqmodel.GPTQModel.load(str(self.model_dir), quantize_config, device="cpu",
-                                                  dtype=self.dtype)
         dtype = dtype or self.dtype
-        if dtype not in self._casts:
-            inner = self._base.model if dtype == self.dtype else copy.deepcopy(self._base.model).to(dtype)
-            self._casts[dtype] = inner
+        log.info("loading %s (%s)", self.model_dir, dtype)
+        with LOAD_LOCK:
+            loaded = gptqmodel.GPTQModel.load(str(self.model_dir), quantize_config, device="cpu", dtype=dtype)
         quantize_config.device = self.quant_device()
-        return type(self._base)(copy.deepcopy(self._casts[dtype]), quantized=False,
-                                quantize_config=quantize_config, tokenizer=self.tokenizer,
-                                model_local_path=str(self.model_dir))
+        # Re-wrapped with the session's tokenizer: the files saved beside the weights come from it.
+        return type(loaded)(loaded.model, quantized=False, quantize_config=quantize_config, tokenizer=self.tokenizer,
+                            model_local_path=str(self.model_dir))
