@@ -136,6 +136,8 @@ MALFORMED = {
     "repo template placeholder": ("gguf: {types: [Q4_0]}\nrepos:\n  gguf: '{model}-GGUF'\n",
                                   "repos.gguf: '{model}-GGUF': the only placeholder is {model_name}"),
     "branch named main": ("gptq:\n  variants: [{bits: 4, branch: main}]\n", "gptq.variants.0.branch: 'main' is not a usable"),
+    "unknown GPTQ mode": ("gptq:\n  mode: fast\n  variants: [{bits: 4}]\n",
+                          "m.yaml:2: gptq.mode: Input should be 'shared' or 'exact'"),
     "bits as text": ("gptq:\n  variants: [{bits: four}]\n", "gptq.variants.0.bits: Input should be 2, 3, 4 or 8"),
 }
 

@@ -143,7 +143,15 @@ class Selector(Strict):
         return all(getattr(variant, f) == getattr(self, f) for f in self.model_fields_set)
 
 
+GptqMode = Literal["shared", "exact"]
+
+
 class GptqSection(Strict):
+    """``mode``: ``shared`` calibrates once for all variants (each layer's Hessians from the
+    unquantized model's activations); ``exact`` runs one calibration per variant, each layer fed
+    by that variant's own quantized layers (GPTQModel's looper)."""
+
+    mode: GptqMode = "shared"
     product: GptqProduct | None = None
     variants: list[GptqVariant] = []
     exclude: list[Selector] = []

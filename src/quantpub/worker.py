@@ -93,8 +93,13 @@ def quantize(matrix_path: str | Path, model: str, out: str | Path, *, only: list
 
         session = ModelSession(model_dir, device, torch.float32 if device == "cpu" else torch.float16)
         calibrations = _calibrations(gpu_jobs, session.tokenizer, calibration_file)  # before the model loads
-        for i, job in enumerate(gpu_jobs, 1):
-            log.info("[%d/%d] %s: quantizing (%s)", i, len(gpu_jobs), job.id, job.describe())
+        mode = plan.matrix.gptq.mode if plan.matrix.gptq else "exact"
+        shared = [j for j in gpu_jobs if j.method == "gptq" and mode == "shared"]
+        if shared:
+            outcomes += _build_shared(session, shared, calibrations, out, model, expert_min_tokens=plan.facts.hidden_size)
+        one_by_one = [j for j in gpu_jobs if j not in shared]
+        for i, job in enumerate(one_by_one, 1):
+            log.info("[%d/%d] %s: quantizing (%s)", i, len(one_by_one), job.id, job.describe())
             try:
                 path = build_variant(session, job, calibrations[_calib_key(job)], out, model,
                                      expert_min_tokens=plan.facts.hidden_size)
@@ -105,6 +110,50 @@ def quantize(matrix_path: str | Path, model: str, out: str | Path, *, only: list
         del session
     if gguf_jobs:
         outcomes += _gguf(plan, gguf_jobs, model_dir, out, model, calibration_file, device)
+    order = {j.id: i for i, j in enumerate(jobs)}
+    return sorted(outcomes, key=lambda o: order[o.variant])
+
+
+def _build_shared(session, jobs: list[Job], calibrations: dict, out: Path, model: str, *,
+                  expert_min_tokens: int) -> list[Outcome]:
+    """The GPTQ variants in shared mode: one pass per distinct calibration, each variant finished as it is written."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from quantpub.backends.gptq_shared import Target, quantize_shared
+
+    groups: dict[tuple, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(_calib_key(job), []).append(job)
+    outcomes = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantpub-gptq") as executor:
+        for key, group in groups.items():
+            calib = calibrations[key]
+            log.info("GPTQ shared pass: %d variants (%s) from one calibration of %d x %d tokens", len(group),
+                     ", ".join(j.id for j in group), calib.n_samples, calib.seq_len)
+            by_id = {j.id: j for j in group}
+            targets = [Target(j.id, j.variant.params, _partial_dir(out, j.id)) for j in group]
+            started = time.monotonic()
+
+            def finish(t: Target, calib=calib, started=started, n=len(group)) -> Path:
+                return finish_variant(session, by_id[t.id], calib, t.out, out, model, time.monotonic() - started,
+                                      t.quant_log, expert_min_tokens=expert_min_tokens,
+                                      extra={"gptq_mode": "shared", "variants_in_pass": n})
+            try:
+                futures = quantize_shared(session, targets, calib, executor, finish)
+            except Exception as exc:  # noqa: BLE001 - the pass failed: every variant of it fails, others stand
+                log.error("GPTQ shared pass failed: %s: %s", type(exc).__name__, exc)
+                futures = None
+                error = f"{type(exc).__name__}: {exc}"
+            for t in targets:
+                try:
+                    if futures is None:
+                        raise QuantizeError(t.id, model, error)
+                    outcomes.append(Outcome(t.id, futures[t.id].result()))
+                except Exception as exc:  # noqa: BLE001 - one variant's failure must not stop the others
+                    shutil.rmtree(t.out, ignore_errors=True)
+                    if t.error is None:  # a solve or packing error was logged when it happened
+                        log.error("%s: failed: %s: %s", t.id, type(exc).__name__, exc)
+                    outcomes.append(Outcome(t.id, None, error=t.error or f"{type(exc).__name__}: {exc}"))
     return outcomes
 
 
@@ -161,18 +210,43 @@ def _calibrations(jobs: list[Job], tokenizer, file) -> dict[tuple, calibration.C
     return sets
 
 
+def _partial_dir(out: Path, variant: str) -> Path:
+    partial = out / f".partial-{variant}-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    return partial
+
+
 def build_variant(session, job: Job, calib: calibration.CalibrationSet, out: Path, model: str, *,
                   expert_min_tokens: int) -> Path:
+    """One variant on its own (AWQ, or GPTQ in exact mode): quantize, then ``finish_variant``."""
     from quantpub.backends import awq, gptq
-    from quantpub.validate import validate
 
-    final = out / job.id
-    partial = out / f".partial-{job.id}-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
+    partial = _partial_dir(out, job.id)
     started = time.monotonic()
     try:
         backend = gptq if job.method == "gptq" else awq
         quant_log = backend.quantize(session, job.variant.params, calib, partial)
+    except Exception as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise QuantizeError(job.id, model, f"{type(exc).__name__}: {exc}") from exc
+    extra = {"gptq_mode": "exact"} if job.method == "gptq" else None
+    return finish_variant(session, job, calib, partial, out, model, time.monotonic() - started, quant_log,
+                          expert_min_tokens=expert_min_tokens, extra=extra)
+
+
+def finish_variant(session, job: Job, calib: calibration.CalibrationSet, partial: Path, out: Path, model: str,
+                   quantized_s: float, quant_log: Any, *, expert_min_tokens: int,
+                   extra: dict[str, Any] | None = None) -> Path:
+    """Validate the variant saved in ``partial``, write its manifest and move it to ``out/<id>``.
+
+    Raises:
+        QuantizeError: validation failed; ``partial`` is removed.
+    """
+    from quantpub.validate import validate
+
+    final = out / job.id
+    started = time.monotonic()
+    try:
         experts = expert_coverage(quant_log, min_tokens=expert_min_tokens)
         if experts and experts["starved"]:
             log.warning("%s: %d experts got fewer than %d calibration tokens: %s", job.id, len(experts["starved"]),
@@ -181,16 +255,15 @@ def build_variant(session, job: Job, calib: calibration.CalibrationSet, out: Pat
         source_generation = session.model_dir / "generation_config.json"
         if source_generation.is_file():  # GPTQModel rewrites it (do_sample: true)
             shutil.copyfile(source_generation, partial / "generation_config.json")
-        quantized_s = time.monotonic() - started
         validation = validate(partial, job.variant.params, session.device, list(calib.samples[0]))
-        _write_manifest(partial, job, calib, model, session.device, quantized_s, validation, experts)
+        _write_manifest(partial, job, calib, model, session.device, quantized_s, validation, experts, extra)
         if final.exists():  # a directory without our manifest (finished ones were skipped): replace it
             shutil.rmtree(final)
         os.replace(partial, final)
     except Exception as exc:
         shutil.rmtree(partial, ignore_errors=True)
         raise QuantizeError(job.id, model, f"{type(exc).__name__}: {exc}") from exc
-    log.info("%s: built and validated in %.1fs -> %s", job.id, time.monotonic() - started, final)
+    log.info("%s: quantized in %.1fs, validated in %.1fs -> %s", job.id, quantized_s, time.monotonic() - started, final)
     return final
 
 

@@ -1,0 +1,328 @@
+"""GPTQ for every variant of a matrix from one calibration pass: measure once, build many.
+
+Layer by layer, the calibration samples go through the *unquantized* layer once; forward
+hooks accumulate each linear's Hessian (X^T X) once, and modules that read the same input
+tensor (q/k/v, gate/up) share one. GPTQModel's own solver (``GPTQ.quantize``) then runs per
+variant and linear on a private copy of that Hessian: bits, group size, act order, damp and
+sym change only the solve. The layer's unquantized outputs are the next layer's inputs (the
+*shared* mode). GPTQModel's looper instead feeds each variant's quantized outputs forward and
+so pays the calibration per variant (the *exact* mode, ``gptq.mode: exact``, ``gptq.quantize``).
+
+Packing (GPTQModel's ``pack_module``, the AutoGPTQ v1 layout) and writing run on a helper
+thread while the next layer computes; each variant's packed tensors go to its spool file at
+once, so the pass holds one copy of the model plus one or two layers of results.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quantpub.backends import gptq
+from quantpub.backends.gptq_writer import SPOOL, Spool, write_model_files, write_weights
+from quantpub.backends.gptqmodel_session import ModelSession
+from quantpub.calibration import CalibrationSet
+from quantpub.matrix import GptqVariant
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Target:
+    """One variant of the pass: its parameters, its output directory, and how it went."""
+
+    id: str
+    params: GptqVariant
+    out: Path
+    quant_log: list[dict[str, Any]] = field(default_factory=list)  # rows as GPTQModel logs them
+    error: str | None = None
+    spool: Spool | None = None
+    qcfg: Any = None
+    kernel: Any = None
+    pending: list[tuple[int, Future]] = field(default_factory=list)
+
+    def fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.error("%s: failed: %s", self.id, self.error)
+
+
+class _Captured(Exception):
+    """Raised by the first layer's pre-hook once it has its inputs."""
+
+
+def quantize_shared(session: ModelSession, targets: list[Target], calibration: CalibrationSet, executor: Executor,
+                    finish: Callable[[Target], Any]) -> dict[str, Future]:
+    """Quantize every target in one pass; per target, a future of ``finish(target)`` once its files are written.
+
+    A target whose solve or packing fails has its ``error`` set and its future raises; the
+    others go on. An error of the pass itself (loading, a forward) propagates.
+    """
+    import gc
+
+    import torch
+
+    wrapper = session.load(gptq.quantize_config(targets[0].params))
+    for t in targets:
+        t.qcfg = gptq.quantize_config(t.params)
+        t.qcfg.device = session.quant_device()
+        t.kernel = _pack_kernel(t.qcfg)
+        t.out.mkdir(parents=True, exist_ok=True)
+        t.spool = Spool(t.out / SPOOL)
+    model = wrapper.model.eval()
+    device = torch.device(session.device)
+    layers_node = wrapper.extract_layers_node()[0]
+    layers = model.get_submodule(layers_node)
+    names = [n for group in wrapper.simple_layer_modules(model.config, wrapper.quantize_config) for n in group]
+    total_tokens = calibration.n_samples * calibration.seq_len
+    started = time.monotonic()
+    with torch.no_grad():
+        hidden, calls = _capture(model, layers_node, calibration, device)
+        for index, layer in enumerate(layers):
+            live = [t for t in targets if t.error is None]
+            if not live:
+                break
+            layer.to(device)
+            modules = {n: layer.get_submodule(n) for n in names if _has_submodule(layer, n)}
+            hessians = _Hessians(modules, f"{layers_node}.{index}", index, wrapper.quantize_config, total_tokens)
+            hidden = hessians.run(layer, hidden, calls)
+            for name, module in modules.items():
+                full = f"{layers_node}.{index}.{name}"
+                for t in live:
+                    if t.error is None:
+                        _solve(t, module, name, full, index, hessians.leader(name), total_tokens, executor)
+            hessians.free()
+            layer.to("cpu")
+            _settle(targets, before=index)  # at most two layers of packed results in flight
+            log.info("layer %d/%d: %d variants solved (%.1fs)", index + 1, len(layers), len(live),
+                     time.monotonic() - started)
+    _settle(targets, before=len(layers))
+    files = _ModelFiles(wrapper, names_in_layers={f"{layers_node}.{i}.{n}" for i in range(len(layers)) for n in names})
+    del wrapper, model, layers, hidden, calls
+    gc.collect()
+    futures = {}
+    for t in targets:
+        if t.error is None:
+            futures[t.id] = executor.submit(_write_and_finish, t, files, finish)
+        else:
+            futures[t.id] = _failed(t)
+    return futures
+
+
+def _capture(model, layers_node: str, calibration: CalibrationSet, device):
+    """The first layer's inputs for every sample, and the other arguments it is called with per batch size."""
+    import torch
+
+    hidden, calls = [], {}
+    layers = model.get_submodule(layers_node)
+
+    def pre_hook(module, args, kwargs):
+        x = args[0] if args else kwargs.pop("hidden_states")
+        if kwargs.get("past_key_values") is not None:  # replayed calls must not grow a cache
+            kwargs["past_key_values"] = None
+        hidden.append(x)
+        calls.setdefault(x.shape[0], (args[1:], kwargs))
+        raise _Captured
+
+    parent = model.get_submodule(layers_node.rpartition(".")[0])  # embeddings, rotary, norm: to the device
+    outside = [m for m in parent.children() if m is not layers]
+    for m in outside:
+        m.to(device)
+    handle = layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        for sample in calibration.samples:
+            ids = torch.tensor([sample], device=device)
+            try:
+                model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+        for m in outside:
+            m.to("cpu")
+    if len(hidden) != calibration.n_samples:
+        raise RuntimeError(f"captured {len(hidden)} of {calibration.n_samples} first-layer inputs")
+    return hidden, calls
+
+
+class _Hessians:
+    """One layer's forward over all samples with hooks that accumulate each distinct input's Hessian.
+
+    A module reading the very tensor an earlier module of the same call read (q/k/v) follows
+    that module's accumulator; accumulators are GPTQModel ``GPTQ`` tasks, so the statistics
+    are exactly those its looper gathers.
+    """
+
+    def __init__(self, modules: dict[str, Any], prefix: str, index: int, qcfg, total_tokens: int):
+        self.modules, self.prefix, self.index, self.qcfg, self.total = modules, prefix, index, qcfg, total_tokens
+        self.tasks: dict[str, Any] = {}
+        self.leader_of: dict[str, str] = {}
+        self._seen: list[tuple[Any, str]] = []
+
+    def run(self, layer, hidden: list, calls: dict) -> list:
+        handles = [m.register_forward_hook(self._hook(n)) for n, m in self.modules.items()]
+        outputs = []
+        try:
+            for x in hidden:
+                args, kwargs = calls[x.shape[0]]
+                self._seen.clear()
+                out = layer(x, *args, **kwargs)
+                outputs.append(out[0] if isinstance(out, tuple) else out)
+        finally:
+            self._seen.clear()
+            for h in handles:
+                h.remove()
+        return outputs
+
+    def _hook(self, name: str):
+        def hook(module, args, out):
+            x = args[0]
+            leader = next((n for seen, n in self._seen if seen is x), name)
+            if self.leader_of.setdefault(name, leader) != leader:
+                raise RuntimeError(f"{self.prefix}.{name} read another module's input in one sample and its own in "
+                                   "another; the shared mode cannot share its Hessian (use gptq.mode: exact)")
+            if leader != name:
+                return
+            self._seen.append((x, name))
+            if name not in self.tasks:
+                self.tasks[name] = _task(self.modules[name], name, f"{self.prefix}.{name}", self.index, self.qcfg,
+                                         self.total)
+            self.tasks[name].add_batch(x, out)
+        return hook
+
+    def leader(self, name: str):
+        """The task holding ``name``'s Hessian; None when no token reached it (an unrouted expert)."""
+        return self.tasks.get(self.leader_of.get(name, name))
+
+    def free(self) -> None:
+        for task in self.tasks.values():
+            task.free()
+        self.tasks.clear()
+
+
+def _task(module, name: str, full: str, index: int, qcfg, total_tokens: int):
+    """A GPTQ task set up as GPTQModel's processor sets it up (per-module config, fallback, per-channel)."""
+    from gptqmodel.looper.gptq_processor import clone_gptq_config_for_module
+    from gptqmodel.looper.named_module import NamedModule
+    from gptqmodel.quantization.gptq import GPTQ
+
+    config = clone_gptq_config_for_module(qcfg, full)
+    task = GPTQ(NamedModule(module, name, full, index), qcfg=config)
+    task.fallback = config.fallback
+    task.expected_nsamples = total_tokens
+    task.quantizer.configure(perchannel=True)
+    return task
+
+
+def _solve(t: Target, module, name: str, full: str, index: int, leader, total_tokens: int, executor: Executor) -> None:
+    try:
+        task = _task(module, name, full, index, t.qcfg, total_tokens)
+        if leader is not None:
+            task.adopt_hessian_from(leader)
+        q, scales, zeros, g_idx, seconds, loss, damp, samples = task.quantize()
+        task.free()
+        bias = module.bias.detach().cpu() if getattr(module, "bias", None) is not None else None
+        result = (q.cpu(), scales.cpu(), zeros.cpu(), g_idx.cpu(), bias)
+    except Exception as exc:  # noqa: BLE001 - this variant fails, the others go on
+        t.fail(exc)
+        return
+    t.quant_log.append({"layer": index, "module": name, "loss": loss if isinstance(loss, str) else f"{loss:.10f}",
+                        "samples": f"{samples}", "damp": f"{damp:.5f}", "time": f"{seconds:.3f}"})
+    t.pending.append((index, executor.submit(_pack, t, full, *result)))
+
+
+def _pack_kernel(qcfg):
+    """The quantized-linear class GPTQModel packs GPTQ variants with (its torch kernel)."""
+    from gptqmodel.quantization.config import resolve_quant_format
+    from gptqmodel.utils.backend import BACKEND
+    from gptqmodel.utils.importer import select_quant_linear
+
+    return select_quant_linear(
+        bits=qcfg.runtime_bits, group_size=qcfg.group_size, desc_act=qcfg.desc_act, sym=qcfg.sym, pack=True,
+        dynamic=qcfg.dynamic, device=qcfg.device, pack_dtype=qcfg.pack_dtype, multi_select=False,
+        backend=BACKEND.GPTQ_TORCH, format=resolve_quant_format(qcfg.format, qcfg.method),
+        quant_method=qcfg.export_quant_method())
+
+
+def _pack(t: Target, full: str, q, scales, zeros, g_idx, bias) -> None:
+    """Pack one solved linear as GPTQModel's processor does, and spool its tensors."""
+    import torch
+    from gptqmodel.quantization.config import resolve_quant_format
+    from gptqmodel.utils.model import create_quant_module, pack_module
+
+    shell = torch.nn.Linear(q.shape[1], q.shape[0], bias=bias is not None, device="meta", dtype=q.dtype)
+    shell.weight = torch.nn.Parameter(q, requires_grad=False)
+    if bias is not None:
+        shell.bias = torch.nn.Parameter(bias, requires_grad=False)
+    holder = torch.nn.Module()
+    holder.add_module("linear", shell)
+    qc = t.qcfg
+    create_quant_module(name="linear", linear_cls=t.kernel, bits=qc.runtime_bits, desc_act=qc.desc_act,
+                        dynamic=qc.dynamic, group_size=qc.group_size, module=holder, submodule=shell, sym=qc.sym,
+                        device=qc.device, lm_head_name="lm_head", pack_dtype=qc.pack_dtype,
+                        format=resolve_quant_format(qc.format, qc.method), register_buffers=False)
+    packed = holder.linear
+    pack_module(name="linear", qModules={"linear": packed}, q_scales=scales, q_zeros=zeros, q_g_idx=g_idx,
+                layers={"linear": shell}, quant_linear_cls=t.kernel, lock=None, quantize_config=qc)
+    t.spool.add(full, packed.state_dict())
+
+
+def _settle(targets: list[Target], before: int) -> None:
+    """Wait for the packing of layers before ``before``; a failure fails its variant."""
+    for t in targets:
+        keep = []
+        for index, future in t.pending:
+            if index >= before:
+                keep.append((index, future))
+                continue
+            try:
+                future.result()
+            except Exception as exc:  # noqa: BLE001 - packing failed for this variant only
+                t.fail(exc)
+        t.pending = keep
+
+
+class _ModelFiles:
+    """What the writer needs from the model once the pass is over: its unquantized tensors, configs, tokenizer."""
+
+    def __init__(self, wrapper, names_in_layers: set[str]):
+        from gptqmodel.utils.model import get_state_dict_for_save
+
+        state = get_state_dict_for_save(wrapper.model)
+        self.order = list(state)
+        self.base = {n: e for n, e in state.items() if n.rsplit(".", 1)[0] not in names_in_layers}
+        self.config = wrapper.model.config
+        self.generation_config = getattr(wrapper.model, "generation_config", None)
+        self.tokenizer = wrapper.tokenizer
+        self.source = Path(wrapper.model_local_path)
+
+
+def _write_and_finish(t: Target, files: _ModelFiles, finish: Callable[[Target], Any]):
+    write_weights(t.out, files.order, files.base, t.spool)
+    write_model_files(t.out, files.config, files.generation_config, files.tokenizer, files.source)
+    gptq.write_gptq_configs(t.out, t.params)
+    return finish(t)
+
+
+def _failed(t: Target) -> Future:
+    if t.spool is not None:
+        t.spool.close()
+    future: Future = Future()
+    future.set_exception(RuntimeError(t.error))
+    return future
+
+
+def _has_submodule(layer, name: str) -> bool:
+    try:
+        layer.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+__all__ = ["SPOOL", "Target", "quantize_shared"]
