@@ -10,10 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from huggingface_hub import HfApi
 
-from quantpub.ledger import Ledger
-from quantpub.run import embedded_hub
+from conftest import commit_counts, ledger_rows
 
 pytestmark = pytest.mark.slow
 MATRIX = """\
@@ -41,28 +39,6 @@ def command(root: Path, model: Path, corpus: Path, work: Path, *extra: str) -> l
     return [sys.executable, "-m", "quantpub", "run", str(root / "m.yaml"), "--model", str(model), "--work", str(work),
             "--calibration-file", str(corpus), "--eval-file", str(root / "held-out.txt"), "--device", "cpu",
             "--n-samples", "8", "--seq-len", "128", "--context", "128", "--windows", "2", *extra]
-
-
-def ledger_rows(work: Path):
-    ledger = Ledger(work / "ledger.sqlite3")
-    try:
-        return ledger.rows()
-    finally:
-        ledger.close()
-
-
-def commit_counts(work: Path) -> dict[tuple[str, str], int]:
-    server, url, token = embedded_hub(work)
-    try:
-        api = HfApi(endpoint=url, token=token)
-        counts = {}
-        for repo in ("quantpub/tiny-llama-GPTQ", "quantpub/tiny-llama-AWQ", "quantpub/tiny-llama-GGUF"):
-            for branch in api.list_repo_refs(repo).branches:
-                counts[(repo, branch.name)] = len(api.list_repo_commits(repo, revision=branch.name))
-        return counts
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture(scope="module")

@@ -80,6 +80,7 @@ def _run(args: argparse.Namespace) -> int:
     from quantpub.console import make_console
     from quantpub.matrix import resolve_matrix
     from quantpub.run import RunOptions, check, run
+    from quantpub.workdir import WorkLock
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # the driver's own preflight loads tokenizers
     work = Path(args.work).resolve()
@@ -92,7 +93,7 @@ def _run(args: argparse.Namespace) -> int:
                          token=args.token or os.environ.get("HF_TOKEN") or None, max_attempts=args.max_attempts,
                          evaluate=not args.no_evaluate, context=args.context, windows=args.windows,
                          executor=args.executor, ray_address=args.ray_address, slots=args.slots,
-                         verbose=args.verbose)
+                         models_in_flight=args.models_in_flight, verbose=args.verbose)
     example = args.example or not models
     with _Captured(args.verbose) as captured:  # libraries loaded by the preflight (and the example) keep quiet
         if example:
@@ -104,13 +105,15 @@ def _run(args: argparse.Namespace) -> int:
         print(f"preflight passed: {len(checked.plans)} model(s), "
               f"{sum(len(p.jobs) for p in checked.plans.values())} variants, work dir {work}")
         return 0
-    console = make_console(args.quiet)
-    _log_to_file(work, args.verbose, console, captured.text())
-    try:
-        summary = run(matrix, models, work, publish_to=args.publish_to, options=options, observer=console,
-                      checked=checked)
-    finally:
-        console.close()
+    work.mkdir(parents=True, exist_ok=True)
+    with WorkLock(work):  # before anything in the work dir is touched; run() holds it again, which is free
+        console = make_console(args.quiet)
+        _log_to_file(work, args.verbose, console, captured.text())
+        try:
+            summary = run(matrix, models, work, publish_to=args.publish_to, options=options, observer=console,
+                          checked=checked)
+        finally:
+            console.close()
     _print_summary(work, list(checked.plans), summary, args.publish_to, options.namespace)
     if example and args.publish_to is None and not args.quiet:
         _load_example_back(work, models[0], summary)
@@ -273,7 +276,7 @@ def _status(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise QuantpubError(f"{path}: no ledger here; run `quantpub run` first or pass --work")
     ledger = Ledger(path)
-    console = Console(highlight=False, soft_wrap=True)
+    console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 250)
     try:
         if not args.watch:
             console.print(status_view(ledger))
@@ -350,6 +353,8 @@ def _run_parser(sub) -> None:
     r.add_argument("--ray-address", help="existing Ray cluster (default: start a local one)")
     r.add_argument("--slots", type=int, help="GPU slots: on a machine without GPUs, how many GPTQ/AWQ/evaluation "
                                              "stages run at once (default 1); with GPUs, use at most this many")
+    r.add_argument("--models-in-flight", type=int, help="models worked on at once (default 2 x GPU slots + 1; "
+                                                        "1 = one model at a time)")
     r.add_argument("--calibration-file", help="local calibration text instead of the matrix's dataset")
     r.add_argument("--eval-file", help="local held-out text instead of the matrix's evaluation dataset")
     r.add_argument("--no-evaluate", action="store_true", help="skip perplexity/KLD (cards then have no quality column)")
@@ -458,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         from quantpub.preflight import PreflightError
 
         for problem in exc.problems if isinstance(exc, PreflightError) else [str(exc)]:
-            print(f"error: {problem}", file=sys.stderr)
+            print(f"error: {problem}", file=_terminal or sys.stderr)
         return 2
     except (OSError, sqlite3.OperationalError) as exc:
         message = _system_error(exc)

@@ -19,7 +19,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from quantpub.ledger import DONE, Ledger, Row
+from quantpub.ledger import DONE, Ledger, Row, busy_fraction
 
 ACTIVE = ("calibrating", "quantizing", "validating", "converting", "evaluating", "uploading", "downloading",
           "carding")
@@ -43,6 +43,10 @@ def fmt_metric(value: Any, digits: int = 4) -> str:
     if value is None:
         return "-"
     return f"{value:.{digits}g}"
+
+
+def _first_line(text: str | None) -> str:
+    return (text or "").strip().splitlines()[0][:200] if (text or "").strip() else "unknown error"
 
 
 def short(model: str) -> str:
@@ -150,9 +154,11 @@ class PlainConsole(View):
             row = self.ledger.get(task.model, variant) if self.ledger else None
             size = fmt_size(row.size) if row else "-"
             self.line(f"{short(task.model)} {variant}: built and validated ({size})")
-        elif variant and phase == "failed":
-            self.line(f"{short(task.model)} {variant}: FAILED: {str(event.get('error', '')).splitlines()[0][:160]} "
-                      f"(log: {task.log})", force=True)
+
+    def failed(self, model: str, variant: str, error: str, log: str | None, final: bool) -> None:
+        """A variant failed: one line when it will not be tried again (the retries are in the run's log)."""
+        if final:
+            self.line(f"{short(model)} {variant}: FAILED: {_first_line(error)} (log: {log})", force=True)
 
     def stage(self, task, status: str, detail: str | None) -> None:
         super().stage(task, status, detail)
@@ -187,11 +193,9 @@ class LiveConsole(View):
         if status in ("failed", "lost"):
             self.live.console.print(f"[red]{short(task.model)}: {task.stage} {status}: {detail}[/] (log: {task.log})")
 
-    def event(self, task, event: dict[str, Any]) -> None:
-        super().event(task, event)
-        if event.get("phase") == "failed" and event.get("variant"):
-            self.live.console.print(f"[red]{short(task.model)} {event['variant']}: FAILED:[/] "
-                                    f"{str(event.get('error', '')).splitlines()[0][:160]} (log: {task.log})")
+    def failed(self, model: str, variant: str, error: str, log: str | None, final: bool) -> None:
+        if final:
+            self.live.console.print(f"[red]{short(model)} {variant}: FAILED:[/] {_first_line(error)} (log: {log})")
 
     def tick(self) -> None:
         if time.time() - self._last < 0.25 or self.ledger is None:
@@ -300,6 +304,12 @@ def status_view(ledger: Ledger) -> Group:
                            fmt_seconds(time.time() - s.started), s.log or "")
         parts.append(stages)
     parts += [Text(line) for line in summary_lines(rows, None, None, [])]
+    if run:
+        start, end = ledger.run_span(run)
+        busy = busy_fraction(ledger.stages(run), start, end)
+        if busy:
+            parts.append(Text(f"run {run}, {fmt_seconds(end - start)}: slot busy " +
+                              ", ".join(f"{slot} {share:.0%}" for slot, share in sorted(busy.items()))))
     return Group(*parts)
 
 

@@ -189,6 +189,11 @@ class Ledger:
         return [StageRow(*r) for r in self.db.execute(query + (" WHERE run=?" if run else "") + " ORDER BY id",
                                                        (run,) if run else ())]
 
+    def run_span(self, run: int) -> tuple[float, float]:
+        """When a run started, and when it ended (now, if it has not)."""
+        started, ended = self.db.execute("SELECT started, ended FROM runs WHERE id=?", (run,)).fetchone()
+        return started, ended or time.time()
+
     def last_run(self) -> int | None:
         r = self.db.execute("SELECT max(id) FROM runs").fetchone()
         return r[0]

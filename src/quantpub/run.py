@@ -12,6 +12,7 @@ idempotently. Only this driver writes the ledger.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ from quantpub.workdir import WorkLock, remove_partials
 log = logging.getLogger(__name__)
 LEDGER = "ledger.sqlite3"
 GIB = 1 << 30
+NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device", as OSError words it
 __all__ = ["RunOptions", "run", "check", "embedded_hub", "load_back", "LEDGER"]
 
 
@@ -97,7 +99,7 @@ def run(matrix: str | Path, models: list[str], work: str | Path, *, publish_to: 
             executor, capacity = make_executor(options, work)
             run_id = ledger.start_run(executor.name, os.getpid())
             driver = Driver(str(matrix), work, ledger, run_id, checked.plans, endpoint, token, options, observer)
-            scheduler = Scheduler(executor, ledger, run_id, driver, capacity,
+            scheduler = Scheduler(executor, ledger, run_id, driver, capacity, window=options.models_in_flight,
                                   on_tick=observer.tick if observer else None)
             driver.scheduler = scheduler
             try:
@@ -116,7 +118,7 @@ def run(matrix: str | Path, models: list[str], work: str | Path, *, publish_to: 
 
 
 def _absolute_paths(options: RunOptions) -> RunOptions:
-    return replace(options, **{k: str(Path(v).resolve()) for k in ("calibration_file", "eval_file")
+    return replace(options, **{k: os.path.abspath(v) for k in ("calibration_file", "eval_file")
                                if (v := getattr(options, k))})
 
 
@@ -293,13 +295,15 @@ class Driver:
     def error(self, task: Task, error: dict[str, Any]) -> None:
         model = task.model
         line = f"{error['type']}: {error['message']}".strip().splitlines()[0][:300]
+        if NO_SPACE in line:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.work))
         if task.stage == "prepare" or task.stage.startswith("quantize"):
             methods = {"prepare": ("gptq", "awq", "gguf"), "quantize-gpu": ("gptq", "awq"),
                        "quantize-gguf": ("gguf",)}[task.stage]
             recorded = self.active.pop(task.id, {})
             for row in self.ledger.rows(model):
                 if row.method in methods and row.state not in DONE and recorded.get(row.variant) != "failed":
-                    self.ledger.fail(model, row.variant, f"{task.stage} failed: {line}", task.log)
+                    self._record_build(model, row.variant, f"{task.stage} failed: {line}", task.log)
         else:
             self.stage_errors.append(f"{model}: {task.stage} failed: {line} (log: {task.log})")
         log.error("%s of %s failed: %s (log: %s)", task.stage, model, line, task.log)
@@ -370,7 +374,13 @@ class Driver:
 
     def _record_build(self, model: str, variant: str, error: str | None, log_file: str | None = None) -> None:
         if error:
+            if NO_SPACE in error:  # the machine's problem, not the variant's: no attempt used, the run stops
+                self.ledger.interrupt(model, variant, error, log_file)
+                raise OSError(errno.ENOSPC, "No space left on device", str(self.work))
             self.ledger.fail(model, variant, error, log_file)
+            if self.observer:
+                final = self.ledger.get(model, variant).attempts >= self.options.max_attempts
+                self.observer.failed(model, variant, error, log_file, final)
             return
         path = self.out(model) / variant / MANIFEST
         manifest = json.loads(path.read_text())

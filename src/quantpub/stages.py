@@ -35,6 +35,7 @@ class RunOptions:
     executor: str = "local"
     ray_address: str | None = None
     slots: int | None = None  # GPU slots on a machine without GPUs (default 1); Ray: GPUs declared locally
+    models_in_flight: int | None = None  # default: 2 x GPU slots + 1
     card_hub: str | None = None  # where card links point; default the publish endpoint ("" = site-relative)
     verbose: bool = False
 
@@ -82,6 +83,16 @@ def publish(out: str, endpoint: str, token: str | None, variants: list[str], opt
     from quantpub.card import render_run
     from quantpub.publish import publish as push
 
+    if _loopback(endpoint):  # offline mode keeps a machine off the internet, not off its own hub
+        from huggingface_hub import constants
+
+        constants.HF_HUB_OFFLINE = False
     progress.report(None, "carding")
     render_run(out, hub=endpoint if options.card_hub is None else options.card_hub, namespace=options.namespace)
     return [asdict(r) for r in push(out, endpoint=endpoint, token=token, namespace=options.namespace, only=variants)]
+
+
+def _loopback(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).hostname in ("127.0.0.1", "localhost", "::1")

@@ -22,11 +22,16 @@ class WorkLock:
     taken over by the next one.
     """
 
+    _held: dict[Path, int] = {}  # lock files this process holds, and how many times (re-entering is free)
+
     def __init__(self, work: str | Path):
-        self.path = Path(work) / LOCK
+        self.path = (Path(work) / LOCK).resolve()
         self.fd: int | None = None
 
     def __enter__(self) -> WorkLock:
+        if self.path in WorkLock._held:
+            WorkLock._held[self.path] += 1
+            return self
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
@@ -43,10 +48,13 @@ class WorkLock:
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                   "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode() + b"\n", 0)
         self.fd = fd
+        WorkLock._held[self.path] = 1
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.fd is not None:
+        WorkLock._held[self.path] -= 1
+        if WorkLock._held[self.path] == 0 and self.fd is not None:
+            del WorkLock._held[self.path]
             os.close(self.fd)  # closing releases the flock
             self.fd = None
 

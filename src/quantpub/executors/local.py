@@ -60,13 +60,14 @@ class LocalExecutor:
 
     def submit(self, task: Task, gpu_index: int | None = None) -> None:
         gpu = self.gpu_slots[gpu_index] if gpu_index is not None else None
+        label = gpu if gpu is not None else (f"slot{gpu_index}" if gpu_index is not None else None)
         env_backup = os.environ.get("CUDA_VISIBLE_DEVICES")
         # The child reads CUDA_VISIBLE_DEVICES at start: a GPU stage sees its GPU, a CPU stage none.
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu if gpu is not None else ""
         try:
             proc = _CTX.Process(target=_worker, name=f"quantpub-{task.stage}",
                                 args=(task.id, task.fn, task.args, self.queue, task.log, task.model, task.stage,
-                                      self.verbose, gpu, os.getpid()), daemon=False)
+                                      self.verbose, label, os.getpid()), daemon=False)
             proc.start()
         finally:
             if env_backup is None:
