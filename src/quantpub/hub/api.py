@@ -45,6 +45,7 @@ class DeleteRepo(_Body):
 
 class Settings(_Body):
     private: bool | None = None
+    visibility: Literal["private", "public", "protected"] | None = None
 
 
 class Branch(_Body):
@@ -184,8 +185,9 @@ async def delete_repo(ctx: Ctx) -> Response:
 async def settings(ctx: Ctx) -> Response:
     repo = await ctx.repo(_type(ctx), write=True)
     body = await read_model(ctx.request, Settings)
-    if body.private is not None:
-        await blocking(ctx.store.set_private, repo, body.private)
+    private = body.private if body.visibility is None else body.visibility != "public"
+    if private is not None:
+        await blocking(ctx.store.set_private, repo, private)
     return JSONResponse({})
 
 

@@ -89,7 +89,7 @@ def page(handler):
         try:
             return await handler(ctx)
         except HubError as exc:
-            return _page("error.html", exc.status, status=exc.status, message=str(exc))
+            return _page("error.html", exc.status, code=exc.status, message=str(exc))
     return wrapped
 
 
