@@ -228,6 +228,11 @@ class Guard:
                 state["started"], state["status"] = True, message["status"]
             await send(message)
 
+        if b"transfer-encoding" in headers and b"content-length" in headers:
+            # RFC 9112 6.1: a smuggling attempt; answer and close rather than pick one framing
+            state["body_done"] = False
+            refusal = HubError(400, "both Transfer-Encoding and Content-Length: send one of them")
+            return await error_response(refusal)(scope, guarded_receive, guarded_send)
         try:
             await self.app(scope, guarded_receive, guarded_send)
         except Exception:  # noqa: BLE001 - answer 500 and keep serving
