@@ -34,11 +34,12 @@ _FRONT = re.compile(r"^---\s*\n(.*?)\n---\s*(?:\n|$)", re.S)
 def register(r: Router) -> None:
     for prefix in ("", "{plural}/"):
         r.add("GET", prefix + "{ns}/{name}/resolve/{rev}/{path*}", resolve)
-        for repo in ("{name}", "{name}.git"):
+        for repo in ("{name}.git", "{name}"):
             r.add("GET", f"{prefix}{{ns}}/{repo}/info/refs", git_fetch)
             r.add("POST", f"{prefix}{{ns}}/{repo}/git-upload-pack", git_fetch)
             r.add("POST", f"{prefix}{{ns}}/{repo}/git-receive-pack", git_fetch)
     r.add("GET", "/", index)
+    r.add("GET", "{ns}", index)
     r.add("GET", "{ns}/{name}", repo_page)
     r.add("GET", "{ns}/{name}/tree/{rev}/{path*}", tree_page)
     r.add("GET", "{ns}/{name}/blob/{rev}/{path*}", blob_page)
@@ -121,9 +122,10 @@ def _page(template: str, status: int = 200, **data) -> HTMLResponse:
 
 @page
 async def index(ctx: Ctx) -> Response:
+    author = ctx.params.get("ns")
     repos = [(r, stamp(t)) for r, t in await blocking(ctx.store.repos, "model")
-             if ctx.caller.can_read(r.namespace, r.private)]
-    return _page("index.html", repos=repos, caller=ctx.caller)
+             if ctx.caller.can_read(r.namespace, r.private) and author in (None, r.namespace)]
+    return _page("index.html", repos=repos, caller=ctx.caller, author=author)
 
 
 def _repo_view(ctx: Ctx, repo, rev: str) -> dict:
