@@ -7,11 +7,9 @@ import binascii
 import hashlib
 import re
 import time
-from typing import Literal
 from urllib.parse import parse_qs
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
 from quantpub.hub.app import PLURAL, PREFIX, Ctx, Router, blocking, require_write
@@ -19,84 +17,12 @@ from quantpub.hub.auth import whoami
 from quantpub.hub.bodies import body_chunks, parse, read_body, read_model
 from quantpub.hub.errors import HubError
 from quantpub.hub.names import COMMIT_RE, check_name, check_namespace, check_path
+from quantpub.hub.schemas import (Branch, CreateRepo, DeleteRepo, FileOp, Header, LfsOp, Line, PathOp,
+                                  Paths, Preupload, Settings, Tag, Yaml)
 from quantpub.hub.store import LFS_SUFFIXES, LFS_THRESHOLD, REPO_TYPES, FileEntry, Repo, git_blob_oid, lfs_pointer
 
 MAX_COMMIT_BODY = 4 << 30   # regular files travel base64 inside the commit; LFS files do not
 MAX_COMMIT_LINE = 16 << 20  # one operation: a regular file is < 10 MB by the LFS rule
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-class CreateRepo(_Body):
-    name: str
-    organization: str | None = None
-    type: Literal["model", "dataset", "space"] | None = None
-    private: bool | None = None
-    visibility: Literal["private", "public"] | None = None
-
-
-class DeleteRepo(_Body):
-    name: str
-    organization: str | None = None
-    type: Literal["model", "dataset", "space"] | None = None
-
-
-class Settings(_Body):
-    private: bool | None = None
-    visibility: Literal["private", "public", "protected"] | None = None
-
-
-class Branch(_Body):
-    startingPoint: str | None = None
-
-
-class Tag(_Body):
-    tag: str
-    message: str | None = None
-
-
-class PreuploadFile(_Body):
-    path: str
-    sample: str = ""
-    size: int = Field(0, ge=0)
-
-
-class Preupload(_Body):
-    files: list[PreuploadFile] = Field(max_length=10000)
-
-
-class Line(_Body):
-    key: Literal["header", "file", "lfsFile", "deletedFile", "deletedFolder"]
-    value: dict
-
-
-class Header(_Body):
-    summary: str = ""
-    description: str = ""
-    parentCommit: str | None = None
-
-
-class FileOp(_Body):
-    path: str
-    content: str
-    encoding: Literal["base64"] = "base64"
-
-
-class LfsOp(_Body):
-    path: str
-    algo: Literal["sha256"] = "sha256"
-    oid: str
-    size: int = Field(ge=0)
-
-
-class PathOp(_Body):
-    path: str
-
-
-class Yaml(_Body):
-    content: str = ""
 
 
 def register(r: Router) -> None:
@@ -317,8 +243,6 @@ async def paths_info(ctx: Ctx) -> Response:
     repo = await ctx.repo(_type(ctx))
     raw = await read_body(ctx.request)
     if ctx.request.headers.get("content-type", "").startswith("application/json"):
-        class Paths(_Body):
-            paths: list[str] = []
         paths = parse(Paths, raw).paths
     else:
         paths = parse_qs(raw.decode()).get("paths", [])

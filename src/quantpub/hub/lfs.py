@@ -17,12 +17,12 @@ from typing import Literal
 from pydantic import Field
 from starlette.responses import FileResponse, JSONResponse, Response
 
-from quantpub.hub.api import _Body
 from quantpub.hub.app import PLURAL, Ctx, Router, blocking
 from quantpub.hub.auth import Caller
 from quantpub.hub.bodies import body_chunks, read_body, read_model
 from quantpub.hub.errors import HubError
 from quantpub.hub.names import SHA256_RE
+from quantpub.hub.schemas import _Body
 from quantpub.hub.store import Store
 
 URL_TTL = 24 * 3600
