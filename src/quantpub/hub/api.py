@@ -12,7 +12,7 @@ from urllib.parse import parse_qs
 import yaml
 from starlette.responses import JSONResponse, Response
 
-from quantpub.hub.app import PLURAL, PREFIX, Ctx, Router, blocking, require_write
+from quantpub.hub.app import PREFIX, Ctx, Router, blocking, repo_type, require_write
 from quantpub.hub.auth import whoami
 from quantpub.hub.bodies import body_chunks, parse, read_body, read_model
 from quantpub.hub.errors import HubError
@@ -42,13 +42,6 @@ def register(r: Router) -> None:
     r.add("POST", "api/{plural}/{ns}/{name}/preupload/{rev}", preupload)
     r.add("POST", "api/{plural}/{ns}/{name}/commit/{rev}", commit)
     r.add("PUT", "api/{plural}/{ns}/{name}/settings", settings)
-
-
-def _type(ctx: Ctx) -> str:
-    type_ = PLURAL.get(ctx.params["plural"])
-    if type_ is None:
-        raise HubError(404, f"no route for {ctx.request.method} {ctx.request.url.path}")
-    return type_
 
 
 def stamp(t: float) -> str:
@@ -109,7 +102,7 @@ async def delete_repo(ctx: Ctx) -> Response:
 
 
 async def settings(ctx: Ctx) -> Response:
-    repo = await ctx.repo(_type(ctx), write=True)
+    repo = await ctx.repo(repo_type(ctx, api=True), write=True)
     body = await read_model(ctx.request, Settings)
     private = body.private if body.visibility is None else body.visibility != "public"
     if private is not None:
@@ -127,7 +120,7 @@ def _limit(value: str | None) -> int:
 
 async def list_repos(ctx: Ctx) -> Response:
     """``GET /api/models?author=&search=&limit=``: the repos the caller can see, newest first."""
-    type_ = _type(ctx)
+    type_ = repo_type(ctx, api=True)
     author, search, limit = ctx.query("author"), (ctx.query("search") or "").lower(), _limit(ctx.query("limit"))
     out = []
     for repo, modified in await blocking(ctx.store.repos, type_):
@@ -160,12 +153,12 @@ def _info(ctx: Ctx, repo: Repo, revision: str) -> dict:
 
 
 async def info(ctx: Ctx) -> Response:
-    repo = await ctx.repo(_type(ctx))
+    repo = await ctx.repo(repo_type(ctx, api=True))
     return JSONResponse(await blocking(_info, ctx, repo, ctx.params.get("rev", "main")))
 
 
 async def refs(ctx: Ctx) -> Response:
-    repo = await ctx.repo(_type(ctx))
+    repo = await ctx.repo(repo_type(ctx, api=True))
     out = {}
     for kind, key, prefix in (("branch", "branches", "heads"), ("tag", "tags", "tags")):
         out[key] = [{"name": n, "ref": f"refs/{prefix}/{n}", "targetCommit": c}
@@ -177,7 +170,7 @@ async def refs(ctx: Ctx) -> Response:
 
 
 async def branch(ctx: Ctx) -> Response:
-    repo = await ctx.repo(_type(ctx), write=True)
+    repo = await ctx.repo(repo_type(ctx, api=True), write=True)
     if ctx.request.method == "DELETE":
         await blocking(ctx.store.delete_ref, repo, "branch", ctx.params["ref"])
     else:
@@ -189,7 +182,7 @@ async def branch(ctx: Ctx) -> Response:
 
 async def tag(ctx: Ctx) -> Response:
     """POST .../tag/{revision} {"tag": name} creates; DELETE .../tag/{name} deletes."""
-    repo = await ctx.repo(_type(ctx), write=True)
+    repo = await ctx.repo(repo_type(ctx, api=True), write=True)
     if ctx.request.method == "DELETE":
         await blocking(ctx.store.delete_ref, repo, "tag", ctx.params["ref"])
     else:
@@ -231,7 +224,7 @@ def listing(files: dict[str, FileEntry], path: str, recursive: bool) -> list[dic
 
 
 async def tree(ctx: Ctx) -> Response:
-    repo = await ctx.repo(_type(ctx))
+    repo = await ctx.repo(repo_type(ctx, api=True))
     recursive = (ctx.query("recursive") or "false").lower() == "true"
 
     def run():
@@ -240,7 +233,7 @@ async def tree(ctx: Ctx) -> Response:
 
 
 async def paths_info(ctx: Ctx) -> Response:
-    repo = await ctx.repo(_type(ctx))
+    repo = await ctx.repo(repo_type(ctx, api=True))
     raw = await read_body(ctx.request)
     if ctx.request.headers.get("content-type", "").startswith("application/json"):
         paths = parse(Paths, raw).paths
@@ -257,14 +250,14 @@ async def paths_info(ctx: Ctx) -> Response:
 
 
 async def commits(ctx: Ctx) -> Response:
-    repo = await ctx.repo(_type(ctx))
+    repo = await ctx.repo(repo_type(ctx, api=True))
     history = await blocking(lambda: ctx.store.history(ctx.store.resolve(repo, ctx.params["rev"])))
     return JSONResponse([{"id": c.oid, "title": c.summary, "message": c.description, "authors": [{"user": c.author}],
                           "date": stamp(c.created)} for c in history])
 
 
 async def preupload(ctx: Ctx) -> Response:
-    repo = await ctx.repo(_type(ctx), write=True)
+    repo = await ctx.repo(repo_type(ctx, api=True), write=True)
     body = await read_model(ctx.request, Preupload)
     head = await blocking(ctx.store.resolve, repo, ctx.params["rev"])
     files = await blocking(ctx.store.files, head)
@@ -299,7 +292,7 @@ async def commit(ctx: Ctx) -> Response:
     """ndjson: a header, then files (base64), LFS files (by sha256) and deletions; streamed, one line at a time."""
     from quantpub.hub.lfs import visible_blob
 
-    type_ = _type(ctx)
+    type_ = repo_type(ctx, api=True)
     if type_ not in REPO_TYPES:
         raise HubError(400, f"unknown repo type {type_!r}")
     repo = await ctx.repo(type_, write=True)

@@ -66,6 +66,16 @@ class Hub:
             self.mirror.sync(repo)
 
 
+def repo_type(ctx: "Ctx", *, api: bool) -> str:
+    """The repo type a route names: ``/api/{models|datasets|spaces}/...``, or ``/{datasets|spaces}/...``
+    outside the API (where models have no prefix)."""
+    plural = ctx.params.get("plural")
+    type_ = PLURAL.get(plural or "models")
+    if type_ is None or (not api and plural == "models"):
+        raise HubError(404, f"no route for {ctx.request.method} {ctx.request.url.path}")
+    return type_
+
+
 def require_write(caller: Caller, namespace: str) -> None:
     if caller.name is None:
         raise HubError(401, "a write token is required: pass token= or set HF_TOKEN")

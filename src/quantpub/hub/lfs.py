@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import Field
 from starlette.responses import FileResponse, JSONResponse, Response
 
-from quantpub.hub.app import PLURAL, Ctx, Router, blocking
+from quantpub.hub.app import Ctx, Router, blocking, repo_type
 from quantpub.hub.auth import Caller
 from quantpub.hub.bodies import body_chunks, read_body, read_model
 from quantpub.hub.errors import HubError
@@ -80,9 +80,7 @@ def _href(ctx: Ctx, action: str, oid: str, size: int, user: str = "") -> str:
 
 
 async def batch(ctx: Ctx) -> Response:
-    type_ = PLURAL.get(ctx.params.get("plural", "models"))
-    if type_ is None:
-        raise HubError(404, f"no route for POST {ctx.request.url.path}")
+    type_ = repo_type(ctx, api=False)
     body = await read_model(ctx.request, Batch)
     upload_op = body.operation == "upload"
     repo = await ctx.repo(type_, write=upload_op)

@@ -20,7 +20,7 @@ from markdown_it import MarkdownIt
 from starlette.responses import FileResponse, HTMLResponse, Response
 
 from quantpub.hub import git
-from quantpub.hub.app import PLURAL, Ctx, Router, blocking
+from quantpub.hub.app import Ctx, Router, blocking, repo_type
 from quantpub.hub.api import listing, stamp
 from quantpub.hub.errors import HubError
 
@@ -47,15 +47,8 @@ def register(r: Router) -> None:
     r.add("GET", "{ns}/{name}/commit/{oid}", commit_page)
 
 
-def _type(ctx: Ctx) -> str:
-    type_ = PLURAL.get(ctx.params.get("plural", "models"))
-    if type_ is None or ctx.params.get("plural") == "models":
-        raise HubError(404, f"no route for {ctx.request.method} {ctx.request.url.path}")
-    return type_
-
-
 async def resolve(ctx: Ctx) -> Response:
-    repo = await ctx.repo(_type(ctx))
+    repo = await ctx.repo(repo_type(ctx, api=False))
     rev, path = ctx.params["rev"], ctx.params["path"]
 
     def find():
@@ -73,7 +66,7 @@ async def git_fetch(ctx: Ctx) -> Response:
     if ctx.hub.mirror is None:
         raise HubError(404, "this hub does not serve git (started with git=False)")
     try:
-        repo = await ctx.repo(_type(ctx))
+        repo = await ctx.repo(repo_type(ctx, api=False))
     except HubError as exc:
         if exc.status == 404 and ctx.caller.name is None:  # let git ask for credentials (user name + token)
             raise HubError(401, "Repository not found, or private: authenticate with a token",
