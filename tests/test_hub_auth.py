@@ -175,3 +175,18 @@ def test_users_file_is_checked(tmp_path):
     legacy = tmp_path / "tokens"
     legacy.write_text("alice:hf_legacy_token_1\n")
     assert read_users(legacy).caller("Bearer hf_legacy_token_1").name == "alice"
+
+
+def test_a_new_data_dir_gets_an_admin_and_older_token_files_keep_working(tmp_path):
+    from quantpub.hub import load_or_create_users
+
+    data = tmp_path / "hub"
+    data.mkdir()
+    (data / "tokens").write_text("quantpub:hf_older_token_0001\n")  # what earlier versions generated
+    users, path = load_or_create_users(data)
+    assert path == data / "users.yaml" and oct(path.stat().st_mode & 0o777) == "0o600"
+    old = users.caller("Bearer hf_older_token_0001")
+    assert old.name == "quantpub" and old.admin and old.can_write("anyone")
+    assert users.caller(f"Bearer {users.write_token()}").admin
+    again, _ = load_or_create_users(data)
+    assert again.write_token() == users.write_token()  # created once

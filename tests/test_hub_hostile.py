@@ -222,6 +222,37 @@ def test_commit_bodies_are_streamed_and_bounded(hub, monkeypatch):
     still_serving(hub)
 
 
+def _peak_rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+
+
+def test_a_64_mib_commit_body_is_not_held_in_memory(tmp_path, local_hub_online):
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"alice:{HUB_TOKEN}\n")
+    proc = _serve(tmp_path / "data", "--users", str(tokens))
+    try:
+        url = _started(proc)
+        api = HfApi(endpoint=url, token=HUB_TOKEN)
+        api.create_repo("alice/big")
+        api.upload_file(path_or_fileobj=b"warm-up", path_in_repo="w.txt", repo_id="alice/big")
+        before = _peak_rss_mib(proc.pid)
+        files = [(f"f{i}.txt", bytes([65 + i]) * (4 << 20)) for i in range(12)]  # 48 MiB, 64 MiB as base64
+        body = b'{"key":"header","value":{"summary":"big"}}\n' + b"\n".join(
+            json.dumps({"key": "file", "value": {"path": p, "content": base64.b64encode(d).decode()}}).encode()
+            for p, d in files)
+        assert len(body) > 64 << 20
+        resp, data = raw(url, "POST", "/api/models/alice/big/commit/main", body, AUTH)
+        assert resp.status == 200, data[:300]
+        grown = _peak_rss_mib(proc.pid) - before
+        # measured: +41 MiB for this body, +45 MiB for one twice as large (one operation at a time)
+        assert grown < 60, f"the server's peak memory grew by {grown:.0f} MiB for a 64 MiB commit body"
+        assert raw(url, "GET", "/alice/big/resolve/main/f11.txt")[1] == files[11][1]
+    finally:
+        proc.kill()
+        proc.wait(30)
+
+
 BAD_REFS = ["", "..", "a..b", ".hidden", "x.", "a/.b", "a.lock", "a/b.lock/c", "a@{1}", "@", "HEAD", "-x", "/a", "a/",
             "a//b", "a b", "a~1", "a^", "a:b", "a?", "a*", "a[b", "a\\b", "a\x00b", "a\r\nb", "a\x7f", "a\tb",
             "refs/heads/x", "main", "0123456789abcdef0123456789abcdef01234567", "x" * 201,
@@ -270,13 +301,60 @@ def _serve(data_dir: Path, *args: str) -> subprocess.Popen:
                              str(data_dir), *args], stderr=subprocess.PIPE, text=True)
 
 
-def test_one_server_per_data_dir(hub, tmp_path):
+def _started(proc: subprocess.Popen) -> str:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if "serving http://" in line:
+            return line.split("serving ", 1)[1].split()[0]
+        if not line and proc.poll() is not None:
+            break
+    raise AssertionError("hub server did not start")
+
+
+@pytest.fixture
+def patient_hub(tmp_path, local_hub_online):
+    """A hub with the default (30 s) body timeout: a second server takes seconds to start."""
+    from quantpub.hub import HubConfig, start_in_thread
+
+    server, _ = start_in_thread(HubConfig(tmp_path / "patient", tokens={HUB_TOKEN: "alice"}))
+    api = HfApi(endpoint=server.url, token=HUB_TOKEN)
+    api.create_repo("alice/r")
+    api.upload_file(path_or_fileobj=b'{"a": 1}', path_in_repo="config.json", repo_id="alice/r")
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_one_server_per_data_dir(patient_hub):
+    hub = patient_hub
+    # an upload in progress on the first server ...
+    payload = b"u" * 300_000
+    oid = __import__("hashlib").sha256(payload).hexdigest()
+    batch = json.dumps({"operation": "upload", "objects": [{"oid": oid, "size": len(payload)}]}).encode()
+    href = json.loads(raw(hub, "POST", "/alice/r.git/info/lfs/objects/batch", batch, AUTH)[1])["objects"][0][
+        "actions"]["upload"]["href"]
+    sock = socket.create_connection(hub.server_address, timeout=30)
+    path = href.split(hub.url, 1)[1]
+    sock.sendall(f"PUT {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+                 + payload[:1000])
+    tmp_dir = Path(hub.config.data_dir) / "tmp"
+    for _ in range(100):
+        if list(tmp_dir.iterdir()):
+            break
+        time.sleep(0.05)
+    # ... is untouched by a second server on the same data dir, which says why and exits 1
     second = _serve(Path(hub.config.data_dir))
     try:
         assert second.wait(60) == 1
         assert "in use by another quantpub hub" in second.stderr.read()
     finally:
         second.kill()
+    assert list(tmp_dir.iterdir())
+    sock.sendall(payload[1000:])
+    assert b" 200 " in sock.recv(1000)
+    sock.close()
+    assert Path(hub.config.data_dir, "blobs", oid[:2], oid).read_bytes() == payload
     still_serving(hub)
 
 

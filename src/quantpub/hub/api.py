@@ -277,15 +277,18 @@ async def preupload(ctx: Ctx) -> Response:
 
 
 async def _lines(ctx: Ctx):
-    buf = b""
+    """The commit body's lines as they arrive: at most one operation (plus a chunk) held at a time."""
+    buf = bytearray()
     async for chunk in body_chunks(ctx.request, MAX_COMMIT_BODY):
+        start = len(buf)
         buf += chunk
-        *lines, buf = buf.split(b"\n")
-        for line in lines:
-            yield line
+        while (end := buf.find(b"\n", start)) >= 0:
+            yield bytes(buf[:end])
+            del buf[:end + 1]
+            start = 0
         if len(buf) > MAX_COMMIT_LINE:
             raise HubError(413, f"one commit operation is over {MAX_COMMIT_LINE} bytes: send large files as LFS")
-    yield buf
+    yield bytes(buf)
 
 
 async def commit(ctx: Ctx) -> Response:

@@ -30,10 +30,6 @@ GIT_TIMEOUT = 600
 MAX_NEGOTIATION = 32 << 20  # upload-pack request bodies (wants and haves) are small
 
 
-def git_available() -> bool:
-    return shutil.which("git") is not None
-
-
 class GitMirror:
     """Bare repos under ``DATA_DIR/git/<type>/<namespace>/<name>.git``."""
 

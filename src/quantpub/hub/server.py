@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import shutil
 import socket
 import threading
 import time
@@ -43,7 +44,7 @@ class HubConfig:
     max_file_size: int = MAX_FILE_SIZE
     log_requests: bool = False  # one INFO line per request (``hub serve``); DEBUG otherwise
     secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
-    git: bool = True            # keep and serve git mirrors (needs the git executable)
+    git: bool | None = None     # keep and serve git mirrors; default: when the git executable is there
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     keep_alive: int = 5
@@ -53,6 +54,10 @@ class HubConfig:
         self.data_dir = Path(self.data_dir)
         if self.users is None:
             self.users = Users.from_tokens(self.tokens)
+        if self.git is None:
+            self.git = shutil.which("git") is not None
+            if not self.git:
+                log.warning("git is not installed: the hub will not serve git clone")
 
 
 class _Protocol(H11Protocol):
