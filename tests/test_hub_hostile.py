@@ -18,24 +18,30 @@ import pytest
 from huggingface_hub import HfApi
 
 from conftest import HUB_TOKEN
-from test_hub import raw
+from test_hub import _start_server, raw
 
 AUTH = {"Authorization": f"Bearer {HUB_TOKEN}"}
 TIMEOUT = 1.0
 
 
-@pytest.fixture
-def hub(tmp_path, local_hub_online):
+def serving_alice_r(data_dir: Path, **limits):
+    """A hub with alice/r holding config.json; stopped when the generator is closed."""
     from quantpub.hub import HubConfig, start_in_thread
 
-    server, _ = start_in_thread(HubConfig(tmp_path / "hub", tokens={HUB_TOKEN: "alice"}, header_timeout=TIMEOUT,
-                                          body_timeout=TIMEOUT, keep_alive=1, max_connections=8))
+    server, _ = start_in_thread(HubConfig(data_dir, tokens={HUB_TOKEN: "alice"}, **limits))
     api = HfApi(endpoint=server.url, token=HUB_TOKEN)
     api.create_repo("alice/r")
     api.upload_file(path_or_fileobj=b'{"a": 1}', path_in_repo="config.json", repo_id="alice/r")
     yield server
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def hub(tmp_path, local_hub_online):
+    """Short timeouts and a small connection cap, so the tests of them are quick."""
+    yield from serving_alice_r(tmp_path / "hub", header_timeout=TIMEOUT, body_timeout=TIMEOUT, keep_alive=1,
+                               max_connections=8)
 
 
 def exchange(server, data: bytes, *, pause: float = 0.0, wait: float = 3.0) -> bytes:
@@ -230,9 +236,8 @@ def _peak_rss_mib(pid: int) -> float:
 def test_a_64_mib_commit_body_is_not_held_in_memory(tmp_path, local_hub_online):
     tokens = tmp_path / "tokens"
     tokens.write_text(f"alice:{HUB_TOKEN}\n")
-    proc = _serve(tmp_path / "data", "--users", str(tokens))
+    proc, url = _start_server(tmp_path / "data", tokens)
     try:
-        url = _started(proc)
         api = HfApi(endpoint=url, token=HUB_TOKEN)
         api.create_repo("alice/big")
         api.upload_file(path_or_fileobj=b"warm-up", path_in_repo="w.txt", repo_id="alice/big")
@@ -301,29 +306,10 @@ def _serve(data_dir: Path, *args: str) -> subprocess.Popen:
                              str(data_dir), *args], stderr=subprocess.PIPE, text=True)
 
 
-def _started(proc: subprocess.Popen) -> str:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if "serving http://" in line:
-            return line.split("serving ", 1)[1].split()[0]
-        if not line and proc.poll() is not None:
-            break
-    raise AssertionError("hub server did not start")
-
-
 @pytest.fixture
 def patient_hub(tmp_path, local_hub_online):
     """A hub with the default (30 s) body timeout: a second server takes seconds to start."""
-    from quantpub.hub import HubConfig, start_in_thread
-
-    server, _ = start_in_thread(HubConfig(tmp_path / "patient", tokens={HUB_TOKEN: "alice"}))
-    api = HfApi(endpoint=server.url, token=HUB_TOKEN)
-    api.create_repo("alice/r")
-    api.upload_file(path_or_fileobj=b'{"a": 1}', path_in_repo="config.json", repo_id="alice/r")
-    yield server
-    server.shutdown()
-    server.server_close()
+    yield from serving_alice_r(tmp_path / "patient")
 
 
 def test_one_server_per_data_dir(patient_hub):
