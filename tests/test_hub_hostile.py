@@ -233,6 +233,7 @@ def _peak_rss_mib(pid: int) -> float:
     return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
 
 
+@pytest.mark.slow
 def test_a_64_mib_commit_body_is_not_held_in_memory(tmp_path, local_hub_online):
     tokens = tmp_path / "tokens"
     tokens.write_text(f"alice:{HUB_TOKEN}\n")

@@ -48,6 +48,7 @@ def published(hub, tmp_path):
     return weights
 
 
+@pytest.mark.slow
 def test_repo_page_card_tables_and_branch_selector_in_chromium(hub, published, tmp_path):
     try:
         from playwright.sync_api import sync_playwright
