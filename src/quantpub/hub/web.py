@@ -118,6 +118,8 @@ async def index(ctx: Ctx) -> Response:
     author = ctx.params.get("ns")
     repos = [(r, stamp(t)) for r, t in await blocking(ctx.store.repos, "model")
              if ctx.caller.can_read(r.namespace, r.private) and author in (None, r.namespace)]
+    if author and not repos:
+        raise HubError(404, f"no repositories of {author!r} that you can see")
     return _page("index.html", repos=repos, caller=ctx.caller, author=author)
 
 
@@ -156,7 +158,7 @@ async def blob_page(ctx: Ctx) -> Response:
         raise HubError(404, f"Entry not found: {ctx.params['path']} at {ctx.params['rev']}", "EntryNotFound")
     text = None
     if not entry.lfs and entry.size <= 1 << 20:
-        data = ctx.store.blob_path(entry.sha256).read_bytes()
+        data = await blocking(ctx.store.blob_path(entry.sha256).read_bytes)
         text = None if b"\0" in data else data.decode(errors="replace")
     return _page("blob.html", entry=entry, text=text, **view)
 
