@@ -56,12 +56,28 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def _hub_serve(args: argparse.Namespace) -> int:
-    from quantpub.hub import HubConfig, serve
-    from quantpub.hub.server import load_or_create_tokens
+    from quantpub.hub import HubConfig, load_or_create_users, serve
+    from quantpub.hub.errors import HubLockedError
 
-    tokens, where = load_or_create_tokens(args.data_dir, args.token_file)
-    log.info("write tokens: %s", where)
-    serve(HubConfig(Path(args.data_dir), tokens=tokens, log_requests=True), host=args.host, port=args.port)
+    users, where = load_or_create_users(args.data_dir, args.users)
+    log.info("users and tokens: %s", where)
+    try:
+        serve(HubConfig(Path(args.data_dir), users=users, log_requests=True), host=args.host, port=args.port)
+    except HubLockedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _hub_gc(args: argparse.Namespace) -> int:
+    from quantpub.hub.errors import HubLockedError
+    from quantpub.hub.gc import collect
+
+    try:
+        print(collect(args.data_dir, delete=args.delete, min_age=args.min_age_hours * 3600))
+    except HubLockedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -434,9 +450,17 @@ def build_parser() -> argparse.ArgumentParser:
     hs.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     hs.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
     hs.add_argument("--data-dir", default="hub-data", help="where repos are stored (default ./hub-data)")
-    hs.add_argument("--token-file", help="write tokens, one 'user:token' per line; default: DATA_DIR/tokens, "
-                                         "created with one random token for user 'quantpub'")
+    hs.add_argument("--users", "--token-file", dest="users", metavar="FILE",
+                    help="users, organisations and tokens (YAML, see quantpub.hub.auth; or 'user:token' lines); "
+                         "default: DATA_DIR/users.yaml, created with one admin user 'quantpub'")
     hs.set_defaults(func=_hub_serve)
+    hg = hsub.add_parser("gc", help="find blobs no commit references (refused commits, deleted repos); "
+                                    "dry run unless --delete")
+    hg.add_argument("--data-dir", default="hub-data", help="the hub's data dir (default ./hub-data)")
+    hg.add_argument("--delete", action="store_true", help="remove them (the hub must not be running)")
+    hg.add_argument("--min-age-hours", type=float, default=1.0,
+                    help="keep blobs younger than this: uploads whose commit may still come (default 1)")
+    hg.set_defaults(func=_hub_gc)
 
     pub = sub.add_parser("publish", help="push finished variants to a hub: GPTQ/AWQ branches, GGUF files on main")
     pub.add_argument("dir", help="the quantize output directory (or one variant directory)")

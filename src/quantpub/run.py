@@ -409,12 +409,12 @@ def _metrics(evaluation: dict[str, Any] | None) -> dict[str, Any]:
 
 def embedded_hub(work: Path, port: int = 0):
     """The built-in hub on 127.0.0.1 over ``WORK/hub``: (server, url, write token)."""
-    from quantpub.hub.server import HubConfig, load_or_create_tokens, start_in_thread
+    from quantpub.hub import HubConfig, load_or_create_users, start_in_thread
 
-    tokens, _ = load_or_create_tokens(work / "hub", None)
-    server, _ = start_in_thread(HubConfig(work / "hub", tokens=tokens), port=port)
+    users, _ = load_or_create_users(work / "hub")  # its generated user is the hub's admin: any namespace
+    server, _ = start_in_thread(HubConfig(work / "hub", users=users), port=port)
     log.info("publishing to the built-in hub at %s (data in %s)", server.url, work / "hub")
-    return server, server.url, next(iter(tokens))
+    return server, server.url, users.write_token()
 
 
 def load_back(endpoint: str, repo: str, revision: str, prompt: str = "def main():") -> str:
