@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -139,13 +138,15 @@ def test_a_failing_variant_is_one_line_naming_it_its_reason_and_log(tmp_path, ti
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is installed by scripts/ci-system-packages.sh")
 def test_live_view_in_a_real_terminal(tmp_path, tiny_models, corpus):
-    """tmux runs the command on a terminal; capture-pane shows the live rows, then the summary."""
+    """tmux (installed by scripts/install-test-tools.sh) runs the command on a terminal; capture-pane shows
+    the live rows, then the summary."""
     session = f"qp{os.getpid()}"
     work = tmp_path / "work"
     args = " ".join(_inputs(tmp_path, tiny_models, corpus))
-    command = f"HF_HUB_OFFLINE=0 {sys.executable} -m quantpub run {args} --work {work}; echo EXIT=$?; sleep 600"
+    # GPTQModel's logbar, imported by other tests in this process, exports COLUMNS=80: not the terminal's
+    command = (f"unset COLUMNS LINES; HF_HUB_OFFLINE=0 {sys.executable} -m quantpub run {args} --work {work}; "
+               "echo EXIT=$?; sleep 600")
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "200", "-y", "50", command], check=True)
     frames = []
     try:

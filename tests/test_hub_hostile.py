@@ -223,8 +223,15 @@ def test_commit_bodies_are_streamed_and_bounded(hub, monkeypatch):
     assert data == files[3][1]
     one_line = b'{"key":"header","value":{"summary":"s"}}\n{"key":"file","value":{"path":"x","content":"' \
                + b"QUFB" * (3 << 20) + b'"}}'
-    resp, data = raw(hub, "POST", "/api/models/alice/r/commit/main", one_line, AUTH)
-    assert resp.status == 413, data[:300]
+    try:
+        resp, data = raw(hub, "POST", "/api/models/alice/r/commit/main", one_line, AUTH)
+        assert resp.status == 413, data[:300]
+    except (ConnectionResetError, BrokenPipeError):
+        # The server answers 413 and closes while the client is still sending the rest of the line; the
+        # kernel then resets the connection, and the client may lose the 413 it had been sent.
+        pass
+    resp, _ = raw(hub, "GET", "/alice/r/resolve/main/x")
+    assert resp.status == 404  # nothing of the refused commit landed
     still_serving(hub)
 
 

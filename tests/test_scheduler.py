@@ -186,3 +186,45 @@ def test_busy_fraction_merges_overlapping_stages_per_slot():
     spans = [stage(0, 4, "0"), stage(2, 6, "0"), stage(8, 10, "0"), stage(0, 10, "1"), stage(0, 10, None),
              stage(0, 5, "0", node="n2")]
     assert busy_fraction(spans, 0, 10) == {"n1/0": 0.8, "n1/1": 1.0, "n2/0": 0.5}
+
+
+def test_a_node_that_does_not_see_the_work_dir_says_so(tmp_path):
+    from quantpub.errors import QuantpubError
+    from quantpub.workdir import check_shared, work_id
+
+    shared = tmp_path / "work"
+    shared.mkdir()
+    ident = work_id(shared)
+    assert work_id(shared) == ident
+    check_shared(shared, ident)  # the same directory: fine
+    elsewhere = tmp_path / "node2-local"
+    elsewhere.mkdir()
+    with pytest.raises(QuantpubError, match="not the driver's \\(missing\\).*shared filesystem"):
+        check_shared(elsewhere, ident)
+    work_id(elsewhere)
+    with pytest.raises(QuantpubError, match="another one"):
+        check_shared(elsewhere, ident)
+
+
+def test_a_stage_started_where_the_work_dir_is_not_shared_fails_with_that_reason(tmp_path):
+    import time
+
+    from quantpub.executors.local import LocalExecutor
+    from quantpub.workdir import work_id
+
+    driver_side = tmp_path / "work"
+    driver_side.mkdir()
+    ident = work_id(driver_side)
+    node_side = tmp_path / "not-shared"
+    node_side.mkdir()
+    executor = LocalExecutor([None])
+    task = Task(1, "m", "prepare", noop, (), Resources(), str(node_side / "logs" / "prepare.log"),
+                workdir=(str(node_side), ident))
+    executor.submit(task)
+    messages = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(m.kind in ("error", "lost", "result") for m in messages):
+        messages += executor.poll(0.5)
+    executor.shutdown()
+    error = next(m for m in messages if m.kind == "error").payload
+    assert "not the driver's (missing)" in error["message"] and "shared filesystem" in error["message"]

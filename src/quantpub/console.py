@@ -170,6 +170,9 @@ class PlainConsole(View):
     def tick(self) -> None:
         pass
 
+    def finish(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -223,36 +226,46 @@ class LiveConsole(View):
 
     def _table(self, rows: list[Row]) -> Table:
         table = Table(box=None, pad_edge=False, show_edge=False)
-        for name in ("model", "variant", "branch / file", "stage", "size", "elapsed", "ETA"):
+        for name in ("variant", "branch / file", "stage", "size", "elapsed", "ETA"):
             table.add_column(name, no_wrap=True)
         running = {m for (m, _), s in self.stages.items() if s == "running"}
         shown = [m for m in self.plans if m in running] or [m for m in self.plans if any(
-            r.model == m and r.state not in ("published", "failed") for r in rows)][:1]
-        for r in rows:
-            if r.model not in shown:
-                continue
-            view = self.variants.get((r.model, r.variant))
-            if r.state == "failed":
-                stage, style = "failed", "red"
-            elif view is not None and view.phase in ACTIVE:
-                stage, style = view.progress(), "yellow"
-            elif r.state in DONE:
-                stage, style = r.state, "green"
-            else:
-                stage, style = "queued", "dim"
-            active = view is not None and view.phase in ACTIVE
-            table.add_row(short(r.model), r.variant, r.target, Text(stage, style=style), fmt_size(r.size),
-                          fmt_seconds(time.time() - view.since) if active else "",
-                          fmt_seconds(view.eta()) if active and view.eta() is not None else "")
+            r.model == m and r.state not in ("published", "failed") for r in rows)][:1] or list(self.plans)[-1:]
+        for model in shown:
+            busy = [stage for (m, stage), status in self.stages.items() if m == model and status == "running"]
+            table.add_row(Text(short(model), style="bold"), "", Text(", ".join(busy), style="dim"))
+            for r in rows:
+                if r.model == model:
+                    table.add_row(*self._cells(r))
         hidden = len(self.plans) - len(shown)
         if hidden:
             table.caption = f"{hidden} more model{'s' * (hidden != 1)} queued or finished (quantpub status)"
         return table
 
-    def close(self) -> None:
-        if self.ledger is not None:
+    def _cells(self, r: Row) -> tuple:
+        view = self.variants.get((r.model, r.variant))
+        active = view is not None and view.phase in ACTIVE
+        if r.state == "failed":
+            stage, style = "failed", "red"
+        elif active:
+            stage, style = view.progress(), "yellow"
+        elif r.state in DONE:
+            stage, style = r.state, "green"
+        else:
+            stage, style = "queued", "dim"
+        eta = view.eta() if active else None
+        return ("  " + r.variant, r.target, Text(stage, style=style), fmt_size(r.size),
+                fmt_seconds(time.time() - view.since) if active else "", fmt_seconds(eta) if eta is not None else "")
+
+    def finish(self) -> None:
+        """The last frame, drawn while the ledger is still open."""
+        if self.ledger is not None and self.live.is_started:
             self.live.update(self.render(), refresh=True)
-        self.live.stop()
+            self.live.stop()
+
+    def close(self) -> None:
+        if self.live.is_started:
+            self.live.stop()
 
 
 def summary_table(rows: list[Row], endpoint: str | None = None, namespace: str | None = None) -> Table:

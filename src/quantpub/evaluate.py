@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from quantpub import progress
 from quantpub.artifacts import MANIFEST, RUN_RECORD, write_text_atomic
 from quantpub.errors import CalibrationError, QuantpubError
 from quantpub.matrix import EvaluationSpec
@@ -169,6 +170,7 @@ def evaluate(out: str | Path, *, model: str | None = None, eval_file: str | Path
         if (only and variant not in only) or (manifest.get("evaluation") and not force):
             continue
         started = time.monotonic()
+        progress.report(variant, "evaluating")
         if manifest["method"] == "gguf":
             first = sorted(n for n in manifest["files"] if n.endswith(".gguf"))[0]
             logprobs = gguf_logprobs(manifest_path.parent / first, data, cpu_count())

@@ -83,6 +83,7 @@ class StageRow:
 class Ledger:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.interrupted_stages: list[tuple[str, str, str | None]] = []  # filled by start_run
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -151,14 +152,23 @@ class Ledger:
     # runs and stages
 
     def start_run(self, executor: str, pid: int) -> int:
-        """Open a run; stages an earlier driver left running (it was killed) become ``interrupted``."""
+        """Open a run; stages an earlier driver left running (it was killed) become ``interrupted``.
+
+        ``interrupted_stages`` then lists them as (model, stage, log), for the run to account for.
+        """
         now = time.time()
-        with self.db:
-            self.db.execute("BEGIN IMMEDIATE")
-            self.db.execute("UPDATE stages SET state='interrupted', ended=?, error='the driver stopped' "
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.interrupted_stages = self.db.execute(
+                "SELECT model, stage, log FROM stages WHERE state='running'").fetchall()
+            self.db.execute("UPDATE stages SET state='interrupted', ended=?, error='the run was stopped' "
                             "WHERE state='running'", (now,))
             cur = self.db.execute("INSERT INTO runs (started, pid, host, executor) VALUES (?,?,?,?)",
                                   (now, pid, socket.gethostname(), executor))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
         return int(cur.lastrowid)
 
     def end_run(self, run: int, exit_code: int) -> None:

@@ -55,10 +55,15 @@ class LocalFile:
 def find_variants(out: str | Path) -> list[dict]:
     """Manifests of the finished variants in ``out`` (or of ``out`` itself), main branches first."""
     out = Path(out)
+    if out.name.startswith(".partial-"):
+        raise PublishError(str(out), None, "an unfinished build (a killed run left it); it is never published: "
+                                           "run the same `quantpub run` again to build it")
     if (out / MANIFEST).is_file():
         dirs = [out]
     else:
-        dirs = sorted(p for p in out.iterdir() if (p / MANIFEST).is_file()) if out.is_dir() else []
+        # a dot-directory (.partial-*) is an unfinished build: never a result, whatever it holds
+        dirs = sorted(p for p in out.iterdir() if not p.name.startswith(".") and (p / MANIFEST).is_file()) \
+            if out.is_dir() else []
     if not dirs:
         raise PublishError(str(out), None, f"no finished variant (a directory with {MANIFEST}) found; "
                                            "run `quantpub quantize` first")

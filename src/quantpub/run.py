@@ -32,7 +32,7 @@ from quantpub.ledger import DONE, Ledger
 from quantpub.plan import Plan
 from quantpub.scheduler import Capacity, Scheduler
 from quantpub.stages import RunOptions
-from quantpub.workdir import WorkLock, remove_partials
+from quantpub.workdir import WorkLock, remove_partials, work_id
 
 log = logging.getLogger(__name__)
 LEDGER = "ledger.sqlite3"
@@ -107,6 +107,8 @@ def run(matrix: str | Path, models: list[str], work: str | Path, *, publish_to: 
                 scheduler.run()
             finally:
                 executor.shutdown()
+                if observer:
+                    observer.finish()
             summary = driver.summary(time.monotonic() - started)
             ledger.end_run(run_id, 0 if summary.ok else 1)
             return summary
@@ -179,6 +181,7 @@ class Driver:
         self.active: dict[int, dict[str, str]] = {}  # task id -> variant -> last phase
         self.stage_errors: list[str] = []
         self.repos: dict[str, set[str]] = {}
+        self.workdir = (str(work), work_id(work))
 
     def out(self, model: str) -> Path:
         return self.work / naming.model_basename(model)
@@ -199,6 +202,7 @@ class Driver:
             for job in plan.jobs:
                 self.ledger.plan(model, job.id, job.method, job.repo, job.target)
             self._reconcile(model, [j.id for j in plan.jobs])
+            self._count_stopped(model)
             if Path(model).is_dir():
                 self.sources[model] = model
             self._add_tasks(model, plan)
@@ -212,7 +216,8 @@ class Driver:
         device = "cpu" if self.options.device == "cpu" else "cuda"
 
         def task(stage: str, fn: Callable, resources: Resources, after: list[int]) -> int:
-            return s.add(Task(s.new_id(), model, stage, fn, (), resources, self.log_file(model, stage), after)).id
+            return s.add(Task(s.new_id(), model, stage, fn, (), resources, self.log_file(model, stage), after,
+                              workdir=self.workdir)).id
 
         prepare = task("prepare", stages.prepare, Resources(net=1, cpus=0), [])
         groups = []
@@ -326,6 +331,15 @@ class Driver:
 
     # helpers
 
+    def _count_stopped(self, model: str) -> None:
+        """Variants a killed run was building: one interruption each (not an attempt)."""
+        groups = {"quantize-gpu": ("gptq", "awq"), "quantize-gguf": ("gguf",)}
+        for stopped_model, stage, log_file in self.ledger.interrupted_stages:
+            if stopped_model == model and stage in groups:
+                for row in self.ledger.rows(model):
+                    if row.method in groups[stage] and row.state not in DONE:
+                        self.ledger.interrupt(model, row.variant, f"the run was stopped during {stage}", log_file)
+
     def _retry_failed(self, task: Task, variants: list[str]) -> None:
         """Failed variants with attempts left are built again in this run, before evaluation and publishing."""
         again = [v for v in variants if self.ledger.get(task.model, v).state == "failed"
@@ -333,7 +347,8 @@ class Driver:
         if not again:
             return
         s = self.scheduler
-        retry = s.add(Task(s.new_id(), task.model, task.stage, task.fn, (), task.resources, task.log, []))
+        retry = s.add(Task(s.new_id(), task.model, task.stage, task.fn, (), task.resources, task.log, [],
+                           workdir=task.workdir))
         for other, status in s.tasks(task.model):
             if other.stage in ("evaluate", "publish") and status == "waiting":
                 s.also_after(other.id, retry.id)

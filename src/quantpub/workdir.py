@@ -13,6 +13,7 @@ from pathlib import Path
 from quantpub.errors import QuantpubError
 
 LOCK = "run.lock"
+WORK_ID = ".quantpub-work-id"
 
 
 class WorkLock:
@@ -75,3 +76,30 @@ def remove_partials(out: Path) -> int:
             shutil.rmtree(path, ignore_errors=True)
             removed += 1
     return removed
+
+
+def work_id(work: str | Path) -> str:
+    """This work dir's identity (made once, by the driver): every stage checks it sees the same one."""
+    path = Path(work) / WORK_ID
+    if not path.is_file():
+        tmp = path.with_name(f"{WORK_ID}.{os.getpid()}.partial")
+        tmp.write_text(os.urandom(16).hex() + "\n")
+        os.replace(tmp, path)
+    return path.read_text().strip()
+
+
+def check_shared(work: str | Path, expected: str) -> None:
+    """Raise unless ``work`` here is the driver's work dir (on another node: a shared filesystem at the same path).
+
+    Raises:
+        QuantpubError: the work dir is missing or is another one on this node.
+    """
+    path = Path(work) / WORK_ID
+    try:
+        found = path.read_text().strip()
+    except OSError:
+        found = None
+    if found != expected:
+        raise QuantpubError(f"the work dir {work} on node {socket.gethostname()} is not the driver's "
+                            f"({'missing' if found is None else 'another one'}): every node of the cluster must see "
+                            "the work dir at the same path, on a shared filesystem")

@@ -30,6 +30,7 @@ class Task:
     resources: Resources
     log: str                        # the stage's log file: every library's output goes there
     after: list[int] = field(default_factory=list)  # task ids this one waits for
+    workdir: tuple[str, str] | None = None  # (work dir, its id): the worker checks it sees the driver's
 
 
 @dataclass(frozen=True)

@@ -77,8 +77,13 @@ def watch_parent(parent: int) -> None:
 
 
 def run_stage(fn: Callable[..., Any], args: tuple, send: Callable[[str, Any], None], *, log_file: str,
-              model: str, stage: str, verbose: bool = False, gpu_slot: str | None = None) -> Any:
+              model: str, stage: str, verbose: bool = False, gpu_slot: str | None = None,
+              workdir: tuple[str, str] | None = None) -> Any:
     """Run one stage function with output captured and progress forwarded; returns its result."""
+    if workdir is not None:  # before the log (which lives in the work dir) is opened
+        from quantpub.workdir import check_shared
+
+        check_shared(*workdir)
     capture_output(log_file, verbose)
     send("placed", where(gpu_slot))
     progress.install(lambda event: send("event", event), model=model, stage=stage)

@@ -22,7 +22,7 @@ _CTX = multiprocessing.get_context("spawn")
 
 
 def _worker(task_id: int, fn, args: tuple, out, log_file: str, model: str, stage: str, verbose: bool,
-            gpu_slot: str | None, parent: int) -> None:
+            gpu_slot: str | None, parent: int, workdir: tuple[str, str] | None) -> None:
     from quantpub.executors.child import run_stage, watch_parent
 
     watch_parent(parent)
@@ -32,7 +32,7 @@ def _worker(task_id: int, fn, args: tuple, out, log_file: str, model: str, stage
 
     try:
         result = run_stage(fn, args, send, log_file=log_file, model=model, stage=stage, verbose=verbose,
-                           gpu_slot=gpu_slot)
+                           gpu_slot=gpu_slot, workdir=workdir)
     except BaseException as exc:  # noqa: BLE001 - everything is reported; the process then ends
         traceback.print_exc()
         send("error", {"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()})
@@ -67,7 +67,7 @@ class LocalExecutor:
         try:
             proc = _CTX.Process(target=_worker, name=f"quantpub-{task.stage}",
                                 args=(task.id, task.fn, task.args, self.queue, task.log, task.model, task.stage,
-                                      self.verbose, label, os.getpid()), daemon=False)
+                                      self.verbose, label, os.getpid(), task.workdir), daemon=False)
             proc.start()
         finally:
             if env_backup is None:

@@ -20,7 +20,8 @@ from quantpub.executors import Message, Task
 log = logging.getLogger(__name__)
 
 
-def _ray_worker(task_id: int, fn, args: tuple, events, log_file: str, model: str, stage: str, verbose: bool) -> Any:
+def _ray_worker(task_id: int, fn, args: tuple, events, log_file: str, model: str, stage: str, verbose: bool,
+                workdir: tuple[str, str] | None) -> Any:
     import ray
 
     from quantpub.executors.child import run_stage
@@ -34,7 +35,7 @@ def _ray_worker(task_id: int, fn, args: tuple, events, log_file: str, model: str
 
     try:
         return run_stage(fn, args, send, log_file=log_file, model=model, stage=stage, verbose=verbose,
-                         gpu_slot=",".join(str(g) for g in gpus) or None)
+                         gpu_slot=",".join(str(g) for g in gpus) or None, workdir=workdir)
     except Exception as exc:  # noqa: BLE001 - a stage's own failure, reported as such (not as a lost worker)
         import traceback
 
@@ -100,7 +101,7 @@ class RayExecutor:
         if r.memory:
             options["memory"] = r.memory
         ref = self.remote.options(**options).remote(task.id, task.fn, task.args, self.events, task.log, task.model,
-                                                    task.stage, self.verbose)
+                                                    task.stage, self.verbose, task.workdir)
         self.refs[ref] = task.id
 
     def poll(self, timeout: float) -> list[Message]:
