@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from quantpub import __version__, calibration
+from quantpub import __version__, calibration, progress
 from quantpub.artifacts import MANIFEST, RUN_RECORD, sha256_file, write_text_atomic
 from quantpub.moe import expert_coverage
 from quantpub.errors import PlanError, QuantizeError, QuantpubError
@@ -57,12 +57,14 @@ def select_jobs(plan: Plan, only: list[str] | None) -> list[Job]:
 
 def quantize(matrix_path: str | Path, model: str, out: str | Path, *, only: list[str] | None = None,
              calibration_file: str | Path | None = None, device: str = "auto",
-             n_samples: int | None = None, seq_len: int | None = None) -> list[Outcome]:
+             n_samples: int | None = None, seq_len: int | None = None,
+             source: str | Path | None = None) -> list[Outcome]:
     """Build every GPTQ/AWQ variant of the matrix that is not built yet.
 
     ``n_samples`` / ``seq_len`` override the matrix's calibration size for every variant
     (smoke runs on CPU); the manifest records what was used. One variant's failure does not
-    stop the others; it is reported in its ``Outcome``.
+    stop the others; it is reported in its ``Outcome``. ``source`` is the checkpoint directory
+    when ``model`` (a hub id) was already downloaded.
 
     Raises:
         MatrixError, ModelError, PlanError, CalibrationError: before any model is loaded.
@@ -85,7 +87,7 @@ def quantize(matrix_path: str | Path, model: str, out: str | Path, *, only: list
     if not todo:
         return outcomes
 
-    model_dir = _local_model(model)
+    model_dir = Path(source) if source is not None else _local_model(model)
     gpu_jobs = [j for j in todo if j.method in ("gptq", "awq")]
     gguf_jobs = [j for j in todo if j.method == "gguf"]
     if gpu_jobs:
@@ -100,13 +102,16 @@ def quantize(matrix_path: str | Path, model: str, out: str | Path, *, only: list
         one_by_one = [j for j in gpu_jobs if j not in shared]
         for i, job in enumerate(one_by_one, 1):
             log.info("[%d/%d] %s: quantizing (%s)", i, len(one_by_one), job.id, job.describe())
+            progress.report(job.id, "quantizing")
             try:
                 path = build_variant(session, job, calibrations[_calib_key(job)], out, model,
                                      expert_min_tokens=plan.facts.hidden_size)
                 outcomes.append(Outcome(job.id, path))
+                progress.report(job.id, "done")
             except Exception as exc:  # noqa: BLE001 - one variant's failure must not stop the others
                 log.error("%s: failed: %s: %s", job.id, type(exc).__name__, exc)
                 outcomes.append(Outcome(job.id, None, error=f"{type(exc).__name__}: {exc}"))
+                progress.report(job.id, "failed", error=f"{type(exc).__name__}: {exc}")
         del session
     if gguf_jobs:
         outcomes += _gguf(plan, gguf_jobs, model_dir, out, model, calibration_file, device)
@@ -138,6 +143,8 @@ def _build_shared(session, jobs: list[Job], calibrations: dict, out: Path, model
                 return finish_variant(session, by_id[t.id], calib, t.out, out, model, time.monotonic() - started,
                                       t.quant_log, expert_min_tokens=expert_min_tokens,
                                       extra={"gptq_mode": "shared", "variants_in_pass": n})
+            for t in targets:
+                progress.report(t.id, "quantizing")
             try:
                 futures = quantize_shared(session, targets, calib, executor, finish)
             except Exception as exc:  # noqa: BLE001 - the pass failed: every variant of it fails, others stand
@@ -149,11 +156,13 @@ def _build_shared(session, jobs: list[Job], calibrations: dict, out: Path, model
                     if futures is None:
                         raise QuantizeError(t.id, model, error)
                     outcomes.append(Outcome(t.id, futures[t.id].result()))
+                    progress.report(t.id, "done")
                 except Exception as exc:  # noqa: BLE001 - one variant's failure must not stop the others
                     shutil.rmtree(t.out, ignore_errors=True)
                     if t.error is None:  # a solve or packing error was logged when it happened
                         log.error("%s: failed: %s: %s", t.id, type(exc).__name__, exc)
                     outcomes.append(Outcome(t.id, None, error=t.error or f"{type(exc).__name__}: {exc}"))
+                    progress.report(t.id, "failed", error=outcomes[-1].error)
     return outcomes
 
 
@@ -225,7 +234,11 @@ def build_variant(session, job: Job, calib: calibration.CalibrationSet, out: Pat
     started = time.monotonic()
     try:
         backend = gptq if job.method == "gptq" else awq
-        quant_log = backend.quantize(session, job.variant.params, calib, partial)
+        layers = progress.watch_decoder_layers(job.id)
+        try:
+            quant_log = backend.quantize(session, job.variant.params, calib, partial)
+        finally:
+            layers.remove()
     except Exception as exc:
         shutil.rmtree(partial, ignore_errors=True)
         raise QuantizeError(job.id, model, f"{type(exc).__name__}: {exc}") from exc
@@ -255,6 +268,7 @@ def finish_variant(session, job: Job, calib: calibration.CalibrationSet, partial
         source_generation = session.model_dir / "generation_config.json"
         if source_generation.is_file():  # GPTQModel rewrites it (do_sample: true)
             shutil.copyfile(source_generation, partial / "generation_config.json")
+        progress.report(job.id, "validating")
         validation = validate(partial, job.variant.params, session.device, list(calib.samples[0]))
         _write_manifest(partial, job, calib, model, session.device, quantized_s, validation, experts, extra)
         if final.exists():  # a directory without our manifest (finished ones were skipped): replace it

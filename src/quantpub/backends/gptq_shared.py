@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from quantpub import progress
 from quantpub.backends import gptq
 from quantpub.backends.gptq_writer import SPOOL, Spool, write_model_files, write_weights
 from quantpub.backends.gptqmodel_session import ModelSession
@@ -104,6 +105,8 @@ def quantize_shared(session: ModelSession, targets: list[Target], calibration: C
             layer.to("cpu")
             solved = time.monotonic()
             _settle(targets, before=index)  # at most two layers of packed results in flight
+            for t in live:
+                progress.report(t.id, "quantizing", step=index + 1, steps=len(layers))
             log.info("layer %d/%d: forward + Hessians %.2fs, %d variants solved in %.2fs, waited %.2fs for packing "
                      "(%.1fs in all)", index + 1, len(layers), forward - begin, len(live), solved - forward,
                      time.monotonic() - solved, time.monotonic() - started)
