@@ -7,7 +7,7 @@ variant's next-token distribution from the unquantised model's, and perplexity. 
 mode is the default only if no branch's KLD is more than 5% worse than in exact mode
 (issue 17).
 
-    .venv/bin/python benchmarks/gptq_modes.py [--n-samples 32] [--seq-len 512] [--windows 8] [--context 512]
+    .venv/bin/python benchmarks/gptq_modes.py [--n-samples 16] [--seq-len 256] [--windows 8] [--context 512]
 
 Writes benchmarks/results/gptq_modes.json and .md.
 """
@@ -29,8 +29,8 @@ TOLERANCE = 0.05
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n-samples", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--n-samples", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--work", default=str(RESULTS / "gptq-modes-work"))
