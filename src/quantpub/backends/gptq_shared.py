@@ -100,7 +100,7 @@ def quantize_shared(session: ModelSession, targets: list[Target], calibration: C
                     full = f"{layers_node}.{index}.{name}"
                     for t in live:
                         if t.error is None:
-                            _solve(t, module, name, full, index, hessians.leader(name), total_tokens, executor)
+                            _solve(t, module, name, full, index, hessians, total_tokens, executor)
             hessians.free()
             layer.to("cpu")
             solved = time.monotonic()
@@ -171,6 +171,7 @@ class _Hessians:
         self.modules, self.prefix, self.index, self.qcfg, self.total = modules, prefix, index, qcfg, total_tokens
         self.tasks: dict[str, Any] = {}
         self.leader_of: dict[str, str] = {}
+        self.inverses: dict[tuple, tuple] = {}
         self._seen: list[tuple[Any, str]] = []
 
     def run(self, layer, hidden: list, calls: dict) -> list:
@@ -208,10 +209,34 @@ class _Hessians:
         """The task holding ``name``'s Hessian; None when no token reached it (an unrouted expert)."""
         return self.tasks.get(self.leader_of.get(name, name))
 
+    def share_inverse(self, task, name: str) -> None:
+        """Let ``task`` reuse the damped inverse factor an earlier variant computed from the same Hessian.
+
+        The factor depends on the Hessian, the column order (act order permutes by the Hessian's
+        diagonal, the same for every variant) and damp, not on bits or group size: four of the
+        six TheBloke branches share one per linear. GPTQ's solve only reads it.
+        """
+        key = (self.leader_of.get(name, name), bool(task.qcfg.desc_act), float(task.qcfg.damp_percent),
+               float(task.qcfg.damp_auto_increment or 0.0))
+        if any(k[0] != key[0] for k in self.inverses):  # modules sharing a Hessian are solved one after another
+            self.inverses.clear()
+        compute = task.hessian_inverse
+
+        def shared(h):
+            if key not in self.inverses:
+                factor, damp = compute(h)
+                self.inverses[key] = (factor, damp, h.diagonal().clone())
+            factor, damp, diagonal = self.inverses[key]
+            h.diagonal().copy_(diagonal)  # the diagonal the factor was found for (a floor may have raised it)
+            return factor, damp
+
+        task.hessian_inverse = shared
+
     def free(self) -> None:
         for task in self.tasks.values():
             task.free()
         self.tasks.clear()
+        self.inverses.clear()
 
 
 def _task(module, name: str, full: str, index: int, qcfg, total_tokens: int):
@@ -249,11 +274,14 @@ def _solve_threads(device):
         torch.set_num_threads(threads)
 
 
-def _solve(t: Target, module, name: str, full: str, index: int, leader, total_tokens: int, executor: Executor) -> None:
+def _solve(t: Target, module, name: str, full: str, index: int, hessians: _Hessians, total_tokens: int,
+           executor: Executor) -> None:
     try:
         task = _task(module, name, full, index, t.qcfg, total_tokens)
+        leader = hessians.leader(name)
         if leader is not None:
             task.adopt_hessian_from(leader)
+            hessians.share_inverse(task, name)
         q, scales, zeros, g_idx, seconds, loss, damp, samples = task.quantize()
         task.free()
         bias = module.bias.detach().cpu() if getattr(module, "bias", None) is not None else None
