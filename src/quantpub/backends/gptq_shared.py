@@ -26,7 +26,7 @@ from typing import Any
 
 from quantpub import progress
 from quantpub.backends import gptq
-from quantpub.backends.gptq_writer import SPOOL, Spool, write_model_files, write_weights
+from quantpub.backends.gptq_writer import SPOOL, Spool, pack, pack_kernel, write_model_files, write_weights
 from quantpub.backends.gptqmodel_session import ModelSession
 from quantpub.calibration import CalibrationSet
 from quantpub.matrix import GptqVariant
@@ -73,7 +73,7 @@ def quantize_shared(session: ModelSession, targets: list[Target], calibration: C
     for t in targets:
         t.qcfg = gptq.quantize_config(t.params)
         t.qcfg.device = session.quant_device()
-        t.kernel = _pack_kernel(t.qcfg)
+        t.kernel = pack_kernel(t.qcfg)
         t.out.mkdir(parents=True, exist_ok=True)
         t.spool = Spool(t.out / SPOOL)
     model = wrapper.model.eval()
@@ -89,27 +89,14 @@ def quantize_shared(session: ModelSession, targets: list[Target], calibration: C
             live = [t for t in targets if t.error is None]
             if not live:
                 break
-            begin = time.monotonic()
-            layer.to(device)
-            modules = {n: layer.get_submodule(n) for n in names if _has_submodule(layer, n)}
-            hessians = _Hessians(modules, f"{layers_node}.{index}", index, wrapper.quantize_config, total_tokens)
-            hidden = hessians.run(layer, hidden, calls)
-            forward = time.monotonic()
-            with _solve_threads(device):
-                for name, module in modules.items():
-                    full = f"{layers_node}.{index}.{name}"
-                    for t in live:
-                        if t.error is None:
-                            _solve(t, module, name, full, index, hessians, total_tokens, executor)
-            hessians.free()
-            layer.to("cpu")
-            solved = time.monotonic()
+            hidden = _layer(layer, f"{layers_node}.{index}", index, names, hidden, calls, live, wrapper.quantize_config,
+                            total_tokens, device, executor)
+            waiting = time.monotonic()
             _settle(targets, before=index)  # at most two layers of packed results in flight
             for t in live:
                 progress.report(t.id, "quantizing", step=index + 1, steps=len(layers))
-            log.info("layer %d/%d: forward + Hessians %.2fs, %d variants solved in %.2fs, waited %.2fs for packing "
-                     "(%.1fs in all)", index + 1, len(layers), forward - begin, len(live), solved - forward,
-                     time.monotonic() - solved, time.monotonic() - started)
+            log.info("layer %d/%d done; %.2fs waiting for the previous layer's packing (%.1fs in all)", index + 1,
+                     len(layers), time.monotonic() - waiting, time.monotonic() - started)
     _settle(targets, before=len(layers))
     files = _ModelFiles(wrapper, names_in_layers={f"{layers_node}.{i}.{n}" for i in range(len(layers)) for n in names})
     del wrapper, model, layers, hidden, calls
@@ -121,6 +108,27 @@ def quantize_shared(session: ModelSession, targets: list[Target], calibration: C
         else:
             futures[t.id] = _failed(t)
     return futures
+
+
+def _layer(layer, prefix: str, index: int, names: list[str], hidden: list, calls: dict, live: list[Target], qcfg,
+           total_tokens: int, device, executor: Executor) -> list:
+    """One layer: the forward that measures every Hessian, then every variant's solves; returns the layer's outputs."""
+    begin = time.monotonic()
+    layer.to(device)
+    modules = {n: layer.get_submodule(n) for n in names if _has_submodule(layer, n)}
+    hessians = _Hessians(modules, prefix, index, qcfg, total_tokens)
+    outputs = hessians.run(layer, hidden, calls)
+    forward = time.monotonic()
+    with _solve_threads(device):
+        for name, module in modules.items():
+            for t in live:
+                if t.error is None:
+                    _solve(t, module, name, f"{prefix}.{name}", index, hessians, total_tokens, executor)
+    hessians.free()
+    layer.to("cpu")
+    log.info("%s: forward + Hessians %.2fs, %d variants solved in %.2fs", prefix, forward - begin, len(live),
+             time.monotonic() - forward)
+    return outputs
 
 
 def _capture(model, layers_node: str, calibration: CalibrationSet, device):
@@ -291,43 +299,7 @@ def _solve(t: Target, module, name: str, full: str, index: int, hessians: _Hessi
         return
     t.quant_log.append({"layer": index, "module": name, "loss": loss if isinstance(loss, str) else f"{loss:.10f}",
                         "samples": f"{samples}", "damp": f"{damp:.5f}", "time": f"{seconds:.3f}"})
-    t.pending.append((index, executor.submit(_pack, t, full, *result)))
-
-
-def _pack_kernel(qcfg):
-    """The quantized-linear class GPTQModel packs GPTQ variants with (its torch kernel)."""
-    from gptqmodel.quantization.config import resolve_quant_format
-    from gptqmodel.utils.backend import BACKEND
-    from gptqmodel.utils.importer import select_quant_linear
-
-    return select_quant_linear(
-        bits=qcfg.runtime_bits, group_size=qcfg.group_size, desc_act=qcfg.desc_act, sym=qcfg.sym, pack=True,
-        dynamic=qcfg.dynamic, device=qcfg.device, pack_dtype=qcfg.pack_dtype, multi_select=False,
-        backend=BACKEND.GPTQ_TORCH, format=resolve_quant_format(qcfg.format, qcfg.method),
-        quant_method=qcfg.export_quant_method())
-
-
-def _pack(t: Target, full: str, q, scales, zeros, g_idx, bias) -> None:
-    """Pack one solved linear as GPTQModel's processor does, and spool its tensors."""
-    import torch
-    from gptqmodel.quantization.config import resolve_quant_format
-    from gptqmodel.utils.model import create_quant_module, pack_module
-
-    shell = torch.nn.Linear(q.shape[1], q.shape[0], bias=bias is not None, device="meta", dtype=q.dtype)
-    shell.weight = torch.nn.Parameter(q, requires_grad=False)
-    if bias is not None:
-        shell.bias = torch.nn.Parameter(bias, requires_grad=False)
-    holder = torch.nn.Module()
-    holder.add_module("linear", shell)
-    qc = t.qcfg
-    create_quant_module(name="linear", linear_cls=t.kernel, bits=qc.runtime_bits, desc_act=qc.desc_act,
-                        dynamic=qc.dynamic, group_size=qc.group_size, module=holder, submodule=shell, sym=qc.sym,
-                        device=qc.device, lm_head_name="lm_head", pack_dtype=qc.pack_dtype,
-                        format=resolve_quant_format(qc.format, qc.method), register_buffers=False)
-    packed = holder.linear
-    pack_module(name="linear", qModules={"linear": packed}, q_scales=scales, q_zeros=zeros, q_g_idx=g_idx,
-                layers={"linear": shell}, quant_linear_cls=t.kernel, lock=None, quantize_config=qc)
-    t.spool.add(full, packed.state_dict())
+    t.pending.append((index, executor.submit(pack, t.spool, full, *result, qcfg=t.qcfg, kernel=t.kernel)))
 
 
 def _settle(targets: list[Target], before: int) -> None:

@@ -1,4 +1,4 @@
-"""Write a GPTQ variant layer by layer: packed tensors to a spool file, then ``model.safetensors``.
+"""Pack and write a GPTQ variant layer by layer: packed tensors to a spool file, then ``model.safetensors``.
 
 The shared pass packs each layer's linears for every variant as soon as they are solved; the
 bytes go to the variant's spool file at once, so no variant's weights are held in memory. At
@@ -47,6 +47,42 @@ class Spool:
 
     def close(self) -> None:
         self._file.close()
+
+
+def pack_kernel(qcfg):
+    """The quantized-linear class GPTQModel packs GPTQ variants with (its torch kernel)."""
+    from gptqmodel.quantization.config import resolve_quant_format
+    from gptqmodel.utils.backend import BACKEND
+    from gptqmodel.utils.importer import select_quant_linear
+
+    return select_quant_linear(
+        bits=qcfg.runtime_bits, group_size=qcfg.group_size, desc_act=qcfg.desc_act, sym=qcfg.sym, pack=True,
+        dynamic=qcfg.dynamic, device=qcfg.device, pack_dtype=qcfg.pack_dtype, multi_select=False,
+        backend=BACKEND.GPTQ_TORCH, format=resolve_quant_format(qcfg.format, qcfg.method),
+        quant_method=qcfg.export_quant_method())
+
+
+def pack(spool: Spool, full: str, q, scales, zeros, g_idx, bias, *, qcfg, kernel) -> None:
+    """Pack one solved linear as GPTQModel's processor does (``create_quant_module`` + ``pack_module``), and spool it."""
+    import torch
+    from gptqmodel.quantization.config import resolve_quant_format
+    from gptqmodel.utils.model import create_quant_module, pack_module
+
+    shell = torch.nn.Linear(q.shape[1], q.shape[0], bias=bias is not None, device="meta", dtype=q.dtype)
+    shell.weight = torch.nn.Parameter(q, requires_grad=False)
+    if bias is not None:
+        shell.bias = torch.nn.Parameter(bias, requires_grad=False)
+    holder = torch.nn.Module()
+    holder.add_module("linear", shell)
+    qc = qcfg
+    create_quant_module(name="linear", linear_cls=kernel, bits=qc.runtime_bits, desc_act=qc.desc_act,
+                        dynamic=qc.dynamic, group_size=qc.group_size, module=holder, submodule=shell, sym=qc.sym,
+                        device=qc.device, lm_head_name="lm_head", pack_dtype=qc.pack_dtype,
+                        format=resolve_quant_format(qc.format, qc.method), register_buffers=False)
+    packed = holder.linear
+    pack_module(name="linear", qModules={"linear": packed}, q_scales=scales, q_zeros=zeros, q_g_idx=g_idx,
+                layers={"linear": shell}, quant_linear_cls=kernel, lock=None, quantize_config=qc)
+    spool.add(full, packed.state_dict())
 
 
 def write_weights(out: Path, order: list[str], base: dict[str, Any], spool: Spool) -> None:
