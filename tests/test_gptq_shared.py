@@ -42,6 +42,50 @@ def test_spooled_tensors_and_base_tensors_make_one_safetensors_file(tmp_path):
     assert {k: v.dtype for k, v in _tensors(reference).items()} == {k: v.dtype for k, v in got.items()}
 
 
+def test_stacked_solve_is_gptqmodels_solve_bit_for_bit():
+    """Six variants solved as one stacked matrix give exactly what GPTQModel's GPTQ.quantize gives each."""
+    from gptqmodel import QuantizeConfig
+    from gptqmodel.looper.named_module import NamedModule
+    from gptqmodel.quantization.gptq import GPTQ
+
+    from quantpub.backends.gptq_solve import solve_stacked, stackable
+
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    linear = torch.nn.Linear(320, 96, bias=False)
+    inputs = torch.randn(1, 512, 320) * torch.rand(320) * 3
+    variants = [{"bits": 4, "group_size": 32}, {"bits": 4, "group_size": 64}, {"bits": 8, "group_size": -1},
+                {"bits": 4, "group_size": 128, "sym": False}, {"bits": 2, "group_size": 32}]
+
+    def task(act_order, params):
+        qc = QuantizeConfig(desc_act=act_order, act_group_aware=False, offload_to_disk=False, **params)
+        g = GPTQ(NamedModule(linear, "proj", "layers.0.proj", 0), qcfg=qc)
+        g.fallback, g.expected_nsamples = qc.fallback, 512
+        g.quantizer.configure(perchannel=True)
+        return g
+
+    try:
+        for act_order in (True, False):
+            leader = task(act_order, variants[0])
+            leader.add_batch(inputs, None)
+            alone = []
+            for params in variants:
+                g = task(act_order, params)
+                g.adopt_hessian_from(leader)
+                alone.append(g.quantize())
+            tasks = [task(act_order, params) for params in variants]
+            for g in tasks:
+                g.adopt_hessian_from(leader)
+            assert all(stackable(g) for g in tasks)
+            for params, one, stacked in zip(variants, alone, solve_stacked(tasks)):
+                for name, a, b in zip(("weights", "scales", "zeros", "g_idx"), one[:4], stacked[:4]):
+                    assert torch.equal(a, b), (act_order, params, name)
+                assert (one[5], one[6], one[7]) == (stacked[5], stacked[6], stacked[7])  # loss, damp, samples
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def both_modes(tiny_models, corpus, tmp_path_factory):
     """Two variants of a tiny llama built in shared mode and in exact mode from the same calibration windows."""

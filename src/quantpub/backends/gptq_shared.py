@@ -26,6 +26,7 @@ from typing import Any
 
 from quantpub import progress
 from quantpub.backends import gptq
+from quantpub.backends.gptq_solve import Unstackable, solve_stacked, stackable
 from quantpub.backends.gptq_writer import SPOOL, Spool, pack, pack_kernel, write_model_files, write_weights
 from quantpub.backends.gptqmodel_session import ModelSession
 from quantpub.calibration import CalibrationSet
@@ -121,9 +122,8 @@ def _layer(layer, prefix: str, index: int, names: list[str], hidden: list, calls
     forward = time.monotonic()
     with _solve_threads(device):
         for name, module in modules.items():
-            for t in live:
-                if t.error is None:
-                    _solve(t, module, name, f"{prefix}.{name}", index, hessians, total_tokens, executor)
+            _solve(module, name, f"{prefix}.{name}", index, hessians, [t for t in live if t.error is None],
+                   total_tokens, executor, stack=device.type == "cpu")
     hessians.free()
     layer.to("cpu")
     log.info("%s: forward + Hessians %.2fs, %d variants solved in %.2fs", prefix, forward - begin, len(live),
@@ -282,24 +282,59 @@ def _solve_threads(device):
         torch.set_num_threads(threads)
 
 
-def _solve(t: Target, module, name: str, full: str, index: int, hessians: _Hessians, total_tokens: int,
-           executor: Executor) -> None:
-    try:
-        task = _task(module, name, full, index, t.qcfg, total_tokens)
-        leader = hessians.leader(name)
-        if leader is not None:
-            task.adopt_hessian_from(leader)
-            hessians.share_inverse(task, name)
-        q, scales, zeros, g_idx, seconds, loss, damp, samples = task.quantize()
-        task.free()
-        bias = module.bias.detach().cpu() if getattr(module, "bias", None) is not None else None
-        result = (q.cpu(), scales.cpu(), zeros.cpu(), g_idx.cpu(), bias)
-    except Exception as exc:  # noqa: BLE001 - this variant fails, the others go on
-        t.fail(exc)
-        return
+def _solve(module, name: str, full: str, index: int, hessians: _Hessians, targets: list[Target], total_tokens: int,
+           executor: Executor, *, stack: bool) -> None:
+    """Solve one linear for every target and hand the results to packing.
+
+    On CPU the targets sharing an inverse factor are solved as one stacked matrix
+    (``gptq_solve``); otherwise, or when stacking does not apply, GPTQModel solves each.
+    """
+    tasks = {}
+    for t in targets:
+        try:
+            tasks[t.id] = _adopted(_task(module, name, full, index, t.qcfg, total_tokens), name, hessians)
+        except Exception as exc:  # noqa: BLE001 - this variant fails, the others go on
+            t.fail(exc)
+    groups: dict[tuple, list[Target]] = {}
+    for t in targets:
+        if t.id in tasks:
+            key = (t.qcfg.desc_act, t.qcfg.damp_percent) if stack and stackable(tasks[t.id]) else (t.id,)
+            groups.setdefault(key, []).append(t)
+    for group in groups.values():
+        results = None
+        if len(group) > 1:
+            try:
+                results = solve_stacked([tasks[t.id] for t in group])
+            except Unstackable as exc:
+                log.info("%s: solving %d variants one by one (%s)", full, len(group), exc)
+                tasks.update({t.id: _adopted(_task(module, name, full, index, t.qcfg, total_tokens), name, hessians)
+                              for t in group})
+        for i, t in enumerate(group):
+            try:
+                result = results[i] if results else tasks[t.id].quantize()
+            except Exception as exc:  # noqa: BLE001 - this variant fails, the others go on
+                t.fail(exc)
+                continue
+            finally:
+                tasks[t.id].free()
+            _submit(t, module, full, index, name, result, executor)
+
+
+def _adopted(task, name: str, hessians: _Hessians):
+    leader = hessians.leader(name)
+    if leader is not None:
+        task.adopt_hessian_from(leader)
+        hessians.share_inverse(task, name)
+    return task
+
+
+def _submit(t: Target, module, full: str, index: int, name: str, result: tuple, executor: Executor) -> None:
+    q, scales, zeros, g_idx, seconds, loss, damp, samples = result
+    bias = module.bias.detach().cpu() if getattr(module, "bias", None) is not None else None
     t.quant_log.append({"layer": index, "module": name, "loss": loss if isinstance(loss, str) else f"{loss:.10f}",
                         "samples": f"{samples}", "damp": f"{damp:.5f}", "time": f"{seconds:.3f}"})
-    t.pending.append((index, executor.submit(pack, t.spool, full, *result, qcfg=t.qcfg, kernel=t.kernel)))
+    t.pending.append((index, executor.submit(pack, t.spool, full, q.cpu(), scales.cpu(), zeros.cpu(), g_idx.cpu(),
+                                             bias, qcfg=t.qcfg, kernel=t.kernel)))
 
 
 def _settle(targets: list[Target], before: int) -> None:
