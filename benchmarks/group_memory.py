@@ -7,8 +7,10 @@ fp32 model plus the libraries' own footprint, measured by a child that imports t
 nothing.
 
     .venv/bin/python benchmarks/group_memory.py [--n-samples 4] [--seq-len 128] [--gptq-mode shared|exact]
+                                                [--methods gptq+awq|gptq|awq] [--legacy]
 
-Writes benchmarks/results/group_memory.json and .md.
+``--legacy`` writes the matrix without ``gptq.mode`` (for code that predates it). Writes
+benchmarks/results/group_memory[_<methods>].json and .md.
 """
 
 from __future__ import annotations
@@ -24,14 +26,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-MATRIX = """\
+GPTQ = """\
 gptq:
   mode: {mode}
   variants:
     - {{bits: 4, group_size: 128}}
     - {{bits: 8, group_size: 128}}
+"""
+AWQ = """\
 awq:
-  targets: [{{bits: 4, group_size: 128}}]
+  targets: [{bits: 4, group_size: 128}]
 """
 LIBRARIES = ("import os; os.environ.setdefault('GPTQMODEL_CPU_WORKERS', str(os.cpu_count()));"
              "import torch, transformers, gptqmodel, quantpub.worker")
@@ -70,6 +74,8 @@ def main() -> None:
     parser.add_argument("--gptq-mode", choices=("shared", "exact"), default="shared",
                         help="the matrix's gptq.mode (omitted from the matrix for code that predates it: --legacy)")
     parser.add_argument("--legacy", action="store_true", help="write the matrix without gptq.mode (old code)")
+    parser.add_argument("--methods", choices=("gptq+awq", "gptq", "awq"), default="gptq+awq",
+                        help="the group's phases to run (one phase alone shows its own peak)")
     parser.add_argument("--work", default=None, help="keep the model here between runs")
     args = parser.parse_args()
     from quantpub.tiny import corpus_text
@@ -80,12 +86,12 @@ def main() -> None:
     model = work / "llama-168m-fp16"
     params = build_model(model)
     (work / "calib.txt").write_text(corpus_text())
-    matrix = MATRIX.format(mode=args.gptq_mode)
+    matrix = (GPTQ.format(mode=args.gptq_mode) if "gptq" in args.methods else "") + (AWQ if "awq" in args.methods else "")
     if args.legacy:
         matrix = matrix.replace(f"  mode: {args.gptq_mode}\n", "")
     (work / "matrix.yaml").write_text(matrix)
     out = work / f"out-{time.time_ns()}"
-    log = (RESULTS / "group_memory.log").open("w")
+    log = (RESULTS / f"group_memory_{args.methods}.log").open("w")
     _, libraries = child([sys.executable, "-c", LIBRARIES], work, log)
     wall, peak = child([sys.executable, "-m", "quantpub", "quantize", str(work / "matrix.yaml"), "--model", str(model),
                         "--out", str(out), "--calibration-file", str(work / "calib.txt"), "--device", "cpu",
@@ -93,17 +99,19 @@ def main() -> None:
     fp32 = params * 4
     target = 2 * fp32 + libraries
     result = {"benchmark": "group_memory", "parameters": params, "fp16_bytes": params * 2, "fp32_bytes": fp32,
-              "gptq_mode": "legacy" if args.legacy else args.gptq_mode,
+              "methods": args.methods, "gptq_mode": "legacy" if args.legacy else args.gptq_mode,
               "calibration": {"n_samples": args.n_samples, "seq_len": args.seq_len},
               "libraries_peak_rss_bytes": libraries, "peak_rss_bytes": peak, "target_bytes": target,
               "within_target": peak <= target, "seconds": round(wall, 1), "load_average": os.getloadavg()}
-    (RESULTS / "group_memory.json").write_text(json.dumps(result, indent=2) + "\n")
+    stem = "group_memory" if args.methods == "gptq+awq" else f"group_memory_{args.methods}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     gb = 1e9
-    md = [f"# GPTQ/AWQ group memory (2 GPTQ + AWQ, {params / 1e6:.1f}M params fp16, mode {result['gptq_mode']})", "",
+    md = [f"# GPTQ/AWQ group memory ({args.methods}: 2 GPTQ variants, 1 AWQ target; {params / 1e6:.1f}M params fp16, "
+          f"GPTQ mode {result['gptq_mode']})", "",
           f"peak RSS {peak / gb:.2f} GB; target 2 x fp32 ({2 * fp32 / gb:.2f} GB) + libraries ({libraries / gb:.2f} GB)"
           f" = {target / gb:.2f} GB: {'within' if peak <= target else 'OVER'}; wall {wall:.0f} s; "
           f"load average {os.getloadavg()[0]:.2f}", ""]
-    (RESULTS / "group_memory.md").write_text("\n".join(md))
+    (RESULTS / f"{stem}.md").write_text("\n".join(md))
     print("\n".join(md))
 
 

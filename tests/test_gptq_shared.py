@@ -159,7 +159,7 @@ def test_a_variant_whose_solve_fails_leaves_no_directory_and_the_pass_goes_on(ti
     monkeypatch.setattr(GPTQ, "quantize", nan_for_8bit)
     monkeypatch.setattr(writer, "MAX_SHARD_BYTES", 1_000_000)  # the tiny model in shards, with an index
     matrix = tmp_path / "m.yaml"
-    matrix.write_text(f"gptq:\n{TWO}")
+    matrix.write_text(f"gptq:\n  mode: shared\n{TWO}")
     outcomes = quantize(matrix, str(tiny_models("llama")), tmp_path / "o", calibration_file=corpus, device="cpu",
                         **SMALL)
     assert outcomes[0].error is None
