@@ -90,8 +90,11 @@ def test_mixtral_imatrix_q4_k_m_loads_in_llama_cpp(tiny_models, corpus, tmp_path
                           calibration_file=corpus, device="cpu", n_samples=8, seq_len=128)
     assert outcome.error is None
     manifest = json.loads((outcome.path / MANIFEST).read_text())
-    assert manifest["parameters"] == {"type": "Q4_K_M", "imatrix": True}
+    assert manifest["parameters"] == {"name": "Q4_K_M", "type": "Q4_K_M", "imatrix": True}
     assert manifest["imatrix"]["samples"] == 8 and manifest["imatrix"]["tokens"] == 8 * 128
+    assert manifest["imatrix"]["file"] == "tiny-mixtral.imatrix" and "tiny-mixtral.imatrix" in manifest["files"]
+    meta, values = gguf.read_imatrix(outcome.path / "tiny-mixtral.imatrix")  # one slice per expert
+    assert meta["general.type"] == "imatrix" and values["blk.0.ffn_down_exps.weight"].size == 4 * 512
     # every expert tensor of both layers got importance data: 3 per layer + 4 attention
     assert manifest["imatrix"]["tensors"] == 2 * (3 + 4)
     assert manifest["calibration"]["n_samples"] == 8

@@ -94,3 +94,10 @@ def test_format_number(value, text):
 ])
 def test_is_valid_branch(name, ok):
     assert naming.is_valid_branch(name) is ok
+
+
+def test_gguf_file_templates_and_stems():
+    assert naming.gguf_filename("Qwen2.5-0.5B", "Q4_K_L", "{model_name}-{type}.gguf") == "Qwen2.5-0.5B-Q4_K_L.gguf"
+    assert naming.gguf_stem("Qwen2.5-0.5B.Q4_K_M-00002-of-00003.gguf") == "Qwen2.5-0.5B.Q4_K_M"
+    assert naming.gguf_stem("Qwen2.5-0.5B.Q4_K_M.gguf") == "Qwen2.5-0.5B.Q4_K_M"
+    assert naming.imatrix_filename("tulu-7b") == "tulu-7b.imatrix"

@@ -20,17 +20,10 @@ from pydantic import (
 
 from quantpub import naming, yamlfile
 from quantpub.errors import MatrixError
+from quantpub.quants import GgufVariant
 
 Bits = Literal[2, 3, 4, 8]
 Method = Literal["gptq", "awq", "gguf"]
-GGUF_TYPES = (
-    "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_1", "Q4_K_S", "Q4_K_M", "Q5_0", "Q5_1",
-    "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0", "IQ1_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS",
-    "IQ3_S", "IQ3_M", "IQ4_NL", "IQ4_XS",
-)
-# llama.cpp refuses these without an importance matrix.
-GGUF_NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ2_XXS", "IQ2_XS", "IQ2_S"})
-GgufType = Literal[GGUF_TYPES]  # type: ignore[valid-type]
 GROUP_SIZES = (32, 64, 128)
 PERPLEXITY_SPLIT = "test"
 
@@ -169,20 +162,35 @@ class AwqSection(Strict):
 
 
 class GgufSection(Strict):
-    types: Annotated[list[GgufType], Field(min_length=1)]
+    """llama.cpp files, all on the GGUF repo's main; ``imatrix`` computes one importance matrix
+    from the calibration samples, uses it for every type and publishes it beside the files."""
+
+    types: Annotated[list[GgufVariant], Field(min_length=1)]
     imatrix: bool = False
+    file_name: str = naming.GGUF_FILE_TEMPLATE
 
     @model_validator(mode="after")
     def _check(self) -> GgufSection:
         seen = set()
         for t in self.types:
-            if t in seen:
-                raise ValueError(f"type {t} is listed twice")
-            seen.add(t)
-        needs = sorted(GGUF_NEEDS_IMATRIX.intersection(self.types))
+            if t.label in seen:
+                raise ValueError(f"type {t.label} is listed twice")
+            seen.add(t.label)
+        needs = [t.label for t in self.types if t.needs_imatrix()]
         if needs and not self.imatrix:
             raise ValueError(f"{', '.join(needs)} need an importance matrix: set imatrix: true")
         return self
+
+    @field_validator("file_name")
+    @classmethod
+    def _file_template(cls, template: str) -> str:
+        try:
+            name = naming.gguf_filename("m", "Q4_K_M", template)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"{template!r}: the placeholders are {{model_name}} and {{type}} ({exc})") from None
+        if "{type}" not in template or not name.endswith(".gguf") or "/" in name:
+            raise ValueError(f"{template!r} must contain {{type}}, end in .gguf and name no folder")
+        return template
 
 
 class RepoSection(Strict):
@@ -239,7 +247,7 @@ class VariantSpec:
     method: Method
     origin: str  # where in the matrix it came from, for error messages
     branch: str | None  # None for GGUF: files on main
-    params: GptqVariant | AwqTarget | str  # str: the GGUF type
+    params: GptqVariant | AwqTarget | GgufVariant
     calibration: CalibrationSpec | None  # None: needs no calibration
 
 
@@ -345,7 +353,7 @@ def _gguf_specs(matrix: Matrix) -> list[VariantSpec]:
         return []
     calibration = matrix.calibration if matrix.gguf.imatrix else None
     return [
-        VariantSpec(id=naming.gguf_variant_id(t), method="gguf", origin=f"gguf.types[{i}]",
+        VariantSpec(id=naming.gguf_variant_id(t.label), method="gguf", origin=f"gguf.types[{i}]",
                     branch=None, params=t, calibration=calibration)
         for i, t in enumerate(matrix.gguf.types)
     ]

@@ -110,9 +110,24 @@ def gguf_variant_id(quant_type: str) -> str:
     return f"gguf-{quant_type}"
 
 
-def gguf_filename(model_basename: str, quant_type: str) -> str:
-    """``tulu-7b.Q4_K_M.gguf``"""
-    return f"{model_basename}.{quant_type}.gguf"
+GGUF_FILE_TEMPLATE = "{model_name}.{type}.gguf"  # TheBloke's; bartowski's is "{model_name}-{type}.gguf"
+SPLIT_SUFFIX = re.compile(r"-\d{5}-of-\d{5}\.gguf$")
+
+
+def gguf_filename(model_basename: str, quant_type: str, template: str = GGUF_FILE_TEMPLATE) -> str:
+    """``tulu-7b.Q4_K_M.gguf`` (or as ``template`` says, with ``{model_name}`` and ``{type}``)."""
+    return template.format(model_name=model_basename, type=quant_type)
+
+
+def imatrix_filename(model_basename: str) -> str:
+    """``tulu-7b.imatrix``: llama.cpp's GGUF imatrix format, named as bartowski names his (not
+    ``.gguf``, so that no tool lists it as a model file)."""
+    return f"{model_basename}.imatrix"
+
+
+def gguf_stem(file_name: str) -> str:
+    """The file name without ``.gguf`` and without llama.cpp's ``-00001-of-00003`` split suffix."""
+    return SPLIT_SUFFIX.sub("", file_name).removesuffix(".gguf")
 
 
 def gguf_split_filename(model_basename: str, quant_type: str, index: int, count: int) -> str:

@@ -22,6 +22,7 @@ from quantpub.artifacts import MANIFEST, RUN_RECORD, sha256_file, write_text_ato
 from quantpub.moe import expert_coverage
 from quantpub.errors import PlanError, QuantizeError, QuantpubError
 from quantpub.plan import Job, Plan, make_plan
+from quantpub.quants import GgufVariant
 
 log = logging.getLogger(__name__)
 WORKER_METHODS = ("gptq", "awq", "gguf")
@@ -214,6 +215,7 @@ def _write_manifest(path: Path, job: Job, calib, model: str, device: str, second
         from quantpub.backends import llamacpp
 
         manifest["tools"]["llama-cpp-python"] = llamacpp.version()
+        manifest["tools"]["llama.cpp"] = llamacpp.commit()
     else:
         import gptqmodel
         import optimum.version
@@ -232,6 +234,10 @@ def _write_run_record(out: Path, plan: Plan, model: str) -> None:
 
 def _parameters(job: Job) -> dict[str, Any]:
     p = job.variant.params
-    if isinstance(p, str):
-        return {"type": p, "imatrix": job.variant.calibration is not None}
+    if isinstance(p, GgufVariant):  # name: the file's label (Q4_K_L); type: llama.cpp's file type (Q4_K_M)
+        overrides = {k: v for k, v in (("token_embedding_type", p.token_embedding_type),
+                                       ("output_tensor_type", p.output_tensor_type),
+                                       ("tensor_types", p.tensor_types)) if v}
+        return {"name": p.label, "type": p.type, **overrides,
+                "imatrix": job.variant.calibration is not None and p.takes_imatrix()}
     return p.model_dump(mode="json")

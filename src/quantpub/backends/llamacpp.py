@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from quantpub.errors import QuantpubError
+from quantpub.quants import GgufVariant
 
 log = logging.getLogger(__name__)
 PACKAGE = "llama-cpp-python"
@@ -40,6 +41,20 @@ def version() -> str:
     except metadata.PackageNotFoundError:
         raise LlamaCppError(f"{PACKAGE} is not installed: run scripts/install.sh (it builds and caches the wheel)") \
             from None
+
+
+def commit() -> str:
+    """llama.cpp's commit as the loaded library reports it (``ggml_commit``: ``0c1e570``, with
+    ``-dirty`` when the package built it from a modified tree), or "unknown" for a library
+    without that function."""
+    from llama_cpp import llama_cpp as lib
+
+    try:
+        func = lib._lib.ggml_commit
+    except AttributeError:
+        return "unknown"
+    func.restype = ctypes.c_char_p
+    return (func() or b"unknown").decode()
 
 
 def cache_root() -> Path:
@@ -100,6 +115,7 @@ def convert(model_dir: Path, outfile: Path, outtype: str) -> float:
 
 
 def ftype(gguf_type: str) -> int:
+    """llama.cpp's number for a file type (``Q4_K_M``)."""
     import llama_cpp
 
     value = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gguf_type}", None)
@@ -108,15 +124,42 @@ def ftype(gguf_type: str) -> int:
     return value
 
 
-def quantize(source: Path, dest: Path, gguf_type: str, *, imatrix: dict[str, np.ndarray] | None = None,
+GGML_BF16 = 30  # ggml.h's GGML_TYPE_BF16; llama-cpp-python 0.3.36 does not export it
+
+
+def ggml_type(tensor_type: str) -> int:
+    """ggml's number for a tensor type (``Q8_0``), as ``llama-quantize --tensor-type`` parses it."""
+    import llama_cpp
+
+    value = GGML_BF16 if tensor_type == "BF16" else getattr(llama_cpp, f"GGML_TYPE_{tensor_type}", None)
+    if value is None:
+        raise LlamaCppError(f"llama.cpp {version()} has no tensor type {tensor_type}")
+    return value
+
+
+def quantize(source: Path, dest: Path, variant: GgufVariant, *, imatrix: dict[str, np.ndarray] | None = None,
              threads: int = 1) -> float:
-    """``llama_model_quantize`` (the code behind ``llama-quantize``). Returns seconds."""
+    """``llama_model_quantize`` (the code behind ``llama-quantize``), with the variant's
+    ``--token-embedding-type``, ``--output-tensor-type`` and ``--tensor-type`` overrides. Returns seconds."""
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype(gguf_type)
+    params.ftype = ftype(variant.type)
     params.nthread = threads
-    keep = []  # the C side reads these during the call
+    keep: list = []  # the C side reads these during the call
+    if variant.token_embedding_type:
+        params.token_embedding_type = ggml_type(variant.token_embedding_type)
+    if variant.output_tensor_type:
+        params.output_tensor_type = ggml_type(variant.output_tensor_type)
+    if variant.tensor_types:
+        pairs = variant.overrides()
+        table = (llama_cpp.llama_model_tensor_override * (len(pairs) + 1))()
+        for i, (pattern, kind) in enumerate(pairs):
+            table[i].pattern = pattern.encode()
+            table[i].type = ggml_type(kind)
+        table[len(pairs)].pattern = None
+        params.tt_overrides = ctypes.cast(table, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+        keep.append(table)
     if imatrix:
         entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
         for i, (name, values) in enumerate(sorted(imatrix.items())):
@@ -132,7 +175,7 @@ def quantize(source: Path, dest: Path, gguf_type: str, *, imatrix: dict[str, np.
     rc = llama_cpp.llama_model_quantize(str(source).encode(), str(dest).encode(), ctypes.byref(params))
     if rc != 0:
         dest.unlink(missing_ok=True)
-        raise LlamaCppError(f"llama_model_quantize({source.name} -> {gguf_type}) returned {rc}")
+        raise LlamaCppError(f"llama_model_quantize({source.name} -> {variant.describe()}) returned {rc}")
     return time.monotonic() - started
 
 
