@@ -266,6 +266,18 @@ def rounded(cell: str, value: float) -> bool:
     return cell in {quality.fmt(value, n) for n in range(1, 8)}
 
 
+@pytest.mark.parametrize("kind", ["GPTQ", "GGUF"])
+def test_evaluated_cards_match_reviewed_golden_files(kind, tmp_path):
+    manifests = manifests_for(source_dir(tmp_path, "tulu-7b"))
+    for i, m in enumerate(manifests):
+        m["evaluation"] = evaluation(m["size"], i)
+    text = render_family(tmp_path, manifests)[kind]
+    golden = GOLDEN / "tulu-7b" / f"{kind}-evaluated.md"
+    if os.environ.get("QUANTPUB_UPDATE_GOLDEN"):
+        golden.write_text(text)
+    assert text == golden.read_text(), f"evaluated {kind} card differs from {golden}"
+
+
 def test_every_number_in_the_comparison_table_is_a_manifest_field(tmp_path):
     manifests = manifests_for(source_dir(tmp_path, "tulu-7b"))
     for i, m in enumerate(manifests):
@@ -301,9 +313,13 @@ def test_which_file_picks_follow_the_table(tmp_path):
     kld_rows = [r for r in picks if r[0] in ("0.01", "0.05", "0.1")]
     for limit, anyformat, own in kld_rows:
         best = min((p for p in pts if p.kld <= float(limit)), key=lambda p: p.size, default=None)
-        assert anyformat == "none measured" if best is None else anyformat.startswith(f"[{best.label}]")
+        assert anyformat == "none this close" if best is None else anyformat.startswith(f"[{best.label}]")
         mine = min((p for p in pts if p.kld <= float(limit) and p.kind == "GGUF"), key=lambda p: p.size, default=None)
-        assert own == "none measured" if mine is None else own.startswith(f"[{mine.label}]")
+        assert own == "none this close" if mine is None else own.startswith(f"[{mine.label}]")
+    budget_rows = [r for r in picks if r[0].endswith(("GiB", "GiB or more"))]
+    assert [r[0] for r in budget_rows] == ["8 GiB or more"]  # every file of a tiny model fits: one row
+    best = min(pts, key=lambda p: p.kld)
+    assert budget_rows[0][1].startswith(f"[{best.label}]")
 
 
 def test_no_placeholder_reaches_a_card_with_every_optional_fact_missing(tmp_path):
@@ -381,6 +397,13 @@ def test_pick_rules_on_fixed_numbers():
     chosen = quality.picks(pts, "GPTQ")
     assert [r["own"] and r["own"].variant for r in chosen["kld"]] == ["", "main", "main"][:0] + [None, "main", "main"]
     assert quality.ranks(sorted(pts, key=lambda p: p.kld))["Q8_0"] == 1
+
+
+def test_budget_rows_with_the_same_picks_are_merged():
+    rows = [{"budget": b, "any": a, "own": o} for b, a, o in ((8, "x", "y"), (12, "x", "y"), (16, "z", "y"),
+                                                                 (24, "w", "y"))]
+    assert [r["budget"] for r in quality._merge_budgets(rows)] == ["8 to 12 GiB", "16 GiB", "24 GiB"]
+    assert [r["budget"] for r in quality._merge_budgets(rows[2:] + rows[3:])] == ["16 GiB", "24 GiB or more"]
 
 
 def test_significant_digits_tell_values_apart():

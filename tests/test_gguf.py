@@ -154,10 +154,10 @@ def test_split_files_load_in_llama_cpp(twelve, corpus, tmp_path):
 def test_one_failing_type_does_not_stop_the_others(tiny_models, corpus, tmp_path, monkeypatch):
     real = llamacpp.quantize
 
-    def broken(source, dest, gguf_type, **kw):
-        if gguf_type == "Q5_0":
+    def broken(source, dest, variant, **kw):
+        if variant.type == "Q5_0":
             raise llamacpp.LlamaCppError("llama_model_quantize(... -> Q5_0) returned 1")
-        return real(source, dest, gguf_type, **kw)
+        return real(source, dest, variant, **kw)
 
     monkeypatch.setattr(llamacpp, "quantize", broken)
     outcomes = quantize(matrix(tmp_path, ["Q5_0", "Q4_0"]), str(tiny_models("llama")), tmp_path / "o",

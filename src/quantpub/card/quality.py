@@ -143,7 +143,7 @@ def table(pts: list[Point], kld_digits: int, ppl_digits: int) -> list[dict[str, 
 
 def pick_cell(p: Point | None, show: str, kld_digits: int) -> str:
     if p is None:
-        return "none measured"
+        return "none this close" if show == "kld" else "none measured fits"
     kld = f"KLD {fmt(p.kld, kld_digits)}"
     extra = kld if show == "kld" else f"{memory_cell(p.evaluation)}, {kld}"
     return f"[{p.label}]({p.url}) ({p.kind}, {gb(p.size)}, {extra})"
@@ -184,6 +184,23 @@ def context(family: list[dict], kind: str, hub: str) -> dict[str, Any] | None:
         "memory_context": next((p.evaluation["memory"]["context"] for p in pts if p.memory is not None), None),
         "kld_picks": [{"limit": f"{r['limit']:g}", "any": pick_cell(r["any"], "kld", kld_digits),
                        "own": pick_cell(r["own"], "kld", kld_digits)} for r in chosen["kld"]],
-        "memory_picks": [{"budget": f"{r['budget']} GiB", "any": pick_cell(r["any"], "memory", kld_digits),
-                          "own": pick_cell(r["own"], "memory", kld_digits)} for r in chosen["memory"]],
+        "memory_picks": _merge_budgets([{"budget": r["budget"], "any": pick_cell(r["any"], "memory", kld_digits),
+                                         "own": pick_cell(r["own"], "memory", kld_digits)} for r in chosen["memory"]]),
     }
+
+
+def _merge_budgets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row for neighbouring budgets with the same picks: "8 to 16 GiB", "12 GiB or more"."""
+    groups: list[list[dict[str, Any]]] = []
+    for row in rows:
+        if groups and (groups[-1][0]["any"], groups[-1][0]["own"]) == (row["any"], row["own"]):
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    out = []
+    for i, group in enumerate(groups):
+        low, high = group[0]["budget"], group[-1]["budget"]
+        label = f"{low} GiB or more" if i == len(groups) - 1 and len(group) > 1 else \
+            f"{low} to {high} GiB" if len(group) > 1 else f"{low} GiB"
+        out.append({**group[0], "budget": label})
+    return out
