@@ -31,6 +31,7 @@ class Point:
     size: int
     kld: float
     evaluation: dict[str, Any]
+    parameters: dict[str, Any] | None = None
 
     @property
     def memory(self) -> int | None:
@@ -58,7 +59,8 @@ def points(family: list[dict], hub: str) -> list[Point]:
         else:
             label = sorted(n for n in m["files"] if n.endswith(".gguf"))[0]
             url = f"{hub}/{m['repo']}/blob/main/{label}"
-        out.append(Point(m["variant"], m["method"].upper(), m["repo"], label, url, m["size"], ev["kld"], ev))
+        out.append(Point(m["variant"], m["method"].upper(), m["repo"], label, url, m["size"], ev["kld"], ev,
+                         m.get("parameters")))
     return sorted(out, key=lambda p: (p.kld, p.size))
 
 
