@@ -84,7 +84,8 @@ def manifests_for(model: Path) -> list[dict]:
     for job in plan.jobs:
         calib = None
         if job.variant.calibration is not None:
-            calib = {"source": "wikitext/wikitext-2-raw-v1:train", "n_samples": job.n_samples, "seq_len": job.seq_len,
+            calib = {"source": "wikitext/wikitext-2-raw-v1:train", "dataset": "wikitext", "config": "wikitext-2-raw-v1",
+                     "split": "train", "file": None, "n_samples": job.n_samples, "seq_len": job.seq_len,
                      "source_tokens": 2_000_000, "seed": 0, "sha256": CALIBRATION_SHA}
         files = {job.target: {"size": job.size, "sha256": "0" * 64}} if job.method == "gguf" else \
             {"model.safetensors": {"size": job.size, "sha256": "0" * 64}}

@@ -120,7 +120,7 @@ def _gguf(plan: Plan, jobs: list[Job], model_dir: Path, out: Path, model: str, c
     calib = None
     if jobs[0].variant.calibration is not None:
         calib = calibration.build(text, source, tokenizer, n_samples=jobs[0].n_samples, seq_len=jobs[0].seq_len,
-                                  seed=spec.seed)
+                                  seed=spec.seed, origin=calibration.origin(spec, calibration_file))
     held_out = text[len(text) // 2:]  # validation reads the second half; imatrix windows may come from anywhere
     try:
         return build_gguf_set(plan, jobs, model_dir, out, model, tokenizer=tokenizer, text=held_out,
@@ -157,8 +157,8 @@ def _calibrations(jobs: list[Job], tokenizer, file) -> dict[tuple, calibration.C
         if text_key not in texts:
             texts[text_key] = calibration.load_text(spec, file)
         text, source = texts[text_key]
-        sets[key] = calibration.build(text, source, tokenizer, n_samples=job.n_samples,
-                                      seq_len=job.seq_len, seed=spec.seed)
+        sets[key] = calibration.build(text, source, tokenizer, n_samples=job.n_samples, seq_len=job.seq_len,
+                                      seed=spec.seed, origin=calibration.origin(spec, file))
     return sets
 
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
 from typing import Any
+
 
 TOOL_NAMES = {  # manifest key -> how the card names it, in the order it lists them
     "quantpub": "quantpub", "gptqmodel": "GPTQModel", "optimum": "Optimum", "transformers": "Transformers",
@@ -33,17 +32,6 @@ def tools(manifests: list[dict]) -> list[dict[str, str]]:
     return out
 
 
-def source_parts(source: str) -> dict[str, str | None]:
-    """``wikitext/wikitext-2-raw-v1:train`` -> dataset, config, split; a local file -> its name."""
-    match = re.fullmatch(r"([\w./-]+?)/([\w.-]+):(\w+)", source) or re.fullmatch(r"([\w./-]+?):(\w+)()", source)
-    if match and not Path(source.split(":")[0]).exists():
-        dataset, config, split = match.groups()
-        if not split:  # "dataset:split" without a config
-            config, split = None, config
-        return {"dataset": dataset, "config": config, "split": split, "file": None}
-    return {"dataset": None, "config": None, "split": None, "file": Path(source).name}
-
-
 def calibrations(manifests: list[dict]) -> list[dict[str, Any]]:
     """Distinct calibration sets and the variants that used them (GPTQ/AWQ, or a GGUF importance matrix)."""
     found: dict[str, dict[str, Any]] = {}
@@ -52,7 +40,9 @@ def calibrations(manifests: list[dict]) -> list[dict[str, Any]]:
         if not c:
             continue
         key = c.get("sha256") or repr(sorted(c.items()))
-        entry = found.setdefault(key, {**source_parts(str(c["source"])), "n_samples": c.get("n_samples"),
+        where = {k: c.get(k) for k in ("dataset", "config", "split", "file")}
+        where["source"] = None if any(where.values()) else str(c["source"])  # older records: as recorded
+        entry = found.setdefault(key, {**where, "n_samples": c.get("n_samples"),
                                        "seq_len": c.get("seq_len"), "seed": c.get("seed"), "sha256": c.get("sha256"),
                                        "variants": []})
         entry["variants"].append(_label(m))
