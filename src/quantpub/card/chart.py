@@ -12,7 +12,7 @@ from pathlib import Path
 from quantpub.card.quality import Point
 
 CHART = "quality.png"  # beside README.md in every repo of the model
-MARKERS = {"GPTQ": "o", "AWQ": "s", "GGUF": "^"}
+MARKERS = {"GPTQ": ("o", "tab:blue"), "AWQ": ("s", "tab:orange"), "GGUF": ("^", "tab:green")}  # same in every chart
 
 
 def short_label(p: Point) -> str:
@@ -62,11 +62,12 @@ def write_chart(points: list[Point], path: Path, title: str) -> Path:
     fig = Figure(figsize=(9, 5.5), dpi=110)
     FigureCanvasAgg(fig)  # draws off-screen; labels are placed by their measured extents
     ax = fig.subplots()
-    for kind, marker in MARKERS.items():
+    for kind, (marker, color) in MARKERS.items():
         pts = [p for p in points if p.kind == kind]
         if not pts:
             continue
-        ax.scatter([p.size / scale for p in pts], [p.kld for p in pts], marker=marker, s=36, label=kind, zorder=3)
+        ax.scatter([p.size / scale for p in pts], [p.kld for p in pts], marker=marker, color=color, s=36, label=kind,
+                   zorder=3)
     ax.set_yscale("log")
     ax.margins(x=0.08, y=0.12)
     ax.set_xlabel(f"file size ({unit})")
