@@ -184,3 +184,18 @@ def test_retry_backs_off_on_transient_errors_only():
     with pytest.raises(httpx2.ConnectError):
         retry(refused, "refused", attempts=3, base_wait=0)
     assert len(calls) == 3
+
+
+def test_an_unfinished_build_is_never_a_result(tmp_path):
+    import json
+
+    from quantpub.errors import PublishError
+    from quantpub.publish import find_variants
+
+    partial = tmp_path / ".partial-gptq-4bit-128g-actorder_False-123"
+    partial.mkdir()
+    (partial / "quantpub.json").write_text(json.dumps({"variant": "x", "repo": "ns/r", "files": {}}))
+    with pytest.raises(PublishError, match="no finished variant"):
+        find_variants(tmp_path)
+    with pytest.raises(PublishError, match="an unfinished build"):
+        find_variants(partial)
