@@ -183,6 +183,7 @@ def evaluate(out: str | Path, *, model: str | None = None, eval_file: str | Path
         manifest["evaluation"] = result
         write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
         results[variant] = result
+        progress.report(variant, "evaluated")
         log.info("evaluate: %s perplexity %.4f (unquantised %.4f), KLD %.5f", variant, result["perplexity"],
                  ref_ppl, result["kld"])
     return results
