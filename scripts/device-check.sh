@@ -16,6 +16,10 @@ WORK=${DEVICE_CHECK_WORK:-/tmp/quantpub-device-check}
 export DEVICE_CHECK_WORK=$WORK
 mkdir -p "$WORK"
 
+# GPTQModel's wheel ships its CUDA kernels as sources that it JIT-builds with nvcc on first use
+# (BUILD_CUDA_EXT=0): keep its GPTQ block kernel off (the torch path quantizes) and let quantpub load
+# variants with Triton kernels (validate.loader_kwargs), so the check shows the path that needs no
+# compiled CUDA kernel. Whatever GPTQModel still JIT-builds is listed in the report.
 export GPTQMODEL_DISABLE_GPTQ_CUDA=1 TQDM_DISABLE=1
 
 if [ "${1:-}" = "--cpu-dry-run" ]; then
@@ -33,10 +37,7 @@ export QUANTPUB_CACHE=$WORK/cache
 mkdir -p "$QUANTPUB_CACHE"
 tar -xzf .whl/llama.cpp-converter-*.tar.gz -C "$QUANTPUB_CACHE"
 export PYTHONPATH=$PWD/src:$SITE
-# Offline; GPTQModel's CUDA kernels are sources JIT-built with nvcc on first use (BUILD_CUDA_EXT=0
-# wheels): keep its GPTQ block kernel off and let quantpub pick Triton kernels (validate.loader_kwargs),
-# so the check shows the path that needs no compiled kernel. Whatever gets JIT-built lands in WORK/jit
-# and is listed in the report.
+# Offline (the run's own hub is on 127.0.0.1); JIT builds go to WORK/jit, where the report looks.
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 export GPTQMODEL_TORCH_EXTENSIONS_DIR=$WORK/jit TORCH_EXTENSIONS_DIR=$WORK/jit/torch
 "$PYTHON" - <<'EOF'

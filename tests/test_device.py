@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -95,6 +96,27 @@ def test_stage_measurements_come_from_the_samples_in_its_window():
     assert row == {"wall_s": 2.0, "gpu_busy": 0.75, "peak_gpu_mib": 4000, "peak_host_mib": 45}
     short = device_check.measure(samples, 2.9, 3.0, 2, gpu_base=1000 << 20)
     assert short["gpu_busy"] == 0.0 and short["peak_host_mib"] == 15
+
+
+def test_sampler_reads_the_gpu_through_nvml_and_the_run_s_processes(monkeypatch):
+    import types
+
+    calls = []
+    nvml = types.SimpleNamespace(
+        nvmlInit=lambda: calls.append("init"), nvmlDeviceGetHandleByIndex=lambda i: calls.append(i) or "h",
+        nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(gpu=37),
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=3 << 30))
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    child = subprocess.Popen([sys.executable, "-c", "import time; x = bytearray(64 << 20); time.sleep(30)"])
+    try:
+        time.sleep(1)
+        sample = device_check.Sampler(os.getpid()).sample()
+    finally:
+        child.kill()
+    assert calls == ["init", 1] and (sample["gpu_busy"], sample["gpu_mem"]) == (37, 3 << 30)
+    assert sample["procs"][child.pid][0] == os.getpid() and sample["procs"][child.pid][1] > 64 << 20
+    assert device_check.tree_rss(sample["procs"], os.getpid()) > sample["procs"][child.pid][1]
 
 
 @pytest.mark.slow
