@@ -101,10 +101,10 @@ def hf_logprobs(model_dir: Path, data: HeldOut, device: str, manifest: dict | No
     import torch
     from transformers import AutoModelForCausalLM
 
-    from quantpub.validate import cpu_loader_kwargs
+    from quantpub.validate import loader_kwargs
 
-    gptq = manifest is not None and manifest["method"] == "gptq"
-    kwargs: dict[str, Any] = cpu_loader_kwargs(model_dir, manifest["parameters"], device) if gptq else {}
+    kwargs: dict[str, Any] = {} if manifest is None else \
+        loader_kwargs(model_dir, manifest["method"], manifest["parameters"], device)
     dtype = torch.float32 if device == "cpu" else torch.float16
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=device, **kwargs)
     model.eval()
