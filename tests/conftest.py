@@ -87,6 +87,22 @@ def tiny_models(tmp_path_factory, corpus):
 
 
 HUB_TOKEN = "hf_test_write_token_0001"
+# Small matrices for whole runs: two GPTQ branches and two GGUF types; one of each.
+SMALL_MATRIX = """\
+gptq:
+  variants:
+    - {bits: 4, group_size: 128}
+    - {bits: 4, group_size: 32, act_order: true}
+gguf:
+  types: [Q4_K_M, Q8_0]
+"""
+ONE_EACH_MATRIX = """\
+gptq:
+  variants:
+    - {bits: 4, group_size: 128}
+gguf:
+  types: [Q4_K_M]
+"""
 
 
 @pytest.fixture

@@ -212,6 +212,7 @@ def _log_to_file(work: Path, verbose: bool, console, earlier: str = "") -> None:
     """The driver's log and every stray library line go to WORK/logs/run.log; the console shows
     quantpub's warnings and errors (everything with -v)."""
     from quantpub.console import LiveConsole
+    from quantpub.executors.child import log_only_to
 
     (work / "logs").mkdir(parents=True, exist_ok=True)
     log_path = work / "logs" / "run.log"
@@ -226,12 +227,7 @@ def _log_to_file(work: Path, verbose: bool, console, earlier: str = "") -> None:
         os.close(fd)
         global _terminal
         _terminal = screen_stream  # quantpub's own messages (and a bug's traceback) still reach the terminal
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    to_file = logging.FileHandler(log_path)
-    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root.addHandler(to_file)
+    root = log_only_to(logging.FileHandler(log_path))
     if isinstance(console, LiveConsole):
         from rich.logging import RichHandler
 

@@ -137,10 +137,10 @@ def _load_hf(model_dir: Path, device: str, manifest: dict | None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from quantpub.validate import cpu_loader_kwargs
+    from quantpub.validate import loader_kwargs
 
-    gptq = manifest is not None and manifest["method"] == "gptq"
-    kwargs: dict[str, Any] = cpu_loader_kwargs(model_dir, manifest["parameters"], device) if gptq else {}
+    kwargs: dict[str, Any] = {} if manifest is None else \
+        loader_kwargs(model_dir, manifest["method"], manifest["parameters"], device)
     dtype = torch.float32 if device == "cpu" else torch.float16
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=device, **kwargs)
     return model.eval()
@@ -266,6 +266,7 @@ def evaluate(out: str | Path, *, model: str | None = None, eval_file: str | Path
         manifest["evaluation"] = result
         write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
         results[variant] = result
+        progress.report(variant, "evaluated")
         log.info("evaluate: %s perplexity %.4f (unquantised %.4f), KLD %.6f, same top %.1f%%", variant,
                  result["perplexity"], ref["perplexity"], result["kld"], 100 * result["top1_agreement"])
     return results

@@ -82,13 +82,20 @@ def build_tokenizer(text: str, vocab_size: int, out: Path, chat_template: str | 
 
 def build_tiny_model(out: str | Path, shape: str = "llama", *, hidden_size: int = 256, layers: int = 2,
                      intermediate_size: int = 512, heads: int = 4, vocab_size: int = 1024,
-                     chat_template: str | None = None, seed: int = 0, text: str | None = None) -> Path:
-    """Write a random-weight checkpoint (fp32 safetensors, config, tokenizer) to ``out``."""
+                     chat_template: str | None = None, seed: int = 0, text: str | None = None,
+                     dtype: str = "float32") -> Path:
+    """Write a random-weight checkpoint (safetensors in ``dtype``, config, tokenizer) to ``out``.
+
+    The weights are drawn in fp32 (the same values for a seed whatever ``dtype``) and stored in
+    ``dtype`` (``float32``, ``float16`` or ``bfloat16``), which ``config.json`` records.
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     if shape not in SHAPES:
         raise ValueError(f"unknown tiny shape {shape!r}; choose from {', '.join(SHAPES)}")
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"unknown dtype {dtype!r}; choose float32, float16 or bfloat16")
     out = Path(out)
     tokenizer = build_tokenizer(text or corpus_text(), vocab_size, out, chat_template)
     spec = dict(SHAPES[shape])
@@ -96,10 +103,10 @@ def build_tiny_model(out: str | Path, shape: str = "llama", *, hidden_size: int 
     config = AutoConfig.for_model(
         model_type, hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=layers,
         num_attention_heads=heads, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False, torch_dtype="float32", **spec,
+        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False, torch_dtype=dtype, **spec,
     )
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(getattr(torch, dtype))
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
                                                eos_token_id=tokenizer.eos_token_id)
     model.save_pretrained(out)

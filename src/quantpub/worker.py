@@ -44,6 +44,20 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def gguf_device(device: str) -> str:
+    """Where the GGUF group's importance matrix runs: ``device``, or the CPU when no GPU is visible here.
+
+    A run gives the GGUF group CPU cores and no GPU slot (its worker sees ``CUDA_VISIBLE_DEVICES=""``)
+    while ``--device cuda`` names the device of the GPU stages.
+    """
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return "cpu"
+    return device
+
+
 def select_jobs(plan: Plan, only: list[str] | None) -> list[Job]:
     jobs = [j for j in plan.jobs if j.method in WORKER_METHODS]
     if only:
@@ -110,7 +124,7 @@ def quantize(matrix_path: str | Path, model: str, out: str | Path, *, only: list
                 progress.report(job.id, "failed", error=f"{type(exc).__name__}: {exc}")
         del session
     if gguf_jobs:
-        outcomes += _gguf(plan, gguf_jobs, model_dir, out, model, calibration_file, device)
+        outcomes += _gguf(plan, gguf_jobs, model_dir, out, model, calibration_file, gguf_device(device))
     return outcomes
 
 
