@@ -164,6 +164,7 @@ def _calibrations(jobs: list[Job], tokenizer, file) -> dict[tuple, calibration.C
 def build_variant(session, job: Job, calib: calibration.CalibrationSet, out: Path, model: str, *,
                   expert_min_tokens: int) -> Path:
     from quantpub.backends import awq, gptq
+    from quantpub.backends.conform import conform_to_source
     from quantpub.validate import validate
 
     final = out / job.id
@@ -178,9 +179,7 @@ def build_variant(session, job: Job, calib: calibration.CalibrationSet, out: Pat
             log.warning("%s: %d experts got fewer than %d calibration tokens: %s", job.id, len(experts["starved"]),
                         experts["min_tokens"], ", ".join(experts["starved"]))
         (partial / "quant_log.csv").unlink(missing_ok=True)
-        source_generation = session.model_dir / "generation_config.json"
-        if source_generation.is_file():  # GPTQModel rewrites it (do_sample: true)
-            shutil.copyfile(source_generation, partial / "generation_config.json")
+        conform_to_source(partial, session.model_dir)  # the source's config/tokenizer files, AutoGPTQ's tensors
         quantized_s = time.monotonic() - started
         validation = validate(partial, job.variant.params, session.device, list(calib.samples[0]))
         _write_manifest(partial, job, calib, model, session.device, quantized_s, validation, experts)
