@@ -165,6 +165,7 @@ def build_variant(session, job: Job, calib: calibration.CalibrationSet, out: Pat
                   expert_min_tokens: int) -> Path:
     from quantpub.backends import awq, gptq
     from quantpub.backends.conform import conform_to_source
+    from quantpub.compat import check_variant
     from quantpub.validate import validate
 
     final = out / job.id
@@ -182,7 +183,9 @@ def build_variant(session, job: Job, calib: calibration.CalibrationSet, out: Pat
         conform_to_source(partial, session.model_dir)  # the source's config/tokenizer files, AutoGPTQ's tensors
         quantized_s = time.monotonic() - started
         validation = validate(partial, job.variant.params, session.device, list(calib.samples[0]))
-        _write_manifest(partial, job, calib, model, session.device, quantized_s, validation, experts)
+        compat = check_variant(partial, job.method, list(calib.samples[0]))  # before the manifest: it records these
+        _write_manifest(partial, job, calib, model, session.device, quantized_s, validation, experts,
+                        {"compat": compat})
         if final.exists():  # a directory without our manifest (finished ones were skipped): replace it
             shutil.rmtree(final)
         os.replace(partial, final)

@@ -36,6 +36,7 @@ GGUF_USE = {  # llama.cpp's own descriptions of its types, as TheBloke's tables 
     "Q6_K": "very large, extremely low quality loss", "Q8_0": "very large, extremely low quality loss - not recommended",
 }
 GGUF_RAM_OVERHEAD = 2.5e9  # TheBloke's rule: file size + 2.5 GB, no GPU offload
+ACT_ORDER_CELL = {True: "Yes", False: "No", "group_aware": "Group-aware"}
 
 
 @dataclass
@@ -115,7 +116,7 @@ def gptq_rows(manifests: list[dict], model_type: str, hub: str, repo: str) -> li
         rows.append({
             "branch": m["branch"], "url": f"{hub}/{repo}/tree/{m['branch']}", "bits": p["bits"],
             "gs": p["group_size"] if p["group_size"] is not None else "None",
-            "act_order": "Yes" if p["act_order"] else "No", "damp": p["damp"],
+            "act_order": ACT_ORDER_CELL[p["act_order"]], "damp": p["damp"],
             "dataset": dataset_cell(m["calibration"]), "seq_len": m["calibration"]["seq_len"],
             "size": gb(m["size"]), "exllama": "Yes" if p["bits"] == 4 and model_type in LLAMA_FAMILY else "No",
             "desc": gptq_desc(p, [x["parameters"] for x in manifests]), "eval": m.get("evaluation")})
@@ -124,7 +125,8 @@ def gptq_rows(manifests: list[dict], model_type: str, hub: str, repo: str) -> li
 
 def gptq_desc(p: dict[str, Any], siblings: list[dict[str, Any]]) -> str:
     """TheBloke's description: what the parameters are, and what they trade against the siblings."""
-    act = "with Act Order" if p["act_order"] else "without Act Order"
+    act = {True: "with Act Order", False: "without Act Order",
+           "group_aware": "with group-aware Act Order (desc_act False, which vLLM accepts)"}[p["act_order"]]
     gs = p["group_size"]
     text = f"{p['bits']}-bit, {act}" + (f" and group size {gs}g." if gs else ".")
     same = sorted({s["group_size"] for s in siblings if s["bits"] == p["bits"] and s["group_size"]})
