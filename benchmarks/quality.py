@@ -59,7 +59,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--matrix", default=str(ROOT / "benchmarks" / "quality-cpu.yaml"),
                         help="default: a CPU-sized subset; matrices/thebloke.yaml for all variants")
-    parser.add_argument("--work", default=str(RESULTS / "quality-work"))
+    parser.add_argument("--work", default=None, help="default: benchmarks/results/<name>-work")
+    parser.add_argument("--name", default="quality", help="results file names: <name>.json, .md, .png")
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--n-samples", type=int, default=16)
@@ -69,7 +70,7 @@ def main() -> None:
     from quantpub.tiny import corpus_text
     from quantpub.worker import quantize
 
-    work = Path(args.work)
+    work = Path(args.work or RESULTS / f"{args.name}-work")
     work.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     text = corpus_text(1_000_000)
@@ -99,7 +100,7 @@ def main() -> None:
               f"{args.windows} x {args.context} tokens of held-out text", "seconds": {
                   "prepare": round(prepared, 1), "quantize": round(built, 1), "evaluate": round(evaluated, 1)},
               "rows": rows}
-    (RESULTS / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     ok = [r for r in rows if r.get("kld") is not None]
     ref = ok[0]["reference_perplexity"] if ok else None
     lines = [f"# Quality: {result['model']}", "", f"Unquantised perplexity: {ref:.3f}" if ref else "", "",
@@ -108,10 +109,10 @@ def main() -> None:
               for r in sorted(ok, key=lambda r: r["kld"])]
     lines += [f"| {r['variant']} | failed: {r['error'][:80]} | | |" for r in rows if "error" in r]
     lines += ["", f"Times: {result['seconds']}"]
-    (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
-    plot(ok, RESULTS / "quality.png")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    plot(ok, RESULTS / f"{args.name}.png")
     print("\n".join(lines))
-    print(f"wrote {RESULTS / 'quality.json'}, quality.md, quality.png")
+    print(f"wrote {RESULTS / args.name}.json, .md, .png")
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -46,6 +46,7 @@ def probe_model(args: dict) -> dict:
                                min_new_tokens=NEW_TOKENS, do_sample=False)
     layer = model.model.layers[0].self_attn.q_proj
     return {"kernel": f"{type(layer).__module__}.{type(layer).__name__}", "dtype": str(model.dtype),
+            "device": str(model.device),
             "finite": bool(torch.isfinite(logits).all()), "generated_tokens": generated[0, ids.shape[1]:].tolist()}
 
 
