@@ -22,6 +22,7 @@ from quantpub.plan import Job, Plan
 
 log = logging.getLogger(__name__)
 VALIDATION_TOKENS = 256
+HUB = "https://huggingface.co"  # where general.repo_url points: the repo's address on the Hub
 
 
 def build_gguf_set(plan: Plan, jobs: list[Job], model_dir: Path, out: Path, model: str, *, tokenizer,
@@ -40,7 +41,7 @@ def build_gguf_set(plan: Plan, jobs: list[Job], model_dir: Path, out: Path, mode
     cores = gguf.cpu_count()
     if not base.is_file():
         log.info("GGUF: converting %s to %s with llama.cpp's converter", model_dir, outtype)
-        timings["convert_seconds"] = round(llamacpp.convert(model_dir, base, outtype), 2)
+        timings["convert_seconds"] = round(llamacpp.convert(model_dir, base, outtype, general_metadata(plan, jobs)), 2)
         log.info("GGUF: converted in %.1fs -> %s (%.1f MB)", timings["convert_seconds"], base,
                  base.stat().st_size / 1e6)
     imatrix, imatrix_record = None, None
@@ -51,11 +52,12 @@ def build_gguf_set(plan: Plan, jobs: list[Job], model_dir: Path, out: Path, mode
         log.info("GGUF: importance matrix for %d tensors from %d samples in %.1fs", imatrix_record["tensors"],
                  imatrix_record["samples"], imatrix_record["seconds"])
     reference = gguf.evaluate(base, text, VALIDATION_TOKENS, cores)
-    expect = _expectations(tokenizer, plan)
+    kv = imatrix_metadata(imatrix, calib, name) if imatrix is not None else {}
+    expect = _expectations(tokenizer, plan, {**general_metadata(plan, jobs), **kv})
     workers = gguf.workers_for(len(jobs), base.stat().st_size)
     threads = max(1, cores // workers)
     log.info("GGUF: quantizing %d types, %d at a time with %d threads each", len(jobs), workers, threads)
-    context = dict(base=base, out=out, model=model, name=name, outtype=outtype, imatrix=imatrix,
+    context = dict(base=base, out=out, model=model, name=name, outtype=outtype, imatrix=imatrix, kv=kv,
                    imatrix_record=imatrix_record, calib=calib, reference=reference, expect=expect, text=text,
                    text_source=text_source, threads=threads, split_max_bytes=split_max_bytes,
                    timings=timings, write_manifest=write_manifest, device=device)
@@ -76,7 +78,7 @@ def build_gguf_set(plan: Plan, jobs: list[Job], model_dir: Path, out: Path, mode
     return outcomes
 
 
-def _build_one(job: Job, *, base: Path, out: Path, model: str, name: str, outtype: str, imatrix, imatrix_record,
+def _build_one(job: Job, *, base: Path, out: Path, model: str, name: str, outtype: str, imatrix, kv, imatrix_record,
                calib, reference, expect, text: str, text_source: str, threads: int, split_max_bytes: int,
                timings: dict, write_manifest, device: str) -> Path:
     gguf_type = job.variant.params
@@ -86,7 +88,7 @@ def _build_one(job: Job, *, base: Path, out: Path, model: str, name: str, outtyp
     partial.mkdir(parents=True)
     try:
         target = partial / naming.gguf_filename(name, gguf_type)
-        seconds = llamacpp.quantize(base, target, gguf_type, imatrix=imatrix, threads=threads)
+        seconds = llamacpp.quantize(base, target, gguf_type, imatrix=imatrix, threads=threads, kv=kv)
         files = gguf.split(target, split_max_bytes) if target.stat().st_size > split_max_bytes else [target]
         meta, tensors = gguf.read(files)
         problems = gguf.check_mix(gguf_type, tensors) + gguf.check_metadata(meta, gguf_type, expect)
@@ -116,15 +118,32 @@ def _build_one(job: Job, *, base: Path, out: Path, model: str, name: str, outtyp
     return final
 
 
-def _expectations(tokenizer, plan: Plan) -> gguf.Expectations:
+def general_metadata(plan: Plan, jobs: list[Job]) -> dict[str, str]:
+    """``general.*`` keys of every GGUF file: the model's name, who quantized it, the repo it is published in."""
+    card = plan.matrix.card
+    url = f"{HUB}/{jobs[0].repo}"
+    return {"general.name": card.model_name or plan.facts.name, "general.quantized_by": card.quantized_by or "quantpub",
+            "general.repo_url": url, "general.url": url}
+
+
+def imatrix_metadata(imatrix: dict, calib: calibration.CalibrationSet, name: str) -> dict[str, str | int]:
+    """The ``quantize.imatrix.*`` keys ``llama-quantize`` writes (tools/quantize/quantize.cpp at the pinned
+    llama.cpp): the imatrix file, its dataset, entries and chunks. quantpub's imatrix is computed in memory
+    from the calibration windows (one chunk each) and not saved, which the file key says."""
+    return {"quantize.imatrix.file": f"{name}.imatrix (computed in memory by quantpub, not saved)"[:127],
+            "quantize.imatrix.dataset": str(calib.source)[:127],
+            "quantize.imatrix.entries_count": len(imatrix), "quantize.imatrix.chunks_count": calib.n_samples}
+
+
+def _expectations(tokenizer, plan: Plan, metadata: dict[str, Any]) -> gguf.Expectations:
     return gguf.Expectations(
         context_length=plan.facts.context_length, rope_scaling=plan.facts.rope_scaling,
         chat_template=getattr(tokenizer, "chat_template", None) or None,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, metadata=metadata)
 
 
 def _checked(expect: gguf.Expectations) -> list[str]:
-    keys = ["context_length", "file_type"]
+    keys = ["context_length", "file_type", *expect.metadata]
     keys += ["rope_scaling"] if expect.rope_scaling else []
     keys += ["chat_template"] if expect.chat_template else []
     keys += [k for k in ("bos_token_id", "eos_token_id") if getattr(expect, k) is not None]
