@@ -70,9 +70,12 @@ def check_variant(variant_dir: str | Path, method: str, prompt_ids: list[int], *
     chosen = [r for r in RUNTIMES if method in r.methods and (runtimes is None or r.name in runtimes)]
     ids = list(prompt_ids[:PROMPT_TOKENS])
     results: dict[str, dict[str, Any]] = {}
+    by_venv: dict[str | None, list[Runtime]] = {}
+    for rt in chosen:
+        by_venv.setdefault(rt.venv, []).append(rt)
     with tempfile.TemporaryDirectory(prefix="quantpub-compat-") as tmp:
-        for rt in chosen:
-            results[rt.name] = _check(rt, variant_dir, ids, Path(tmp))
+        for venv, group in by_venv.items():  # one process per venv: imports are most of the cost
+            results.update(_check(venv, group, variant_dir, ids, Path(tmp)))
         reference = Path(tmp) / f"{REFERENCE}.pt"
         for rt in chosen:
             result = results[rt.name]
@@ -84,33 +87,48 @@ def check_variant(variant_dir: str | Path, method: str, prompt_ids: list[int], *
     return {"prompt_tokens": len(ids), "tolerance": TOLERANCE, "reference": REFERENCE, "runtimes": results}
 
 
-def _check(rt: Runtime, variant_dir: Path, ids: list[int], tmp: Path) -> dict[str, Any]:
-    base = {"runtime": rt.name, "mode": rt.mode, "packages": list(rt.label_packages)}
-    python = sys.executable if rt.venv is None else venvs.python(rt.venv)
+def _check(venv: str | None, group: list[Runtime], variant_dir: Path, ids: list[int],
+           tmp: Path) -> dict[str, dict[str, Any]]:
+    bases = {rt.name: {"runtime": rt.name, "mode": rt.mode, "packages": list(rt.label_packages)} for rt in group}
+    python = sys.executable if venv is None else venvs.python(venv)
     if python is None:
-        return {**base, "status": NOT_TESTED,
-                "reason": f"no {rt.venv} virtualenv on this machine (bash scripts/compat-venvs.sh {rt.venv} makes it)"}
-    args = {"dir": str(variant_dir.resolve()), "prompt_ids": ids, "text": TOKENIZER_TEXT,
-            "logits_out": str(tmp / f"{rt.name}.pt")}
+        reason = f"no {venv} virtualenv on this machine (bash scripts/compat-venvs.sh {venv} makes it)"
+        return {name: {**base, "status": NOT_TESTED, "reason": reason} for name, base in bases.items()}
+    args = {"dir": str(variant_dir.resolve()), "prompt_ids": ids, "text": TOKENIZER_TEXT, "logits_dir": str(tmp),
+            "jobs": [[rt.name, rt.mode] for rt in group]}
+    found: dict[str, dict[str, Any]] = {}
+    if venv is None:  # today's stack: this process already has it imported
+        from quantpub.compat import probe
+
+        for rt in group:
+            found[rt.name] = probe.run(rt.mode, {**args, "logits_out": str(tmp / f"{rt.name}.pt")})
+    else:
+        found = _subprocess(python, args, max(rt.timeout for rt in group), tmp)
+    results = {}
+    for rt in group:
+        result = found.get(rt.name) or {"ok": False, "error": found.get("error", "no result")}
+        ok = result.pop("ok")
+        if ok and rt.mode == "model" and not result.get("finite", True):
+            ok, result["error"] = False, "NaN or infinite logits"
+        results[rt.name] = {**bases[rt.name], **result, "status": LOADS if ok else FAILS}
+        results[rt.name]["label"] = label(results[rt.name])
+    return results
+
+
+def _subprocess(python: Path | str, args: dict[str, Any], timeout: int, tmp: Path) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1",
                TOKENIZERS_PARALLELISM="false")
     try:
-        done = subprocess.run([str(python), str(PROBE), rt.mode, json.dumps(args)], capture_output=True, text=True,
-                              timeout=rt.timeout, env=env, cwd=tmp)
+        done = subprocess.run([str(python), str(PROBE), json.dumps(args)], capture_output=True, text=True,
+                              timeout=timeout, env=env, cwd=tmp)
     except subprocess.TimeoutExpired:
-        return {**base, "status": FAILS, "error": f"no answer within {rt.timeout}s"}
+        return {"error": f"no answer within {timeout}s"}
     line = next((ln for ln in reversed(done.stdout.splitlines()) if ln.startswith("RESULT ")), None)
     if line is None:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        return {**base, "status": FAILS, "error": f"the probe exited {done.returncode}: {tail[0]}"}
-    found = json.loads(line[len("RESULT "):])
-    ok = found.pop("ok")
-    if ok and rt.mode == "model" and not found.get("finite", True):
-        ok, found["error"] = False, "NaN or infinite logits"
-    result = {**base, **found, "status": LOADS if ok else FAILS}
-    result["label"] = label(result)
-    return result
+        return {"error": f"the probe exited {done.returncode}: {tail[0]}"}
+    return json.loads(line[len("RESULT "):])
 
 
 def _compare(result: dict[str, Any], logits: Path, reference: Path) -> None:

@@ -1,8 +1,10 @@
 """Load one variant the way its users do, inside another runtime's virtualenv.
 
-Run as a script by that venv's interpreter (``python probe.py MODE ARGS_JSON``): it imports only
-the standard library at the top and whatever the runtime itself provides, never quantpub. The
-last stdout line is ``RESULT <json>``; a failure is reported the same way with the error text.
+Run as a script by that venv's interpreter (``python probe.py ARGS_JSON``, where ARGS_JSON holds
+``jobs``: [[name, mode], ...] and the modes' arguments); it imports only the standard library at
+the top and whatever the runtime itself provides, never quantpub. The last stdout line is
+``RESULT <json>``, one result per job name; a failure is a result with the error text. Today's
+stack calls :func:`run` in-process instead.
 
 Modes:
   model      the GPTQ card's Python snippet: ``AutoModelForCausalLM.from_pretrained(dir, device_map="auto")``,
@@ -87,4 +89,6 @@ def run(mode: str, args: dict) -> dict:
 
 
 if __name__ == "__main__":  # vLLM starts its engine with spawn: the guard is required
-    print("RESULT " + json.dumps(run(sys.argv[1], json.loads(sys.argv[2]))), flush=True)
+    given = json.loads(sys.argv[1])
+    print("RESULT " + json.dumps({name: run(mode, {**given, "logits_out": f"{given['logits_dir']}/{name}.pt"})
+                                  for name, mode in given["jobs"]}), flush=True)

