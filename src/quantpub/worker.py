@@ -135,7 +135,9 @@ def _local_model(model: str) -> Path:
         return Path(model)
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    # tokenizer and chat-template files too: conform_to_source ships exactly what the source has
+    return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja",
+                                                         "*.tiktoken"]))
 
 
 def _calib_key(job: Job) -> tuple:
