@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,7 @@ TOLERANCE = 1e-2  # max |logit difference| from today's stack for a runtime to c
 PROMPT_TOKENS = 16
 TOKENIZER_TEXT = "Tell me about AI"  # the prompt of the card's snippet
 LOADS, FAILS, NOT_TESTED = "loads", "fails", "not tested"
+ROOT_CAUSE = re.compile(r"\b(\w+(?:Error|Exception): (?!.*root cause).*)$")
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,12 @@ def _subprocess(python: Path | str, args: dict[str, Any], timeout: int, tmp: Pat
     if line is None:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
         return {"error": f"the probe exited {done.returncode}: {tail[0]}"}
-    return json.loads(line[len("RESULT "):])
+    found = json.loads(line[len("RESULT "):])
+    cause = next((m.group(1) for m in map(ROOT_CAUSE.search, done.stderr.splitlines()) if m), None)
+    for result in found.values():  # vLLM's engine fails in a child process and logs the reason there
+        if not result.get("ok") and "root cause" in result.get("error", "") and cause:
+            result["error"] += f" Root cause: {cause}"
+    return found
 
 
 def _compare(result: dict[str, Any], logits: Path, reference: Path) -> None:
