@@ -14,4 +14,6 @@ CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" CMAKE_BUILD_PARALLEL_LEVEL="${CMAK
     .venv/bin/python -m pip install --quiet -e '.[test]'
 # llama.cpp's HF->GGUF converter ships only in the llama-cpp-python sdist: fetch and cache it now.
 .venv/bin/quantpub doctor --fetch
+# git-lfs and headless chromium for the hub's git and browser tests (Debian packages).
+bash scripts/install-test-tools.sh
 .venv/bin/quantpub --version

@@ -120,3 +120,36 @@ def tulu_build(tiny_models, corpus, tmp_path_factory):
     outcomes = quantize(MATRICES / "thebloke.yaml", str(tiny_models("llama")), out, calibration_file=corpus,
                         device="cpu", n_samples=8, seq_len=128)
     return out, outcomes
+
+
+def ledger_rows(work: Path):
+    """Every variant row of a work dir's ledger."""
+    from quantpub.ledger import Ledger
+
+    ledger = Ledger(work / "ledger.sqlite3")
+    try:
+        return ledger.rows()
+    finally:
+        ledger.close()
+
+
+def commit_counts(work: Path, repos=("quantpub/tiny-llama-GPTQ", "quantpub/tiny-llama-AWQ",
+                                     "quantpub/tiny-llama-GGUF")) -> dict[tuple[str, str], int]:
+    """Commits per (repo, branch) on the work dir's built-in hub (served again for the count)."""
+    from huggingface_hub import HfApi
+
+    from quantpub.run import embedded_hub
+
+    server, url, token = embedded_hub(work)
+    try:
+        api = HfApi(endpoint=url, token=token)
+        counts = {}
+        for repo in repos:
+            if not api.repo_exists(repo):
+                continue
+            for branch in api.list_repo_refs(repo).branches:
+                counts[(repo, branch.name)] = len(api.list_repo_commits(repo, revision=branch.name))
+        return counts
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -94,7 +94,7 @@ def _write(tmp_path, text):
 
 MALFORMED = {
     "unknown top-level key": ("gptq:\n  variants: [{bits: 4}]\nawk:\n  targets: []\n",
-                              "m.yaml:3: awk: unknown key; allowed here: calibration, gptq, awq, gguf, repos, card"),
+                              "m.yaml:3: awk: unknown key; allowed here: calibration, evaluation, gptq, awq, gguf, repos, card"),
     "unknown nested key": ("gptq:\n  product:\n    bits: [4]\n    groupsize: [128]\n",
                            "m.yaml:4: gptq.product.groupsize: unknown key; allowed here: bits, group_size"),
     "unknown key in a list item": ("gptq:\n  variants:\n    - {bits: 4, act: true}\n",

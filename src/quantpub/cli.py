@@ -1,13 +1,17 @@
 """Command line: parse arguments, call one stage function, turn errors into one line.
 
-Exit codes: 0 success, 2 a problem with the input (matrix, model, plan), 1 anything else.
+Exit codes: 0 success, 2 a problem with the input (matrix, model, data, target, work dir), 1
+anything else (a variant or stage failed, a full disk).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -15,17 +19,19 @@ from pathlib import Path
 from quantpub import __version__
 from quantpub.errors import PlanError, QuantpubError
 
-DEFAULT_MATRIX = "matrices/thebloke.yaml"
+DEFAULT_MATRIX = "thebloke"
 log = logging.getLogger("quantpub")
+_terminal = None  # the real stderr once the run has pointed fd 2 at its log
 
 
 def _plan(args: argparse.Namespace) -> int:
+    from quantpub.matrix import resolve_matrix
     from quantpub.plan import EXAMPLE_MODEL, make_plan, render
 
     model = args.model or EXAMPLE_MODEL
     if args.model is None:
         log.info("no --model given: planning for the built-in example config %s", model)
-    plan = make_plan(args.matrix, model, device=args.device)
+    plan = make_plan(resolve_matrix(args.matrix), model, device=args.device)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else render(plan))
     if plan.problems:
         raise PlanError(model, list(plan.problems))
@@ -33,10 +39,12 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
+    from quantpub.matrix import resolve_matrix
     from quantpub.worker import quantize
 
-    outcomes = quantize(args.matrix, args.model, args.out, only=args.only, calibration_file=args.calibration_file,
-                        device=args.device, n_samples=args.n_samples, seq_len=args.seq_len)
+    outcomes = quantize(resolve_matrix(args.matrix), args.model, args.out, only=args.only,
+                        calibration_file=args.calibration_file, device=args.device, n_samples=args.n_samples,
+                        seq_len=args.seq_len)
     for o in outcomes:
         state = "skipped (already built)" if o.skipped else ("FAILED: " + o.error if o.error else "built")
         print(f"{o.variant}: {state}" + (f" -> {o.path}" if o.path else ""))
@@ -48,12 +56,28 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def _hub_serve(args: argparse.Namespace) -> int:
-    from quantpub.hub import HubConfig, serve
-    from quantpub.hub.server import load_or_create_tokens
+    from quantpub.hub import HubConfig, load_or_create_users, serve
+    from quantpub.hub.errors import HubLockedError
 
-    tokens, where = load_or_create_tokens(args.data_dir, args.token_file)
-    log.info("write tokens: %s", where)
-    serve(HubConfig(Path(args.data_dir), tokens=tokens, log_requests=True), host=args.host, port=args.port)
+    users, where = load_or_create_users(args.data_dir, args.users)
+    log.info("users and tokens: %s", where)
+    try:
+        serve(HubConfig(Path(args.data_dir), users=users, log_requests=True), host=args.host, port=args.port)
+    except HubLockedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _hub_gc(args: argparse.Namespace) -> int:
+    from quantpub.hub.errors import HubLockedError
+    from quantpub.hub.gc import collect
+
+    try:
+        print(collect(args.data_dir, delete=args.delete, min_age=args.min_age_hours * 3600))
+    except HubLockedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -68,53 +92,159 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from quantpub.run import RunOptions, embedded_hub, load_back, run
+    from quantpub import preflight
+    from quantpub.console import make_console
+    from quantpub.matrix import resolve_matrix
+    from quantpub.run import RunOptions, check, run
+    from quantpub.workdir import WorkLock
 
-    work = Path(args.work)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # the driver's own preflight loads tokenizers
+    work = Path(args.work).resolve()
+    matrix = resolve_matrix(args.matrix_name or args.matrix)
+    models = list(args.model or [])
+    if args.models_file:
+        models += preflight.read_models_file(args.models_file)
     options = RunOptions(calibration_file=args.calibration_file, eval_file=args.eval_file, device=args.device,
                          n_samples=args.n_samples, seq_len=args.seq_len, namespace=args.namespace,
-                         token=args.token, max_attempts=args.max_attempts, evaluate=not args.no_evaluate,
-                         context=args.context, windows=args.windows, executor=args.executor,
-                         ray_address=args.ray_address)
-    models = args.model
-    server = None
-    publish_to = args.publish_to
-    if args.example or not models:
-        models, options = _example(work, options)
-    if publish_to is None:  # the built-in hub, kept up until the example variant has been loaded back
-        server, publish_to, token = embedded_hub(work)
-        options = _with_hub_token(options, token)  # and site-relative card links: the port changes per run
+                         token=args.token or os.environ.get("HF_TOKEN") or None, max_attempts=args.max_attempts,
+                         evaluate=not args.no_evaluate, context=args.context, windows=args.windows,
+                         executor=args.executor, ray_address=args.ray_address, slots=args.slots,
+                         models_in_flight=args.models_in_flight, verbose=args.verbose)
+    example = args.example or not models
+    with _Captured(args.verbose) as captured:  # libraries loaded by the preflight (and the example) keep quiet
+        if example:
+            models, options = _example(work, options)
+        checked = check(matrix, models, work, publish_to=args.publish_to, options=options)
+    if checked.problems:
+        raise preflight.PreflightError(checked.problems)
+    if args.check:
+        print(f"preflight passed: {len(checked.plans)} model(s), "
+              f"{sum(len(p.jobs) for p in checked.plans.values())} variants, work dir {work}")
+        return 0
+    work.mkdir(parents=True, exist_ok=True)
+    with WorkLock(work):  # before anything in the work dir is touched; run() holds it again, which is free
+        console = make_console(args.quiet)
+        _log_to_file(work, args.verbose, console, captured.text())
+        try:
+            summary = run(matrix, models, work, publish_to=args.publish_to, options=options, observer=console,
+                          checked=checked)
+        finally:
+            console.close()
+    _print_summary(work, list(checked.plans), summary, args.publish_to, options.namespace)
+    if example and args.publish_to is None and not args.quiet:
+        _load_example_back(work, models[0], summary)
+    return 0 if summary.ok else 1
+
+
+def _print_summary(work: Path, models: list[str], summary, publish_to: str | None, namespace: str | None) -> None:
+    from rich.console import Console
+
+    from quantpub.console import summary_lines, summary_table
+    from quantpub.ledger import Ledger
+
+    ledger = Ledger(Path(summary.ledger))
     try:
-        started = time.monotonic()
-        summary = run(args.matrix, models, work, publish_to=publish_to, options=options)
-        print(f"done in {time.monotonic() - started:.0f}s; ledger {summary['ledger']} (quantpub status --work {work})")
-        for repo in summary["repos"]:
-            print(f"published: {publish_to}/{repo}")
-        gptq = next((r for r in summary["repos"] if r.endswith("-GPTQ")), None)
-        if gptq and server is not None:
-            branch = _first_branch(work, models[0])
-            print(f"loading {gptq}@{branch} back through the hub and generating:")
-            print("  " + load_back(publish_to, gptq, branch).replace("\n", "\n  "))
-        if server is not None:
-            print(f"serve the repos again with: quantpub hub serve --data-dir {work / 'hub'} --port 8765\n"
-                  f"then: HF_ENDPOINT=http://127.0.0.1:8765 python -c \"from transformers import "
-                  f"AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('{gptq or 'REPO'}', "
-                  f"revision='{_first_branch(work, models[0]) if gptq else 'BRANCH'}')\"")
+        rows = [r for r in ledger.rows() if r.model in models]
     finally:
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-    if summary["failed"]:
-        print(f"error: {len(summary['failed'])} variants failed: {', '.join(summary['failed'])} "
-              f"(see quantpub status --work {work})", file=sys.stderr)
-        return 1
-    return 0
+        ledger.close()
+    out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 250)
+    out.print(summary_table(rows))
+    for line in summary_lines(rows, publish_to, namespace, summary.stage_errors):
+        out.print(line)
+    out.print(f"done in {summary.seconds:.0f}s; logs under {work}/*/logs; `quantpub status --work {work}`")
 
 
-def _with_hub_token(options, token):
-    from dataclasses import replace
+def _load_example_back(work: Path, model: str, summary) -> None:
+    """The example ends as a user would: the GPTQ branch downloaded by revision from the hub, and generating."""
+    from quantpub.run import embedded_hub, load_back
 
-    return replace(options, token=options.token or token, card_hub="" if options.card_hub is None else options.card_hub)
+    gptq = next((r for r in summary.repos if r.endswith("-GPTQ")), None)
+    if gptq is None:
+        return
+    branch = _first_branch(work, model)
+    server, url, _ = embedded_hub(work)
+    try:
+        print(f"from_pretrained('{gptq}', revision='{branch}') through the hub, then generate:")
+        print("  " + load_back(url, gptq, branch).replace("\n", "\n  "))
+    finally:
+        server.shutdown()
+        server.server_close()
+    print(f"serve the repos again: quantpub hub serve --data-dir {work / 'hub'} --port 8765, "
+          "then use them with HF_ENDPOINT=http://127.0.0.1:8765")
+
+
+class _Captured:
+    """Everything written to this process's stdout and stderr (C code included) goes to a temporary file."""
+
+    def __init__(self, verbose: bool):
+        self.verbose = verbose
+        self.file = None
+
+    def __enter__(self) -> _Captured:
+        if self.verbose:
+            return self
+        import tempfile
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.file = tempfile.TemporaryFile()
+        self.saved = os.dup(1), os.dup(2)
+        os.dup2(self.file.fileno(), 1)
+        os.dup2(self.file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.file is not None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, saved in zip((1, 2), self.saved):
+                os.dup2(saved, fd)
+                os.close(saved)
+
+    def text(self) -> str:
+        if self.file is None:
+            return ""
+        self.file.seek(0)
+        return self.file.read().decode("utf-8", "replace")
+
+
+def _log_to_file(work: Path, verbose: bool, console, earlier: str = "") -> None:
+    """The driver's log and every stray library line go to WORK/logs/run.log; the console shows
+    quantpub's warnings and errors (everything with -v)."""
+    from quantpub.console import LiveConsole
+
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    log_path = work / "logs" / "run.log"
+    with log_path.open("a") as fh:
+        fh.write(f"===== quantpub run, pid {os.getpid()}, {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n{earlier}")
+    screen_stream = sys.stderr
+    if not verbose:  # from here on, fd 2 is the log; the console keeps a copy of the real stderr
+        screen_stream = os.fdopen(os.dup(2), "w", buffering=1)
+        sys.stderr.flush()
+        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
+        os.dup2(fd, 2)
+        os.close(fd)
+        global _terminal
+        _terminal = screen_stream  # quantpub's own messages (and a bug's traceback) still reach the terminal
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    to_file = logging.FileHandler(log_path)
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(to_file)
+    if isinstance(console, LiveConsole):
+        from rich.logging import RichHandler
+
+        screen: logging.Handler = RichHandler(console=console.live.console, show_time=False, show_path=False)
+    else:
+        screen = logging.StreamHandler(screen_stream)
+        screen.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    screen.setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:
+        screen.addFilter(lambda record: record.name.startswith("quantpub"))
+    root.addHandler(screen)
+    root.setLevel(logging.INFO)
+    logging.captureWarnings(True)
 
 
 def _first_branch(work: Path, model: str) -> str:
@@ -136,10 +266,10 @@ def _example(work: Path, options):
 
     data = work / "example"
     model = data / "tiny-llama"
-    text = corpus_text()
-    cut = int(len(text) * 0.8)
     calib, held_out = data / "calibration.txt", data / "held-out.txt"
     if not (model / "config.json").is_file():
+        text = corpus_text()
+        cut = int(len(text) * 0.8)
         data.mkdir(parents=True, exist_ok=True)
         calib.write_text(text[:cut])
         held_out.write_text(text[cut:])
@@ -148,20 +278,44 @@ def _example(work: Path, options):
     return [str(model)], replace(options, calibration_file=options.calibration_file or str(calib),
                                  eval_file=options.eval_file or str(held_out), device="cpu",
                                  n_samples=options.n_samples or 16, seq_len=options.seq_len or 256,
-                                 context=min(options.context, 256), windows=min(options.windows, 8))
+                                 context=min(options.context or 256, 256), windows=min(options.windows or 8, 8))
 
 
 def _status(args: argparse.Namespace) -> int:
-    from quantpub.ledger import Ledger, render
+    from rich.console import Console
+    from rich.live import Live
+
+    from quantpub.console import status_view
+    from quantpub.ledger import Ledger
 
     path = Path(args.work) / "ledger.sqlite3"
     if not path.is_file():
         raise QuantpubError(f"{path}: no ledger here; run `quantpub run` first or pass --work")
     ledger = Ledger(path)
+    console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 250)
     try:
-        print(render(ledger.rows()))
+        if not args.watch:
+            console.print(status_view(ledger))
+            return 0
+        with Live(status_view(ledger), console=console, auto_refresh=False) as live:
+            try:
+                while True:
+                    time.sleep(args.interval)
+                    live.update(status_view(ledger), refresh=True)
+            except KeyboardInterrupt:
+                pass
     finally:
         ledger.close()
+    return 0
+
+
+def _matrices(args: argparse.Namespace) -> int:
+    from quantpub.matrix import shipped_matrices
+
+    found = shipped_matrices()
+    width = max(map(len, found))
+    for name, (path, description) in found.items():
+        print(f"{name:<{width}}  {description}\n{'':<{width}}  {path}")
     return 0
 
 
@@ -173,7 +327,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                        force=args.force)
     for variant, r in results.items():
         print(f"{variant}: perplexity {r['perplexity']:.4f} (unquantised {r['reference_perplexity']:.4f}), "
-              f"KLD {r['kld']:.5f} via {r['runtime']}")
+              f"KLD {r['kld']:.5g} via {r['runtime']}")
     return 0
 
 
@@ -209,42 +363,61 @@ def _compat_venvs(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="quantpub", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"quantpub {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    r = sub.add_parser("run", help="the whole job: plan, quantize, validate, evaluate, card, publish (resumable)")
-    r.add_argument("matrix", nargs="?", default=DEFAULT_MATRIX, help=f"matrix YAML file (default {DEFAULT_MATRIX})")
+def _run_parser(sub) -> None:
+    r = sub.add_parser("run", help="the whole job: preflight, quantize, validate, evaluate, card, publish (resumable)")
+    r.add_argument("matrix", nargs="?", default=DEFAULT_MATRIX,
+                   help=f"matrix: a YAML path or a shipped matrix's name (default {DEFAULT_MATRIX}; see `quantpub matrices`)")
+    r.add_argument("--matrix", dest="matrix_name", metavar="MATRIX", help="the same, as an option")
     r.add_argument("--model", nargs="+", help="hub repo ids or local checkpoints; default: the offline example")
+    r.add_argument("--models-file", help="a file with one hub id or path per line (# comments allowed)")
     r.add_argument("--example", action="store_true", help="build a tiny llama and run on it, offline (the default "
                                                           "when no --model is given)")
-    r.add_argument("--work", default="quantpub-work", help="work dir: variants, ledger, hub data (default ./quantpub-work)")
+    r.add_argument("--check", action="store_true", help="only the preflight: check every input, create nothing")
+    r.add_argument("--work", default="quantpub-work", help="work dir: variants, ledger, logs, hub data "
+                                                           "(default ./quantpub-work)")
     r.add_argument("--publish-to", help="hub URL; default: the built-in hub on 127.0.0.1 over WORK/hub")
     r.add_argument("--token", help="write token for --publish-to (default $HF_TOKEN)")
     r.add_argument("--namespace", help="publish under this namespace instead of the matrix's")
     r.add_argument("--executor", choices=("local", "ray"), default="local",
-                   help="local worker processes, or Ray tasks (default local)")
+                   help="local worker processes, or Ray tasks on a cluster (default local)")
     r.add_argument("--ray-address", help="existing Ray cluster (default: start a local one)")
+    r.add_argument("--slots", type=int, help="GPU slots: on a machine without GPUs, how many GPTQ/AWQ/evaluation "
+                                             "stages run at once (default 1); with GPUs, use at most this many")
+    r.add_argument("--models-in-flight", type=int, help="models worked on at once (default 2 x GPU slots + 1; "
+                                                        "1 = one model at a time)")
     r.add_argument("--calibration-file", help="local calibration text instead of the matrix's dataset")
-    r.add_argument("--eval-file", help="local held-out text for evaluation (default wikitext-2 test)")
+    r.add_argument("--eval-file", help="local held-out text instead of the matrix's evaluation dataset")
     r.add_argument("--no-evaluate", action="store_true", help="skip perplexity/KLD (cards then have no quality column)")
-    r.add_argument("--context", type=int, default=512, help="evaluation window (default 512)")
-    r.add_argument("--windows", type=int, default=8, help="evaluation windows (default 8)")
+    r.add_argument("--context", type=int, help="evaluation window in tokens (default: the matrix's, 512)")
+    r.add_argument("--windows", type=int, help="evaluation windows (default: the matrix's, 8)")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     r.add_argument("--n-samples", type=int, help="override the calibration sample count")
     r.add_argument("--seq-len", type=int, help="override the calibration sequence length")
-    r.add_argument("--max-attempts", type=int, default=2, help="tries per variant across re-runs (default 2)")
+    r.add_argument("--max-attempts", type=int, default=2, help="builds per failing variant across re-runs "
+                                                               "(kills do not count; default 2)")
+    r.add_argument("-v", "--verbose", action="store_true", help="libraries' output on the console too")
+    r.add_argument("-q", "--quiet", action="store_true", help="only warnings, errors and the final summary")
     r.set_defaults(func=_run)
 
-    st = sub.add_parser("status", help="the ledger: every variant's state, attempts and errors")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quantpub", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"quantpub {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _run_parser(sub)
+
+    st = sub.add_parser("status", help="the ledger: every variant's state, size, quality, commit; running stages")
     st.add_argument("--work", default="quantpub-work", help="work dir (default ./quantpub-work)")
+    st.add_argument("--watch", action="store_true", help="keep the table live until Ctrl-C")
+    st.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes with --watch")
     st.set_defaults(func=_status)
 
+    m = sub.add_parser("matrices", help="list the matrices that ship with quantpub")
+    m.set_defaults(func=_matrices)
+
     p = sub.add_parser("plan", help="show every variant a matrix would build, with size and memory estimates")
-    p.add_argument("matrix", nargs="?", default=DEFAULT_MATRIX, help=f"matrix YAML file (default {DEFAULT_MATRIX})")
+    p.add_argument("matrix", nargs="?", default=DEFAULT_MATRIX, help=f"matrix path or name (default {DEFAULT_MATRIX})")
     p.add_argument("--model", help="hub repo id or local checkpoint directory (only config.json is read); "
                                    "default: a built-in Tulu-7B-shaped example config")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
@@ -253,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_plan)
 
     q = sub.add_parser("quantize", help="build and validate the GPTQ, AWQ and GGUF variants of a matrix")
-    q.add_argument("matrix", help="matrix YAML file")
+    q.add_argument("matrix", help="matrix path or name")
     q.add_argument("--model", required=True, help="hub repo id or local checkpoint directory")
     q.add_argument("--out", required=True, help="directory that receives one sub-directory per variant")
     q.add_argument("--only", nargs="+", metavar="VARIANT", help="build only these variant ids")
@@ -297,9 +470,17 @@ def build_parser() -> argparse.ArgumentParser:
     hs.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     hs.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
     hs.add_argument("--data-dir", default="hub-data", help="where repos are stored (default ./hub-data)")
-    hs.add_argument("--token-file", help="write tokens, one 'user:token' per line; default: DATA_DIR/tokens, "
-                                         "created with one random token for user 'quantpub'")
+    hs.add_argument("--users", "--token-file", dest="users", metavar="FILE",
+                    help="users, organisations and tokens (YAML, see quantpub.hub.auth; or 'user:token' lines); "
+                         "default: DATA_DIR/users.yaml, created with one admin user 'quantpub'")
     hs.set_defaults(func=_hub_serve)
+    hg = hsub.add_parser("gc", help="find blobs no commit references (refused commits, deleted repos); "
+                                    "dry run unless --delete")
+    hg.add_argument("--data-dir", default="hub-data", help="the hub's data dir (default ./hub-data)")
+    hg.add_argument("--delete", action="store_true", help="remove them (the hub must not be running)")
+    hg.add_argument("--min-age-hours", type=float, default=1.0,
+                    help="keep blobs younger than this: uploads whose commit may still come (default 1)")
+    hg.set_defaults(func=_hub_gc)
 
     pub = sub.add_parser("publish", help="push finished variants to a hub: GPTQ/AWQ branches, GGUF files on main")
     pub.add_argument("dir", help="the quantize output directory (or one variant directory)")
@@ -315,12 +496,51 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+    quiet = getattr(args, "quiet", False)
+    logging.basicConfig(level=logging.WARNING if quiet or args.command == "run" else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return args.func(args)
     except QuantpubError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        from quantpub.preflight import PreflightError
+
+        for problem in exc.problems if isinstance(exc, PreflightError) else [str(exc)]:
+            print(f"error: {problem}", file=_terminal or sys.stderr)
         return 2
+    except (OSError, sqlite3.OperationalError) as exc:
+        message = _system_error(exc)
+        if message is None or args.debug:
+            _report_bug()
+            raise
+        print(f"error: {message}", file=_terminal or sys.stderr)
+        return 1
+    except Exception:
+        _report_bug()
+        raise
+
+
+def _report_bug() -> None:
+    """A bug's traceback reaches the terminal even when fd 2 is the run's log (it is in the log as well)."""
+    if _terminal is not None:
+        import traceback
+
+        traceback.print_exc(file=_terminal)
+
+
+def _system_error(exc: BaseException) -> str | None:
+    """A full disk or a permission problem as one line; None for anything else (a bug: keep the traceback)."""
+    if isinstance(exc, sqlite3.OperationalError):
+        text = str(exc)
+        if "disk is full" in text or "disk I/O error" in text:
+            return f"the disk holding the work dir is full ({text}); free space and run the same command again"
+        if "readonly" in text or "unable to open" in text:
+            return f"cannot write the ledger ({text}); check the work dir's permissions"
+        return None
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left on the device writing {exc.filename or 'the work dir'}; free space and run the "
+                "same command again (finished variants are kept)")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{exc.strerror}: {exc.filename}; check permissions or choose another --work"
+    return None

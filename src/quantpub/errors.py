@@ -43,9 +43,9 @@ class PlanError(QuantpubError):
 class CalibrationError(QuantpubError):
     """Calibration text that cannot be loaded, or is too short for the requested samples."""
 
-    def __init__(self, source: str, message: str):
-        self.source = source
-        super().__init__(f"calibration data {source}: {message}")
+    def __init__(self, source: str, message: str, *, role: str = "calibration"):
+        self.source, self.reason = source, message
+        super().__init__(f"{role} data {source}: {message}")
 
 
 class QuantizeError(QuantpubError):

@@ -86,3 +86,31 @@ def layerwise_quantize_memory(
 def gguf_memory(facts: ModelFacts) -> int:
     """Host bytes for convert + quantize: a few copies of the largest tensor in fp32."""
     return 3 * facts.largest_tensor_params * FP32 + GIB
+
+
+def cores() -> int:
+    """Cores this process may use (affinity and cgroup limits respected)."""
+    from quantpub.backends.gguf import cpu_count
+
+    return cpu_count()
+
+
+def group_host_memory(plan, jobs, device: str) -> int:
+    """Peak host bytes of one quantize group (its worker process) for ``jobs`` of ``plan``."""
+    facts = plan.facts
+    if all(j.method == "gguf" for j in jobs):
+        peak = gguf_memory(facts)
+        if any(j.variant.calibration is not None for j in jobs):  # the importance matrix loads the model
+            peak = max(peak, facts.total_params * (FP32 if device == "cpu" else FP16) + GIB)
+        return peak
+    return max(j.host_memory for j in jobs)
+
+
+def evaluation_host_memory(plan, device: str) -> int:
+    """Peak host bytes of evaluation: one model at a time, plus the cached reference log-probabilities."""
+    facts = plan.facts
+    spec = plan.matrix.evaluation
+    reference = spec.windows * spec.context * facts.vocab_size * FP16
+    one_window = 3 * spec.context * facts.vocab_size * 8  # float64 logits, log-softmax and a temporary
+    weights = facts.total_params * (FP32 if device == "cpu" else FP16)
+    return weights + reference + one_window + GIB

@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from quantpub.artifacts import MANIFEST, RUN_RECORD, write_text_atomic
-from quantpub.errors import QuantpubError
+from quantpub.errors import CalibrationError, QuantpubError
+from quantpub.matrix import EvaluationSpec
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +46,23 @@ class HeldOut:
         return hashlib.sha256(json.dumps(self.windows).encode()).hexdigest()[:16]
 
 
-def held_out(tokenizer, *, eval_file: str | Path | None, context: int, stride: int, windows: int) -> HeldOut:
-    """Token windows of held-out text: a local file, else wikitext-2-raw-v1 test through datasets."""
+def held_out(tokenizer, *, eval_file: str | Path | None, context: int, stride: int, windows: int,
+             spec: EvaluationSpec | None = None) -> HeldOut:
+    """Token windows of held-out text: a local file, else the matrix's evaluation dataset (wikitext-2 test)."""
     from quantpub.calibration import load_text
     from quantpub.matrix import CalibrationSpec
 
-    if eval_file is not None:
-        text, _ = load_text(CalibrationSpec(), eval_file)
-        dataset = name = Path(eval_file).name
-        split = None
-    else:
-        spec = CalibrationSpec.model_construct(dataset="wikitext", config="wikitext-2-raw-v1", split="test",
-                                               text_column="text", n_samples=1, seq_len=context, seed=0)
-        text, _ = load_text(spec, None)
-        dataset, name, split = "wikitext", "wikitext-2-raw-v1", "test"
+    spec = spec or EvaluationSpec()
+    try:
+        if eval_file is not None:
+            text, _ = load_text(CalibrationSpec(text_column=spec.text_column), eval_file)
+            dataset = name = Path(eval_file).name
+            split = None
+        else:
+            text, _ = load_text(spec.as_text_source(), None)
+            dataset, name, split = spec.dataset, spec.config or spec.dataset, spec.split
+    except CalibrationError as exc:  # the same loader, but this is evaluation text
+        raise CalibrationError(exc.source, exc.reason, role="evaluation") from None
     ids = tokenizer(text, add_special_tokens=False).input_ids
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     body = context - len(bos)
@@ -126,7 +130,8 @@ def gguf_logprobs(first_file: Path, data: HeldOut, threads: int):
 
 def evaluate(out: str | Path, *, model: str | None = None, eval_file: str | Path | None = None,
              context: int = 512, stride: int | None = None, windows: int = 8, device: str = "cpu",
-             only: list[str] | None = None, force: bool = False) -> dict[str, dict[str, Any]]:
+             only: list[str] | None = None, force: bool = False,
+             spec: EvaluationSpec | None = None) -> dict[str, dict[str, Any]]:
     """Evaluate every finished variant under ``out`` that has no evaluation yet (all with ``force``)."""
     from transformers import AutoTokenizer
 
@@ -140,7 +145,8 @@ def evaluate(out: str | Path, *, model: str | None = None, eval_file: str | Path
         raise QuantpubError(f"{out}: no {RUN_RECORD}; pass --model")
     model_dir = _local_model(model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    data = held_out(tokenizer, eval_file=eval_file, context=context, stride=stride or context, windows=windows)
+    data = held_out(tokenizer, eval_file=eval_file, context=context, stride=stride or context, windows=windows,
+                    spec=spec)
     cache = out / ".eval" / f"reference-{data.key()}.npy"
     if cache.is_file():
         reference = np.load(cache)

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from quantpub import calibration, naming
+from quantpub import calibration, naming, progress
 from quantpub.backends import gguf, llamacpp
 from quantpub.errors import QuantizeError
 from quantpub.plan import Job, Plan
@@ -39,6 +39,8 @@ def build_gguf_set(plan: Plan, jobs: list[Job], model_dir: Path, out: Path, mode
     base = work / f"{name}.{outtype.upper()}.gguf"
     timings: dict[str, float] = {}
     cores = gguf.cpu_count()
+    for job in jobs:
+        progress.report(job.id, "converting")
     if not base.is_file():
         log.info("GGUF: converting %s to %s with llama.cpp's converter", model_dir, outtype)
         timings["convert_seconds"] = round(llamacpp.convert(model_dir, base, outtype, general_metadata(plan, jobs)), 2)
@@ -63,11 +65,15 @@ def build_gguf_set(plan: Plan, jobs: list[Job], model_dir: Path, out: Path, mode
                    timings=timings, write_manifest=write_manifest, device=device)
 
     def run(job: Job):
+        progress.report(job.id, "quantizing")
         try:
-            return Outcome(job.id, _build_one(job, **context))
+            outcome = Outcome(job.id, _build_one(job, **context))
         except Exception as exc:  # noqa: BLE001 - one type's failure must not stop the others
             log.error("%s: failed: %s", job.id, exc)
+            progress.report(job.id, "failed", error=f"{type(exc).__name__}: {exc}")
             return Outcome(job.id, None, error=f"{type(exc).__name__}: {exc}")
+        progress.report(job.id, "done")
+        return outcome
 
     started = time.monotonic()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gguf") as pool:
@@ -96,6 +102,7 @@ def _build_one(job: Job, *, base: Path, out: Path, model: str, name: str, outtyp
             problems.append(f"split.count is {meta.get('split.count')}, expected {len(files)}")
         if problems:
             raise QuantizeError(job.id, model, "; ".join(problems))
+        progress.report(job.id, "validating")
         result = gguf.evaluate(files[0], text, VALIDATION_TOKENS, threads)
         broken = gguf.garbage(result, reference)
         if broken:

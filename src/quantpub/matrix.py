@@ -85,6 +85,23 @@ class CalibrationSpec(Strict):
         return seq_len
 
 
+class EvaluationSpec(Strict):
+    """Held-out text that perplexity and KLD are measured on (never the calibration split)."""
+
+    dataset: str = "wikitext"
+    config: str | None = "wikitext-2-raw-v1"
+    split: str = PERPLEXITY_SPLIT
+    text_column: str = "text"
+    context: Annotated[int, Field(gt=1)] = 512
+    windows: Annotated[int, Field(gt=0)] = 8
+
+    def as_text_source(self) -> CalibrationSpec:
+        """The same text-loading description calibration uses (``calibration.load_text`` reads both)."""
+        return CalibrationSpec.model_construct(dataset=self.dataset, config=self.config, split=self.split,
+                                               text_column=self.text_column, n_samples=self.windows,
+                                               seq_len=self.context, seed=0)
+
+
 class GptqVariant(Strict):
     """One explicit GPTQ variant. ``branch`` overrides the generated name."""
 
@@ -235,6 +252,7 @@ class CardSection(Strict):
 
 class Matrix(Strict):
     calibration: CalibrationSpec = CalibrationSpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
     gptq: GptqSection | None = None
     awq: AwqSection | None = None
     gguf: GgufSection | None = None
@@ -254,6 +272,36 @@ class VariantSpec:
     calibration: CalibrationSpec | None  # None: needs no calibration
 
 
+SHIPPED = Path(__file__).parent / "matrices"  # the repository's matrices/, installed as package data
+
+
+def shipped_matrices() -> dict[str, tuple[Path, str]]:
+    """Name -> (path, first comment line) of every matrix that ships with quantpub."""
+    found = {}
+    for path in sorted(SHIPPED.glob("*.yaml")):
+        first = next((line.lstrip("# ").strip() for line in path.read_text(encoding="utf-8").splitlines()
+                      if line.startswith("#")), "")
+        found[path.stem] = (path, first)
+    return found
+
+
+def resolve_matrix(ref: str | Path) -> Path:
+    """A matrix path from a path, or from the name of a shipped matrix (``thebloke``).
+
+    Raises:
+        MatrixError: neither a file nor a shipped matrix's name.
+    """
+    path = Path(ref)
+    if path.is_file():
+        return path.resolve()
+    shipped = shipped_matrices()
+    name = path.name.removesuffix(".yaml").removesuffix(".yml")
+    if name in shipped and (path.parent == Path(".") or path.parent.name == "matrices"):
+        return shipped[name][0].resolve()
+    raise MatrixError(str(ref), "no such file, and no shipped matrix of that name; shipped: "
+                                f"{', '.join(shipped)} (see `quantpub matrices`)")
+
+
 def load_matrix(path: str | Path) -> tuple[Matrix, list[VariantSpec]]:
     """Read, validate and expand a matrix file.
 
@@ -269,6 +317,11 @@ def load_matrix(path: str | Path) -> tuple[Matrix, list[VariantSpec]]:
         matrix = Matrix.model_validate(data)
     except ValidationError as exc:
         raise _matrix_error(path, exc, lines) from None
+    same = (matrix.calibration.dataset, matrix.calibration.config, matrix.calibration.split)
+    if same == (matrix.evaluation.dataset, matrix.evaluation.config, matrix.evaluation.split):
+        raise MatrixError(str(path), "evaluation would score the text calibration was drawn from; use another "
+                                     "split (or dataset) for evaluation", key="evaluation.split",
+                          line=lines.get(("evaluation", "split")) or lines.get(("evaluation",)))
     return matrix, expand(matrix, path, lines)
 
 

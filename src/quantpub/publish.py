@@ -18,6 +18,7 @@ the variant's ``quantpub.json`` first, and nothing is rewritten here.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import time
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from quantpub import progress
 from quantpub.artifacts import CARDS_DIR, MANIFEST, sha256_file
 from quantpub.errors import PublishError
 
@@ -176,7 +178,11 @@ def publish(out: str | Path, *, endpoint: str | None = None, token: str | None =
             if target not in created:
                 retry(lambda: api.create_repo(target, private=private, exist_ok=True), f"create {target}")
                 created.add(target)
-            results.append(_publish_variant(api, manifest, target, files))
+            progress.report(manifest["variant"], "uploading")
+            result = _publish_variant(api, manifest, target, files)
+            results.append(result)
+            progress.report(manifest["variant"], "published", commit=result.commit, changed=result.changed,
+                            repo=result.repo, branch=result.branch)
         except PublishError:
             raise
         except Exception as exc:
@@ -197,8 +203,18 @@ def _publish_variant(api, manifest: dict, repo: str, files: list[LocalFile]) -> 
     head = info.sha
     remote = {f.path: f for f in retry(lambda: list(api.list_repo_tree(repo, revision=head, recursive=True)),
                                        f"list {repo}@{branch}") if hasattr(f, "size")}
-    ops = [CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=str(f.source))
-           for f in files if not _same(remote.get(f.path), f)]
+    changed_files = [f for f in files if not _same(remote.get(f.path), f)]
+    total = sum(f.size for f in changed_files)
+    sent = [0]
+
+    def count(n: int) -> None:
+        sent[0] += n
+        progress.report(variant, "uploading", step=min(sent[0], total), steps=total)
+
+    readers = [_CountingReader(f.source) for f in changed_files]
+    ops = [CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=r) for f, r in zip(changed_files, readers)]
+    for r in readers:  # hashing the files above read them once; count only what is sent
+        r.counter = count
     local = {f.path for f in files}
     if owns_branch:
         stale = [p for p in remote if p not in local and p != ".gitattributes"]
@@ -208,6 +224,18 @@ def _publish_variant(api, manifest: dict, repo: str, files: list[LocalFile]) -> 
     if not ops:
         log.info("%s: %s@%s is up to date (commit %s), nothing to publish", variant, repo, branch, head[:10])
         return Published(variant, repo, branch, head, changed=False)
+    try:
+        return _commit(api, manifest, repo, branch, head, ops, remote, stale)
+    finally:
+        for r in readers:
+            r.close()
+
+
+def _commit(api, manifest: dict, repo: str, branch: str, head: str, ops: list, remote: dict,
+            stale: list[str]) -> Published:
+    from huggingface_hub import CommitOperationAdd
+
+    variant = manifest["variant"]
     changed = sum(isinstance(o, CommitOperationAdd) for o in ops)
     log.info("%s: publishing to %s@%s: %d files added or changed, %d deleted", variant, repo, branch,
              changed, len(stale))
@@ -217,6 +245,20 @@ def _publish_variant(api, manifest: dict, repo: str, files: list[LocalFile]) -> 
                        f"({manifest['method']}, built by quantpub {manifest['tools']['quantpub']})",
         commit_description=_description(manifest)), f"commit {variant} to {repo}@{branch}")
     return Published(variant, repo, branch, commit.oid, changed=True)
+
+
+class _CountingReader(io.BufferedReader):
+    """A file for ``CommitOperationAdd`` that reports the bytes read from it (the upload's progress)."""
+
+    def __init__(self, path: Path):
+        super().__init__(io.FileIO(path, "rb"))
+        self.counter = None
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = super().read(size)
+        if self.counter is not None and data:
+            self.counter(len(data))
+        return data
 
 
 def _same(remote, local: LocalFile) -> bool:

@@ -1,16 +1,18 @@
-"""``quantpub run``: plan -> quantize (GPTQ, AWQ, GGUF) -> validate -> evaluate -> card -> publish.
+"""``quantpub run``: preflight, then every model's stages through the scheduler, then a summary.
 
-Resumable: the ledger (SQLite, in the work dir) records every (model, variant); a re-run checks
-finished variants against the sha256 in their manifests, rebuilds what is missing or changed,
-retries failures up to ``max_attempts``, and publishes idempotently (an unchanged variant makes
-no commit). Quantization runs in worker processes: locally, the GPU group (GPTQ, AWQ) and the
-GGUF group run side by side in two processes; with ``executor="ray"`` they are Ray tasks (one
-GPU each for GPTQ/AWQ when there is a GPU, CPU-only for GGUF) on a local or existing cluster.
-The driver alone writes the ledger.
+    preflight -> lock the work dir -> ledger -> per model: prepare, quantize (GPTQ/AWQ group on a
+    GPU slot, GGUF group on CPU cores), evaluate, card + publish -> summary
+
+Many models are in flight at once (the scheduler); each stage runs in its own worker process or
+Ray task. Resumable: the ledger records every variant and stage; a re-run checks finished
+variants against the sha256 in their manifests, rebuilds what is missing or changed, retries
+failed variants up to ``max_attempts`` (kills and lost workers do not count), and publishes
+idempotently. Only this driver writes the ledger.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -18,272 +20,406 @@ import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, replace
-from multiprocessing import get_context
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from quantpub import naming, preflight, stages
 from quantpub.artifacts import MANIFEST, sha256_file
-from quantpub.errors import PlanError, QuantpubError
-from quantpub.ledger import Ledger
+from quantpub.errors import QuantpubError
+from quantpub.executors import Resources, Task
+from quantpub.ledger import DONE, Ledger
+from quantpub.plan import Plan
+from quantpub.scheduler import Capacity, Scheduler
+from quantpub.stages import RunOptions
+from quantpub.workdir import WorkLock, remove_partials
 
 log = logging.getLogger(__name__)
 LEDGER = "ledger.sqlite3"
-DONE = ("validated", "evaluated", "carded", "published")
+GIB = 1 << 30
+NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device", as OSError words it
+__all__ = ["RunOptions", "run", "check", "embedded_hub", "load_back", "LEDGER"]
 
 
-@dataclass(frozen=True)
-class RunOptions:
-    calibration_file: str | None = None
-    eval_file: str | None = None
-    device: str = "auto"
-    n_samples: int | None = None
-    seq_len: int | None = None
-    namespace: str | None = None
-    token: str | None = None
-    max_attempts: int = 2
-    evaluate: bool = True
-    context: int = 512
-    windows: int = 8
-    executor: str = "local"
-    ray_address: str | None = None
-    card_hub: str | None = None  # where card links point; default the publish endpoint ("" = site-relative)
+@dataclass
+class Summary:
+    endpoint: str
+    ledger: str
+    work: str
+    run_id: int
+    repos: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)          # "model variant" of failed variants
+    stage_errors: list[str] = field(default_factory=list)    # one line per stage that failed (with its log)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.stage_errors
 
 
-def quantize_group(matrix: str, model: str, out: str, only: list[str], options: RunOptions,
-                   group: str = "worker") -> list[tuple]:
-    """One worker process: build ``only`` (variants of one group). Returns (variant, error) pairs.
-
-    Logs go to the console and to ``OUT/logs/<group>.log``.
-    """
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    (Path(out) / "logs").mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(Path(out) / "logs" / f"{group}.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(handler)
-    from quantpub.worker import quantize
-
-    outcomes = quantize(matrix, model, out, only=only, calibration_file=options.calibration_file,
-                        device=options.device, n_samples=options.n_samples, seq_len=options.seq_len)
-    return [(o.variant, o.error) for o in outcomes]
+def check(matrix: str | Path, models: list[str], work: str | Path, *, publish_to: str | None = None,
+          options: RunOptions = RunOptions()) -> preflight.Checked:
+    """The preflight of a run: plans (keyed by ``local_ids(models)``), or every problem found. Creates nothing."""
+    options = _absolute_paths(options)
+    inputs = preflight.Inputs(
+        matrix=Path(matrix), models=local_ids(models), work=Path(work), calibration_file=options.calibration_file,
+        eval_file=options.eval_file, evaluate=options.evaluate, publish_to=publish_to, token=options.token,
+        namespace=options.namespace, device="cpu" if options.device == "cpu" else options.device,
+        n_samples=options.n_samples, seq_len=options.seq_len, context=options.context, windows=options.windows)
+    return preflight.check(inputs)
 
 
 def run(matrix: str | Path, models: list[str], work: str | Path, *, publish_to: str | None = None,
-        options: RunOptions = RunOptions()) -> dict[str, Any]:
-    """Run every stage for every model; returns where things went (hub URL, ledger path, repos).
+        options: RunOptions = RunOptions(), observer=None, checked: preflight.Checked | None = None) -> Summary:
+    """Run every stage for every model; returns where things went and what failed.
 
     With no ``publish_to`` the built-in hub serves ``WORK/hub`` on 127.0.0.1 for the run.
+
+    Raises:
+        PreflightError: a problem with the input; nothing was created.
+        QuantpubError: the work dir is in use by another run, or cannot be written.
     """
-    work = Path(work)
+    matrix = Path(matrix).resolve()
+    work = Path(work).resolve()
+    models = local_ids(models)
+    options = _absolute_paths(options)  # stages run in their own working directories
+    checked = checked or check(matrix, models, work, publish_to=publish_to, options=options)
+    if checked.problems:
+        raise preflight.PreflightError(checked.problems)
+    started = time.monotonic()
     work.mkdir(parents=True, exist_ok=True)
-    ledger = Ledger(work / LEDGER)
-    server = None
-    token = options.token
-    endpoint = publish_to
-    if publish_to is None:
-        server, endpoint, hub_token = embedded_hub(work)
-        token = token or hub_token
-        options = replace(options, card_hub="" if options.card_hub is None else options.card_hub)
-    summary: dict[str, Any] = {"endpoint": endpoint, "ledger": str(ledger.path), "repos": [], "failed": []}
-    try:
+    with WorkLock(work):
+        ledger = Ledger(work / LEDGER)
+        server, endpoint, token = None, publish_to, options.token
+        try:
+            if publish_to is None:
+                server, endpoint, hub_token = embedded_hub(work)
+                token = token or hub_token
+                options = replace(options, card_hub="" if options.card_hub is None else options.card_hub)
+            executor, capacity = make_executor(options, work)
+            run_id = ledger.start_run(executor.name, os.getpid())
+            driver = Driver(str(matrix), work, ledger, run_id, checked.plans, endpoint, token, options, observer)
+            scheduler = Scheduler(executor, ledger, run_id, driver, capacity, window=options.models_in_flight,
+                                  on_tick=observer.tick if observer else None)
+            driver.scheduler = scheduler
+            try:
+                driver.plan_all(models)
+                scheduler.run()
+            finally:
+                executor.shutdown()
+            summary = driver.summary(time.monotonic() - started)
+            ledger.end_run(run_id, 0 if summary.ok else 1)
+            return summary
+        finally:
+            ledger.close()
+            if server is not None:
+                server.shutdown()
+                server.server_close()
+
+
+def _absolute_paths(options: RunOptions) -> RunOptions:
+    return replace(options, **{k: os.path.abspath(v) for k in ("calibration_file", "eval_file")
+                               if (v := getattr(options, k))})
+
+
+def local_ids(models: list[str]) -> list[str]:
+    """Local checkpoints by absolute path (so the ledger knows them from any directory), hub ids as given."""
+    return [str(Path(m).resolve()) if Path(m).is_dir() else m for m in models]
+
+
+def make_executor(options: RunOptions, work: Path):
+    """The executor and what the scheduler may hand out on it."""
+    from quantpub.backends.gguf import cpu_count
+
+    cores = cpu_count()
+    if options.executor == "ray":
+        from quantpub.executors.ray import RayExecutor
+
+        executor = RayExecutor(options.ray_address, gpu_slots=options.slots, cpus=max(2, cores),
+                               verbose=options.verbose, env=_forwarded_env())
+        gpus = executor.cluster_gpus()
+        return executor, Capacity(gpu=gpus or options.slots or 1, cpus=None, memory=None, net=4)
+    from quantpub.executors.local import LocalExecutor
+
+    slots = _gpu_slots(options)
+    memory = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.9)
+    return LocalExecutor(slots, verbose=options.verbose), Capacity(gpu=len(slots), cpus=cores + len(slots),
+                                                                   memory=memory, net=2)
+
+
+def _gpu_slots(options: RunOptions) -> list[str | None]:
+    """The visible GPUs (one slot each), or ``options.slots`` CPU slots where there is none."""
+    if options.device != "cpu":
+        import torch
+
+        if torch.cuda.is_available():
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else \
+                [str(i) for i in range(torch.cuda.device_count())]
+            return ids[: options.slots] if options.slots else ids
+    return [None] * (options.slots or 1)
+
+
+def _forwarded_env() -> dict[str, str]:
+    """What Ray workers started elsewhere must see as the driver does (hub endpoint, offline mode, caches)."""
+    keep = ("HF_", "TRANSFORMERS_", "QUANTPUB_", "HUGGINGFACE_", "GPTQMODEL_", "XDG_CACHE_HOME", "PYTHONPATH")
+    return {k: v for k, v in os.environ.items() if k.startswith(keep)}
+
+
+class Driver:
+    """The scheduler's handlers: builds each model's tasks and turns stage results into ledger states."""
+
+    def __init__(self, matrix: str, work: Path, ledger: Ledger, run_id: int, plans: dict[str, Plan], endpoint: str,
+                 token: str | None, options: RunOptions, observer):
+        self.matrix, self.work, self.ledger, self.run_id = matrix, work, ledger, run_id
+        self.plans, self.endpoint, self.token, self.options = plans, endpoint, token, options
+        self.observer = observer
+        self.scheduler: Scheduler | None = None
+        self.sources: dict[str, str] = {}
+        self.active: dict[int, dict[str, str]] = {}  # task id -> variant -> last phase
+        self.stage_errors: list[str] = []
+        self.repos: dict[str, set[str]] = {}
+
+    def out(self, model: str) -> Path:
+        return self.work / naming.model_basename(model)
+
+    def log_file(self, model: str, stage: str) -> str:
+        return str(self.out(model) / "logs" / f"{stage}.log")
+
+    # planning
+
+    def plan_all(self, models: list[str]) -> None:
         for model in models:
-            result = run_model(str(matrix), model, work, ledger, endpoint, token, options)
-            summary["repos"] += result["repos"]
-            summary["failed"] += result["failed"]
-    finally:
-        ledger.close()
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-    return summary
+            plan = self.plans[model]
+            out = self.out(model)
+            out.mkdir(parents=True, exist_ok=True)
+            removed = remove_partials(out)
+            if removed:
+                log.info("%s: removed %d unfinished build directories from an earlier run", model, removed)
+            for job in plan.jobs:
+                self.ledger.plan(model, job.id, job.method, job.repo, job.target)
+            self._reconcile(model, [j.id for j in plan.jobs])
+            if Path(model).is_dir():
+                self.sources[model] = model
+            self._add_tasks(model, plan)
+        if self.observer:
+            self.observer.start(self.plans, self.ledger, self.scheduler)
+
+    def _add_tasks(self, model: str, plan: Plan) -> None:
+        from quantpub import estimate
+
+        s = self.scheduler
+        device = "cpu" if self.options.device == "cpu" else "cuda"
+
+        def task(stage: str, fn: Callable, resources: Resources, after: list[int]) -> int:
+            return s.add(Task(s.new_id(), model, stage, fn, (), resources, self.log_file(model, stage), after)).id
+
+        prepare = task("prepare", stages.prepare, Resources(net=1, cpus=0), [])
+        groups = []
+        gpu_jobs = [j for j in plan.jobs if j.method in ("gptq", "awq")]
+        gguf_jobs = [j for j in plan.jobs if j.method == "gguf"]
+        if gpu_jobs:
+            groups.append(task("quantize-gpu", stages.quantize, Resources(
+                gpu=1, cpus=1, memory=estimate.group_host_memory(plan, gpu_jobs, device)), [prepare]))
+        if gguf_jobs:
+            groups.append(task("quantize-gguf", stages.quantize, Resources(
+                cpus=min(4, estimate.cores()), memory=estimate.group_host_memory(plan, gguf_jobs, device)), [prepare]))
+        evaluate = task("evaluate", stages.evaluate, Resources(
+            gpu=1, cpus=1, memory=estimate.evaluation_host_memory(plan, device)), groups)
+        task("publish", stages.publish, Resources(net=1, cpus=0, memory=GIB // 4), [*groups, evaluate])
+
+    # the scheduler's handlers
+
+    def bind(self, task: Task) -> tuple | None:
+        model, o = task.model, self.options
+        out = str(self.out(model))
+        if task.stage == "prepare":
+            return None if model in self.sources else (model, str(self.work))
+        source = self.sources.get(model)
+        if source is None:  # prepare failed, and failed every variant of the model with its reason
+            return None
+        if task.stage.startswith("quantize"):
+            methods = ("gptq", "awq") if task.stage == "quantize-gpu" else ("gguf",)
+            todo = [r.variant for r in self.ledger.rows(model) if r.method in methods and r.state not in DONE
+                    and r.attempts < o.max_attempts]
+            if not todo:
+                return None
+            self.active[task.id] = {v: "queued" for v in todo}
+            return (self.matrix, model, source, out, todo, o)
+        if task.stage == "evaluate":
+            if not o.evaluate or not self._unevaluated(model):
+                return None
+            return (self.matrix, source, out, o)
+        if task.stage == "publish":
+            todo = [r.variant for r in self.ledger.rows(model) if r.state in DONE]
+            return (out, self.endpoint, self.token, todo, o) if todo else None
+        raise ValueError(f"unknown stage {task.stage}")
+
+    def event(self, task: Task, event: dict[str, Any]) -> None:
+        variant, phase = event.get("variant"), event.get("phase")
+        if task.stage.startswith("quantize") and variant:
+            self.active.setdefault(task.id, {})[variant] = phase
+            if phase == "done":
+                self._record_build(task.model, variant, None)
+            elif phase == "failed":
+                self._record_build(task.model, variant, event.get("error") or "failed", task.log)
+        elif task.stage == "publish" and variant and phase == "published":
+            self.ledger.advance(task.model, variant, "published", commit_oid=event["commit"])
+        if self.observer:
+            self.observer.event(task, event)
+
+    def result(self, task: Task, result: Any) -> None:
+        model = task.model
+        if task.stage == "prepare":
+            self.sources[model] = result
+        elif task.stage.startswith("quantize"):
+            recorded = self.active.pop(task.id, {})
+            for variant, error in result.items():
+                if recorded.get(variant) not in ("done", "failed"):
+                    self._record_build(model, variant, error, task.log if error else None)
+            self._retry_failed(task, list(result))
+        elif task.stage == "evaluate":
+            for variant, evaluation in result.items():
+                path = self.out(model) / variant / MANIFEST
+                if path.is_file() and self.ledger.get(model, variant).state in DONE:
+                    self.ledger.advance(model, variant, "evaluated", manifest_sha256=sha256_file(path),
+                                        metrics=_metrics(evaluation),
+                                        timings={"evaluate_seconds": evaluation.get("seconds", 0)})
+        elif task.stage == "publish":
+            for record in result:
+                self.ledger.advance(model, record["variant"], "published", commit_oid=record["commit"])
+                self.repos.setdefault(model, set()).add(record["repo"])
+        if self.observer:
+            self.observer.stage(task, "done", None)
+
+    def error(self, task: Task, error: dict[str, Any]) -> None:
+        model = task.model
+        line = f"{error['type']}: {error['message']}".strip().splitlines()[0][:300]
+        if NO_SPACE in line:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.work))
+        if task.stage == "prepare" or task.stage.startswith("quantize"):
+            methods = {"prepare": ("gptq", "awq", "gguf"), "quantize-gpu": ("gptq", "awq"),
+                       "quantize-gguf": ("gguf",)}[task.stage]
+            recorded = self.active.pop(task.id, {})
+            for row in self.ledger.rows(model):
+                if row.method in methods and row.state not in DONE and recorded.get(row.variant) != "failed":
+                    self._record_build(model, row.variant, f"{task.stage} failed: {line}", task.log)
+        else:
+            self.stage_errors.append(f"{model}: {task.stage} failed: {line} (log: {task.log})")
+        log.error("%s of %s failed: %s (log: %s)", task.stage, model, line, task.log)
+        if self.observer:
+            self.observer.stage(task, "failed", line)
+
+    def lost(self, task: Task, reason: str, retry: bool) -> None:
+        model = task.model
+        if task.stage.startswith("quantize"):
+            phases = self.active.pop(task.id, {})
+            self._reconcile(model, list(phases))  # variants finished before the worker died count
+            for variant, phase in phases.items():
+                if phase not in ("done", "failed", "queued") and self.ledger.get(model, variant).state not in DONE:
+                    self.ledger.interrupt(model, variant, f"worker lost during {phase}: {reason}", task.log)
+        if not retry:
+            self.stage_errors.append(f"{model}: {task.stage}: the worker was lost {self.scheduler.max_lost + 1} times "
+                                     f"({reason}); re-run to try again (log: {task.log})")
+        if self.observer:
+            self.observer.stage(task, "lost", reason)
+
+    # helpers
+
+    def _retry_failed(self, task: Task, variants: list[str]) -> None:
+        """Failed variants with attempts left are built again in this run, before evaluation and publishing."""
+        again = [v for v in variants if self.ledger.get(task.model, v).state == "failed"
+                 and self.ledger.get(task.model, v).attempts < self.options.max_attempts]
+        if not again:
+            return
+        s = self.scheduler
+        retry = s.add(Task(s.new_id(), task.model, task.stage, task.fn, (), task.resources, task.log, []))
+        for other, status in s.tasks(task.model):
+            if other.stage in ("evaluate", "publish") and status == "waiting":
+                s.also_after(other.id, retry.id)
+        log.info("%s: %s failed; building again (attempt %d of %d)", task.model, ", ".join(again),
+                 self.ledger.get(task.model, again[0]).attempts + 1, self.options.max_attempts)
+
+    def _unevaluated(self, model: str) -> bool:
+        for row in self.ledger.rows(model):
+            path = self.out(model) / row.variant / MANIFEST
+            if row.state in DONE and path.is_file() and not json.loads(path.read_text()).get("evaluation"):
+                return True
+        return False
+
+    def _reconcile(self, model: str, variants: list[str]) -> None:
+        """Trust the files, checked by hash: a finished directory counts, a changed or missing one is rebuilt."""
+        from quantpub.publish import local_files
+
+        out = self.out(model)
+        for variant in variants:
+            row = self.ledger.get(model, variant)
+            manifest_path = out / variant / MANIFEST
+            ok = False
+            if manifest_path.is_file():
+                manifest = {**json.loads(manifest_path.read_text()), "dir": out / variant}
+                try:
+                    local_files(manifest, None)
+                    ok = True
+                except QuantpubError as exc:
+                    log.warning("%s: %s; rebuilding it", variant, exc)
+                    shutil.rmtree(out / variant)
+            if ok and row.state in ("planned", "failed"):
+                self._record_build(model, variant, None)
+            elif ok and row.state in DONE and row.manifest_sha256 != sha256_file(manifest_path):
+                self._record_build(model, variant, None)  # evaluated since: the manifest changed, not the files
+            elif not ok and row.state in DONE:
+                log.warning("%s: the ledger says %s but its files are gone; rebuilding it", variant, row.state)
+                self.ledger.advance(model, variant, "planned")
+
+    def _record_build(self, model: str, variant: str, error: str | None, log_file: str | None = None) -> None:
+        if error:
+            if NO_SPACE in error:  # the machine's problem, not the variant's: no attempt used, the run stops
+                self.ledger.interrupt(model, variant, error, log_file)
+                raise OSError(errno.ENOSPC, "No space left on device", str(self.work))
+            self.ledger.fail(model, variant, error, log_file)
+            if self.observer:
+                final = self.ledger.get(model, variant).attempts >= self.options.max_attempts
+                self.observer.failed(model, variant, error, log_file, final)
+            return
+        path = self.out(model) / variant / MANIFEST
+        manifest = json.loads(path.read_text())
+        timings = {k: manifest[k] for k in ("quantize_seconds", "convert_seconds") if k in manifest}
+        state = "evaluated" if manifest.get("evaluation") else "validated"
+        self.ledger.advance(model, variant, state, size=manifest["size"], manifest_sha256=sha256_file(path),
+                            tools=manifest["tools"], timings=timings, metrics=_metrics(manifest.get("evaluation")))
+
+    def summary(self, seconds: float) -> Summary:
+        rows = self.ledger.rows()
+        namespace = self.options.namespace
+        repos = sorted({r.repo if not namespace else f"{namespace}/{r.repo.split('/', 1)[1]}"
+                        for r in rows if r.state == "published" and r.model in self.plans})
+        return Summary(endpoint=self.endpoint, ledger=str(self.ledger.path), work=str(self.work), run_id=self.run_id,
+                       repos=repos, failed=[f"{r.model} {r.variant}" for r in rows
+                                            if r.model in self.plans and r.state == "failed"],
+                       stage_errors=self.stage_errors, seconds=seconds)
+
+
+def _metrics(evaluation: dict[str, Any] | None) -> dict[str, Any]:
+    """What the ledger keeps of an evaluation: the numbers, not the windows' description."""
+    if not evaluation:
+        return {}
+    return {k: v for k, v in evaluation.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def embedded_hub(work: Path, port: int = 0):
     """The built-in hub on 127.0.0.1 over ``WORK/hub``: (server, url, write token)."""
-    from quantpub.hub.server import HubConfig, load_or_create_tokens, start_in_thread
+    from quantpub.hub import HubConfig, load_or_create_users, start_in_thread
 
-    tokens, _ = load_or_create_tokens(work / "hub", None)
-    server, _ = start_in_thread(HubConfig(work / "hub", tokens=tokens), port=port)
+    users, _ = load_or_create_users(work / "hub")  # its generated user is the hub's admin: any namespace
+    server, _ = start_in_thread(HubConfig(work / "hub", users=users), port=port)
     log.info("publishing to the built-in hub at %s (data in %s)", server.url, work / "hub")
-    return server, server.url, next(iter(tokens))
-
-
-def run_model(matrix: str, model: str, work: Path, ledger: Ledger, endpoint: str, token: str | None,
-              options: RunOptions) -> dict[str, Any]:
-    from quantpub import naming
-    from quantpub.plan import make_plan
-
-    started = time.monotonic()
-    device = options.device
-    plan = make_plan(matrix, model, device="cpu" if device == "cpu" else "cuda")
-    if plan.problems:
-        raise PlanError(model, list(plan.problems))
-    out = work / naming.model_basename(model)
-    out.mkdir(parents=True, exist_ok=True)
-    for job in plan.jobs:
-        ledger.plan(model, job.id, job.method, job.repo, job.target)
-    _reconcile(ledger, model, out, plan.jobs)
-    _check_disk(out, [j for j in plan.jobs if ledger.get(model, j.id).state not in DONE])
-
-    for attempt in range(options.max_attempts):
-        todo = [j for j in plan.jobs if ledger.get(model, j.id).state not in DONE
-                and ledger.get(model, j.id).attempts < options.max_attempts]
-        if not todo:
-            break
-        log.info("[quantize] %s: %d variants to build (attempt %d)", model, len(todo), attempt + 1)
-        for job in todo:
-            ledger.attempt(model, job.id)
-        groups = {"gpu": [j.id for j in todo if j.method in ("gptq", "awq")],
-                  "gguf": [j.id for j in todo if j.method == "gguf"]}
-        for outcome_variant, error in _execute(matrix, model, out, {k: v for k, v in groups.items() if v}, options):
-            _record_build(ledger, model, out, outcome_variant, error)
-
-    built = [j for j in plan.jobs if ledger.get(model, j.id).state in DONE]
-    if options.evaluate and built:
-        _evaluate(ledger, model, out, options)
-    if built:
-        from quantpub.card import render_run
-
-        render_run(out, hub=endpoint if options.card_hub is None else options.card_hub, namespace=options.namespace)
-        for job in built:
-            if ledger.get(model, job.id).state in ("validated", "evaluated"):
-                ledger.advance(model, job.id, "carded")
-        log.info("[card] %s: cards written to %s", model, out / "cards")
-        _publish(ledger, model, out, endpoint, token, options)
-    failed = [r.variant for r in ledger.rows(model) if r.state == "failed"]
-    repos = sorted({r.repo if not options.namespace else f"{options.namespace}/{r.repo.split('/', 1)[1]}"
-                    for r in ledger.rows(model) if r.state == "published"})
-    log.info("[done] %s in %.1fs: %d published, %d failed", model, time.monotonic() - started,
-             sum(r.state == "published" for r in ledger.rows(model)), len(failed))
-    return {"repos": repos, "failed": failed}
-
-
-def _reconcile(ledger: Ledger, model: str, out: Path, jobs) -> None:
-    """Trust the files, checked by hash: a finished directory counts, a changed or missing one is rebuilt."""
-    from quantpub.publish import local_files
-
-    for job in jobs:
-        row = ledger.get(model, job.id)
-        manifest_path = out / job.id / MANIFEST
-        ok = False
-        if manifest_path.is_file():
-            manifest = {**json.loads(manifest_path.read_text()), "dir": out / job.id}
-            try:
-                local_files(manifest, None)
-                ok = True
-            except QuantpubError as exc:
-                log.warning("%s: %s; rebuilding it", job.id, exc)
-                shutil.rmtree(out / job.id)
-        if ok and row.state in ("planned", "failed"):
-            _record_build(ledger, model, out, job.id, None)
-        elif not ok and row.state in DONE:
-            log.warning("%s: the ledger says %s but its files are gone; rebuilding it", job.id, row.state)
-            ledger.advance(model, job.id, "planned")
-
-
-def _check_disk(out: Path, jobs) -> None:
-    need = int(sum(j.size for j in jobs) * 1.2)
-    if any(j.method == "gguf" for j in jobs):
-        need += max(j.size for j in jobs) * 4  # the 16-bit GGUF kept while its types are built
-    free = shutil.disk_usage(out).free
-    if need > free:
-        raise QuantpubError(f"{out}: the variants still to build need about {need / 1e9:.1f} GB "
-                            f"and only {free / 1e9:.1f} GB is free; free space or use another --work")
-
-
-def _execute(matrix: str, model: str, out: Path, groups: dict[str, list[str]], options: RunOptions):
-    """Yield (variant, error) as groups finish."""
-    if options.executor == "ray":
-        yield from _execute_ray(matrix, model, out, groups, options)
-        return
-    with ProcessPoolExecutor(max_workers=len(groups), mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(quantize_group, matrix, model, str(out), ids, options, name): name
-                   for name, ids in groups.items()}
-        for future in as_completed(futures):  # the ledger hears of each group as soon as it is done
-            name = futures[future]
-            try:
-                yield from future.result()
-            except Exception as exc:  # noqa: BLE001 - a crashed group fails its variants, not the run
-                yield from [(v, f"{name} worker failed: {type(exc).__name__}: {exc}") for v in groups[name]]
-
-
-def _execute_ray(matrix: str, model: str, out: Path, groups: dict[str, list[str]], options: RunOptions):
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=options.ray_address, log_to_driver=False, include_dashboard=False,
-                 **({} if options.ray_address else {"num_cpus": _cpus()}))
-    gpus = ray.cluster_resources().get("GPU", 0)
-    task = ray.remote(quantize_group)
-    refs = {}
-    for name, ids in groups.items():
-        if name == "gpu":
-            opts = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
-        else:
-            opts = {"num_cpus": 1, "num_gpus": 0}
-        refs[name] = task.options(**opts, max_retries=0).remote(matrix, model, str(out), ids, options, name)
-    pending = {ref: name for name, ref in refs.items()}
-    while pending:
-        (ready,), _ = ray.wait(list(pending), num_returns=1)
-        name = pending.pop(ready)
-        try:
-            yield from ray.get(ready)
-        except Exception as exc:  # noqa: BLE001 - a lost task fails its variants, not the run
-            yield from [(v, f"{name} Ray task failed: {type(exc).__name__}: {exc}") for v in groups[name]]
-
-
-def _cpus() -> int:
-    from quantpub.backends.gguf import cpu_count
-
-    return max(2, cpu_count())
-
-
-def _record_build(ledger: Ledger, model: str, out: Path, variant: str, error: str | None) -> None:
-    if error:
-        ledger.fail(model, variant, error)
-        log.error("[quantize] %s: failed: %s", variant, error.splitlines()[0])
-        return
-    path = out / variant / MANIFEST
-    manifest = json.loads(path.read_text())
-    timings = {k: manifest[k] for k in ("quantize_seconds", "convert_seconds") if k in manifest}
-    ledger.advance(model, variant, "validated", size=manifest["size"], manifest_sha256=sha256_file(path),
-                   tools=manifest["tools"], timings=timings)
-
-
-def _evaluate(ledger: Ledger, model: str, out: Path, options: RunOptions) -> None:
-    from quantpub.evaluate import evaluate
-    from quantpub.worker import resolve_device
-
-    try:
-        results = evaluate(out, model=model, eval_file=options.eval_file, context=options.context,
-                           windows=options.windows, device=resolve_device(options.device))
-    except QuantpubError as exc:  # e.g. offline without --eval-file: the cards show no quality column
-        log.warning("[evaluate] skipped: %s", exc)
-        return
-    for row in ledger.rows(model):
-        manifest_path = out / row.variant / MANIFEST
-        if row.state == "validated" and manifest_path.is_file() and \
-                json.loads(manifest_path.read_text()).get("evaluation"):
-            ledger.advance(model, row.variant, "evaluated", manifest_sha256=sha256_file(manifest_path),
-                           timings={"evaluate_seconds": results.get(row.variant, {}).get("seconds", 0)})
-
-
-def _publish(ledger: Ledger, model: str, out: Path, endpoint: str, token: str | None, options: RunOptions) -> None:
-    from quantpub.publish import publish
-
-    carded = [r.variant for r in ledger.rows(model) if r.state in ("carded", "published")]
-    if not carded:
-        return
-    for result in publish(out, endpoint=endpoint, token=token, namespace=options.namespace, only=carded):
-        ledger.advance(model, result.variant, "published", commit_oid=result.commit)
-        log.info("[publish] %s -> %s@%s %s", result.variant, result.repo, result.branch,
-                 "new commit " + result.commit[:10] if result.changed else "unchanged")
+    return server, server.url, users.write_token()
 
 
 def load_back(endpoint: str, repo: str, revision: str, prompt: str = "def main():") -> str:
     """What a user does: a fresh process with HF_ENDPOINT, from_pretrained(repo, revision=...), generate."""
-    code = ("import sys, transformers as t; r, v, p = sys.argv[1:4]; "
+    code = ("import sys, transformers as t; r, v, p = sys.argv[1:4]; t.logging.set_verbosity_error(); "
             "m = t.AutoModelForCausalLM.from_pretrained(r, revision=v); tok = t.AutoTokenizer.from_pretrained(r, revision=v); "
             "ids = tok(p, return_tensors='pt').input_ids; "
             "print(tok.decode(m.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)[0]))")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from quantpub import __version__, calibration
+from quantpub import __version__, calibration, progress
 from quantpub.artifacts import MANIFEST, RUN_RECORD, sha256_file, write_text_atomic
 from quantpub.moe import expert_coverage
 from quantpub.errors import PlanError, QuantizeError, QuantpubError
@@ -57,12 +57,14 @@ def select_jobs(plan: Plan, only: list[str] | None) -> list[Job]:
 
 def quantize(matrix_path: str | Path, model: str, out: str | Path, *, only: list[str] | None = None,
              calibration_file: str | Path | None = None, device: str = "auto",
-             n_samples: int | None = None, seq_len: int | None = None) -> list[Outcome]:
+             n_samples: int | None = None, seq_len: int | None = None,
+             source: str | Path | None = None) -> list[Outcome]:
     """Build every GPTQ/AWQ variant of the matrix that is not built yet.
 
     ``n_samples`` / ``seq_len`` override the matrix's calibration size for every variant
     (smoke runs on CPU); the manifest records what was used. One variant's failure does not
-    stop the others; it is reported in its ``Outcome``.
+    stop the others; it is reported in its ``Outcome``. ``source`` is the checkpoint directory
+    when ``model`` (a hub id) was already downloaded.
 
     Raises:
         MatrixError, ModelError, PlanError, CalibrationError: before any model is loaded.
@@ -85,7 +87,7 @@ def quantize(matrix_path: str | Path, model: str, out: str | Path, *, only: list
     if not todo:
         return outcomes
 
-    model_dir = _local_model(model)
+    model_dir = Path(source) if source is not None else _local_model(model)
     gpu_jobs = [j for j in todo if j.method in ("gptq", "awq")]
     gguf_jobs = [j for j in todo if j.method == "gguf"]
     if gpu_jobs:
@@ -95,13 +97,16 @@ def quantize(matrix_path: str | Path, model: str, out: str | Path, *, only: list
         calibrations = _calibrations(gpu_jobs, session.tokenizer, calibration_file)  # before the model loads
         for i, job in enumerate(gpu_jobs, 1):
             log.info("[%d/%d] %s: quantizing (%s)", i, len(gpu_jobs), job.id, job.describe())
+            progress.report(job.id, "quantizing")
             try:
                 path = build_variant(session, job, calibrations[_calib_key(job)], out, model,
                                      expert_min_tokens=plan.facts.hidden_size)
                 outcomes.append(Outcome(job.id, path))
+                progress.report(job.id, "done")
             except Exception as exc:  # noqa: BLE001 - one variant's failure must not stop the others
                 log.error("%s: failed: %s: %s", job.id, type(exc).__name__, exc)
                 outcomes.append(Outcome(job.id, None, error=f"{type(exc).__name__}: {exc}"))
+                progress.report(job.id, "failed", error=f"{type(exc).__name__}: {exc}")
         del session
     if gguf_jobs:
         outcomes += _gguf(plan, gguf_jobs, model_dir, out, model, calibration_file, device)
@@ -176,7 +181,11 @@ def build_variant(session, job: Job, calib: calibration.CalibrationSet, out: Pat
     started = time.monotonic()
     try:
         backend = gptq if job.method == "gptq" else awq
-        quant_log = backend.quantize(session, job.variant.params, calib, partial)
+        layers = progress.watch_decoder_layers(job.id)
+        try:
+            quant_log = backend.quantize(session, job.variant.params, calib, partial)
+        finally:
+            layers.remove()
         experts = expert_coverage(quant_log, min_tokens=expert_min_tokens)
         if experts and experts["starved"]:
             log.warning("%s: %d experts got fewer than %d calibration tokens: %s", job.id, len(experts["starved"]),
@@ -184,6 +193,7 @@ def build_variant(session, job: Job, calib: calibration.CalibrationSet, out: Pat
         (partial / "quant_log.csv").unlink(missing_ok=True)
         conform_to_source(partial, session.model_dir)  # the source's config/tokenizer files, AutoGPTQ's tensors
         quantized_s = time.monotonic() - started
+        progress.report(job.id, "validating")
         validation = validate(partial, job.variant.params, session.device, list(calib.samples[0]))
         compat = check_variant(partial, job.method, list(calib.samples[0]))  # before the manifest: it records these
         _write_manifest(partial, job, calib, model, session.device, quantized_s, validation, experts,

@@ -52,7 +52,7 @@ def load(path: str | Path) -> tuple[Any, dict[KeyPath, int]]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise MatrixError(str(path), "no such file; matrices ship under matrices/") from None
+        raise MatrixError(str(path), "no such file; `quantpub matrices` lists the shipped ones") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise MatrixError(str(path), f"cannot read: {exc}") from None
     try:

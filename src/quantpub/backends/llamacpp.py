@@ -10,6 +10,7 @@ the installed version (or read from ``$QUANTPUB_LLAMA_CPP_SDIST``) and cached un
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import logging
 import os
@@ -156,6 +157,8 @@ def quantize(source: Path, dest: Path, gguf_type: str, *, imatrix: dict[str, np.
     rc = llama_cpp.llama_model_quantize(str(source).encode(), str(dest).encode(), ctypes.byref(params))
     if rc != 0:
         dest.unlink(missing_ok=True)
+        if shutil.disk_usage(dest.parent).free < (16 << 20):  # llama.cpp only says it failed; say why
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dest))
         raise LlamaCppError(f"llama_model_quantize({source.name} -> {gguf_type}) returned {rc}")
     return time.monotonic() - started
 

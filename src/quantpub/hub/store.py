@@ -2,9 +2,11 @@
 
 Layout of the data dir::
 
-    hub.sqlite3          repos, commits (each a full snapshot of its files), branches and tags
+    hub.sqlite3          repos, commits (each a full snapshot of its files), branches, tags, uploads
     blobs/ab/<sha256>    file contents, written to tmp/ first, verified, then renamed in place
     tmp/                 uploads in progress; emptied at start-up
+    git/                 a bare git repository per repo, kept in step by ``GitMirror``
+    lock                 held (flock) by the one process that serves this data dir
 
 A commit is one SQLite transaction that checks the branch head it builds on and moves it with
 a compare-and-swap, so two commits to different branches never interfere and a stale parent
@@ -14,9 +16,9 @@ that are completely stored, so a killed server never serves a partial file.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
-import re
 import sqlite3
 import threading
 import time
@@ -25,10 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 
+from quantpub.hub.errors import HubError, HubLockedError
+from quantpub.hub.names import COMMIT_RE, SHA256_RE, check_name, check_namespace, check_path, check_ref
+
 REPO_TYPES = ("model", "dataset", "space")
-NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?$")
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 LFS_THRESHOLD = 10 * 1024 * 1024
 # Extensions the Hub's default .gitattributes sends to LFS (a subset: the ones model repos use).
 LFS_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".h5", ".onnx", ".msgpack", ".model",
@@ -48,15 +50,11 @@ CREATE TABLE IF NOT EXISTS files (
 CREATE TABLE IF NOT EXISTS refs (
     repo_id INTEGER NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL, commit_oid TEXT NOT NULL,
     PRIMARY KEY (repo_id, kind, name));
+CREATE TABLE IF NOT EXISTS uploads (
+    sha256 TEXT NOT NULL, user TEXT NOT NULL, created REAL NOT NULL, PRIMARY KEY (sha256, user));
+CREATE INDEX IF NOT EXISTS files_by_sha256 ON files (sha256);
+CREATE INDEX IF NOT EXISTS commits_by_repo ON commits (repo_id);
 """
-
-
-class StoreError(Exception):
-    """A request the store refuses; ``status`` and ``code`` become the HTTP answer."""
-
-    def __init__(self, status: int, message: str, code: str | None = None):
-        self.status, self.code = status, code
-        super().__init__(message)
 
 
 @dataclass(frozen=True)
@@ -89,6 +87,7 @@ class Commit:
     description: str
     author: str
     created: float
+    git_oid: str | None = None
 
 
 def git_blob_oid(data: bytes) -> str:
@@ -99,41 +98,45 @@ def lfs_pointer(sha256: str, size: int) -> bytes:
     return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
 
 
-def check_path(path: str) -> str:
-    """A repo file path: relative, '/'-separated, no '.', '..' or empty parts, nothing under .git."""
-    parts = path.split("/")
-    if (not path or len(path) > 1000 or "\\" in path or "\0" in path or path.startswith("/")
-            or any(p in ("", ".", "..") for p in parts) or parts[0] == ".git"):
-        raise StoreError(400, f"invalid file path {path!r}")
-    return path
-
-
-def check_name(name: str, what: str) -> str:
-    if not NAME_RE.match(name or "") or ".." in name:
-        raise StoreError(400, f"invalid {what} {name!r}: use letters, digits, '-', '_' and '.'")
-    return name
-
-
-def check_branch(name: str) -> str:
-    if (not name or len(name) > 200 or name.startswith(("refs/", "/", "-")) or name.endswith(("/", ".lock"))
-            or ".." in name or "//" in name or any(c in name for c in " ~^:?*[\\\0") or COMMIT_RE.match(name)):
-        raise StoreError(400, f"invalid branch name {name!r}")
-    return name
+def lock_data_dir(root: Path) -> int:
+    """Take ``root/lock`` (flock, released when the process ends); HubLockedError if taken."""
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise HubLockedError(f"{root} is in use by another quantpub hub process (pid {holder}); "
+                             "stop it first, or use another --data-dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 class Store:
-    """All repos of one hub. Thread-safe: one SQLite connection per thread."""
+    """All repos of one hub. Thread-safe: one SQLite connection per thread. Holds the data dir's lock."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self._lock_fd: int | None = lock_data_dir(self.root)
         self.blobs, self.tmp = self.root / "blobs", self.root / "tmp"
         self.blobs.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
         for leftover in self.tmp.iterdir():  # uploads cut off by a kill: never referenced by any commit
             leftover.unlink()
         self._local = threading.local()
-        with self._db() as db:
-            db.executescript(SCHEMA)
+        db = self._db()
+        db.executescript(SCHEMA)
+        if "git_oid" not in {r[1] for r in db.execute("PRAGMA table_info(commits)")}:
+            db.execute("ALTER TABLE commits ADD COLUMN git_oid TEXT")
+        db.execute("CREATE INDEX IF NOT EXISTS commits_by_git_oid ON commits (git_oid)")
+
+    def close(self) -> None:
+        """Release the data dir (the lock); connections of other threads close with them."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -141,14 +144,13 @@ class Store:
             db = sqlite3.connect(self.root / "hub.sqlite3", timeout=60, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
-            db.execute("PRAGMA foreign_keys=ON")
             self._local.db = db
         return db
 
     # blobs
     def blob_path(self, sha256: str) -> Path:
-        if not SHA256_RE.match(sha256):
-            raise StoreError(400, f"invalid sha256 {sha256!r}")
+        if not isinstance(sha256, str) or not SHA256_RE.fullmatch(sha256):
+            raise HubError(400, f"invalid sha256 {sha256!r}")
         return self.blobs / sha256[:2] / sha256
 
     def has_blob(self, sha256: str, size: int | None = None) -> bool:
@@ -157,43 +159,32 @@ class Store:
 
     def put_blob(self, chunks: Iterable[bytes], size: int, expected: str | None = None) -> str:
         """Store exactly ``size`` bytes; verify ``expected`` sha256 before the blob becomes visible."""
-        tmp = self.tmp / uuid.uuid4().hex
-        digest, written = hashlib.sha256(), 0
+        writer = self.blob_writer(size, expected)
         try:
-            with tmp.open("wb") as fh:
-                for chunk in chunks:
-                    digest.update(chunk)
-                    fh.write(chunk)
-                    written += len(chunk)
-                fh.flush()
-                os.fsync(fh.fileno())
-            if written != size:
-                raise StoreError(400, f"upload ended after {written} of {size} bytes")
-            sha = digest.hexdigest()
-            if expected is not None and sha != expected:
-                raise StoreError(400, f"content sha256 {sha} does not match {expected}")
-            final = self.blob_path(sha)
-            final.parent.mkdir(exist_ok=True)
-            os.replace(tmp, final)
-            _fsync_dir(final.parent)
-            return sha
+            for chunk in chunks:
+                writer.write(chunk)
+            return writer.finish()
         finally:
-            tmp.unlink(missing_ok=True)
+            writer.abort()
+
+    def blob_writer(self, size: int, expected: str | None = None) -> "BlobWriter":
+        return BlobWriter(self, size, expected)
 
     # repos
     def create_repo(self, type_: str, namespace: str, name: str, private: bool, author: str) -> Repo:
-        check_name(namespace, "namespace")
+        check_namespace(namespace)
         check_name(name, "repo name")
         db = self._db()
-        sha = self.put_blob([GITATTRIBUTES.encode()], len(GITATTRIBUTES))
+        data = GITATTRIBUTES.encode()
+        sha = self.put_blob([data], len(data))
         with _transaction(db):
-            try:
-                cur = db.execute("INSERT INTO repos (type, namespace, name, private, created) VALUES (?,?,?,?,?)",
-                                 (type_, namespace, name, int(private), time.time()))
-            except sqlite3.IntegrityError:
-                raise StoreError(409, f"repository {namespace}/{name} already exists") from None
+            clash = db.execute("SELECT namespace, name FROM repos WHERE type=? AND lower(namespace)=lower(?) "
+                               "AND lower(name)=lower(?)", (type_, namespace, name)).fetchone()
+            if clash:
+                raise HubError(409, f"repository {clash[0]}/{clash[1]} already exists")
+            cur = db.execute("INSERT INTO repos (type, namespace, name, private, created) VALUES (?,?,?,?,?)",
+                             (type_, namespace, name, int(private), time.time()))
             repo = Repo(cur.lastrowid, type_, namespace, name, private)
-            data = GITATTRIBUTES.encode()
             entry = FileEntry(".gitattributes", sha, len(data), git_blob_oid(data), False)
             oid = self._insert_commit(db, repo, None, "initial commit", "", author, {entry.path: entry})
             db.execute("INSERT INTO refs VALUES (?, 'branch', 'main', ?)", (repo.id, oid))
@@ -204,7 +195,16 @@ class Store:
                                  "WHERE type=? AND namespace=? AND name=?", (type_, namespace, name)).fetchone()
         return Repo(row[0], row[1], row[2], row[3], bool(row[4])) if row else None
 
+    def repos(self, type_: str = "model") -> list[tuple[Repo, float]]:
+        """Every repo of a type with the time of the last commit on main, newest first."""
+        rows = self._db().execute(
+            "SELECT r.id, r.type, r.namespace, r.name, r.private, c.created FROM repos r "
+            "JOIN refs f ON f.repo_id=r.id AND f.kind='branch' AND f.name='main' JOIN commits c ON c.oid=f.commit_oid "
+            "WHERE r.type=? ORDER BY c.created DESC, r.namespace, r.name", (type_,)).fetchall()
+        return [(Repo(r[0], r[1], r[2], r[3], bool(r[4])), r[5]) for r in rows]
+
     def delete_repo(self, repo: Repo) -> None:
+        """Forget the repo; its blobs stay until ``quantpub hub gc`` finds them unreferenced."""
         db = self._db()
         with _transaction(db):
             db.execute("DELETE FROM files WHERE commit_oid IN (SELECT oid FROM commits WHERE repo_id=?)", (repo.id,))
@@ -215,39 +215,63 @@ class Store:
     def set_private(self, repo: Repo, private: bool) -> None:
         self._db().execute("UPDATE repos SET private=? WHERE id=?", (int(private), repo.id))
 
+    # who may see a blob
+    def blob_owners(self, sha256: str) -> list[tuple[str, bool]]:
+        """(namespace, private) of every repo with a commit that references the blob."""
+        return [(r[0], bool(r[1])) for r in self._db().execute(
+            "SELECT DISTINCT r.namespace, r.private FROM files f JOIN commits c ON c.oid=f.commit_oid "
+            "JOIN repos r ON r.id=c.repo_id WHERE f.sha256=?", (sha256,))]
+
+    def repo_has_blob(self, repo: Repo, sha256: str) -> int | None:
+        """The size of the blob if a commit of ``repo`` references it, else None."""
+        row = self._db().execute("SELECT f.size FROM files f JOIN commits c ON c.oid=f.commit_oid "
+                                 "WHERE c.repo_id=? AND f.sha256=? LIMIT 1", (repo.id, sha256)).fetchone()
+        return row[0] if row else None
+
+    def record_upload(self, sha256: str, user: str) -> None:
+        self._db().execute("INSERT OR REPLACE INTO uploads VALUES (?,?,?)", (sha256, user, time.time()))
+
+    def uploaded_by(self, sha256: str, user: str) -> bool:
+        return self._db().execute("SELECT 1 FROM uploads WHERE sha256=? AND user=?", (sha256, user)).fetchone() \
+            is not None
+
     # refs and commits
     def refs(self, repo: Repo, kind: str) -> list[tuple[str, str]]:
         return self._db().execute("SELECT name, commit_oid FROM refs WHERE repo_id=? AND kind=? ORDER BY name",
                                   (repo.id, kind)).fetchall()
 
     def resolve(self, repo: Repo, revision: str) -> str:
-        """Branch, tag or full commit id -> commit id; RevisionNotFound otherwise."""
+        """Full commit id (the hub's or the git mirror's), then branch, then tag -> commit id."""
         db = self._db()
+        if isinstance(revision, str) and COMMIT_RE.fullmatch(revision):
+            row = db.execute("SELECT oid FROM commits WHERE repo_id=? AND (oid=? OR git_oid=?)",
+                             (repo.id, revision, revision)).fetchone()
+            if row:
+                return row[0]
         for kind in ("branch", "tag"):
             row = db.execute("SELECT commit_oid FROM refs WHERE repo_id=? AND kind=? AND name=?",
                              (repo.id, kind, revision)).fetchone()
             if row:
                 return row[0]
-        if COMMIT_RE.match(revision) and db.execute("SELECT 1 FROM commits WHERE oid=? AND repo_id=?",
-                                                    (revision, repo.id)).fetchone():
-            return revision
-        raise StoreError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
 
     def create_ref(self, repo: Repo, kind: str, name: str, start: str) -> None:
-        if kind == "branch":
-            check_branch(name)
-        oid = self.resolve(repo, start)
-        try:
-            self._db().execute("INSERT INTO refs VALUES (?,?,?,?)", (repo.id, kind, name, oid))
-        except sqlite3.IntegrityError:
-            raise StoreError(409, f"{kind} {name} already exists in {repo.repo_id}") from None
+        """A new branch or tag at ``start``; refused if any branch or tag already has the name."""
+        check_ref(kind, name)
+        db = self._db()
+        with _transaction(db):
+            oid = self.resolve(repo, start)
+            row = db.execute("SELECT kind FROM refs WHERE repo_id=? AND name=?", (repo.id, name)).fetchone()
+            if row:
+                raise HubError(409, f"{kind} {name!r} would clash with the {row[0]} of that name in {repo.repo_id}")
+            db.execute("INSERT INTO refs VALUES (?,?,?,?)", (repo.id, kind, name, oid))
 
     def delete_ref(self, repo: Repo, kind: str, name: str) -> None:
         if kind == "branch" and name == "main":
-            raise StoreError(403, "the main branch cannot be deleted")
+            raise HubError(403, "the main branch cannot be deleted")
         if not self._db().execute("DELETE FROM refs WHERE repo_id=? AND kind=? AND name=?",
                                   (repo.id, kind, name)).rowcount:
-            raise StoreError(404, f"{kind} {name} not found in {repo.repo_id}", "RevisionNotFound")
+            raise HubError(404, f"{kind} {name} not found in {repo.repo_id}", "RevisionNotFound")
 
     def files(self, commit_oid: str) -> dict[str, FileEntry]:
         rows = self._db().execute("SELECT path, sha256, size, git_oid, lfs FROM files WHERE commit_oid=? "
@@ -255,13 +279,16 @@ class Store:
         return {r[0]: FileEntry(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows}
 
     def commit_info(self, oid: str) -> Commit:
-        r = self._db().execute("SELECT oid, parent, summary, description, author, created FROM commits WHERE oid=?",
-                               (oid,)).fetchone()
+        r = self._db().execute("SELECT oid, parent, summary, description, author, created, git_oid FROM commits "
+                               "WHERE oid=?", (oid,)).fetchone()
         return Commit(*r)
 
-    def history(self, oid: str) -> list[Commit]:
+    def set_git_oid(self, oid: str, git_oid: str) -> None:
+        self._db().execute("UPDATE commits SET git_oid=? WHERE oid=?", (git_oid, oid))
+
+    def history(self, oid: str, limit: int = 1000) -> list[Commit]:
         out = []
-        while oid:
+        while oid and len(out) < limit:
             c = self.commit_info(oid)
             out.append(c)
             oid = c.parent
@@ -271,28 +298,28 @@ class Store:
                parent: str | None, add: list[FileEntry], delete: list[str], delete_folders: list[str]) -> str:
         """Apply one commit to ``branch``; 412 when ``parent`` is given and is not the branch head."""
         for e in add:
+            check_path(e.path)
             if not self.has_blob(e.sha256, e.size):
-                raise StoreError(422, f"{e.path}: content {e.sha256} was never uploaded")
+                raise HubError(422, f"{e.path}: content {e.sha256} was never uploaded")
         db = self._db()
         with _transaction(db):
             row = db.execute("SELECT commit_oid FROM refs WHERE repo_id=? AND kind='branch' AND name=?",
                              (repo.id, branch)).fetchone()
             if row is None:
-                raise StoreError(404, f"Invalid rev id: {branch}", "RevisionNotFound")
+                raise HubError(404, f"Invalid rev id: {branch}", "RevisionNotFound")
             head = row[0]
             if parent is not None and parent != head:
-                raise StoreError(412, f"parent commit {parent} is not the head of {branch} ({head}); "
-                                      "fetch the branch again and retry")
+                raise HubError(412, f"parent commit {parent} is not the head of {branch} ({head}); "
+                                    "fetch the branch again and retry")
             tree = self.files(head)
             for path in delete:
                 if tree.pop(check_path(path), None) is None:
-                    raise StoreError(404, f"cannot delete {path}: not in {branch}", "EntryNotFound")
+                    raise HubError(404, f"cannot delete {path}: not in {branch}", "EntryNotFound")
             for folder in delete_folders:
                 prefix = check_path(folder.rstrip("/")) + "/"
                 for path in [p for p in tree if p.startswith(prefix)]:
                     del tree[path]
             for e in add:
-                check_path(e.path)
                 tree[e.path] = e
             oid = self._insert_commit(db, repo, head, summary, description, author, tree)
             db.execute("UPDATE refs SET commit_oid=? WHERE repo_id=? AND kind='branch' AND name=? AND commit_oid=?",
@@ -305,11 +332,47 @@ class Store:
         listing = "".join(f"{e.path}\0{e.git_oid}\n" for e in sorted(tree.values(), key=lambda e: e.path))
         oid = hashlib.sha1(f"repo {repo.id}\nparent {parent}\ntime {created!r}\nauthor {author}\n"
                            f"{summary}\n{description}\n{listing}".encode()).hexdigest()
-        db.execute("INSERT INTO commits VALUES (?,?,?,?,?,?,?)",
-                   (oid, repo.id, parent, summary, description, author, created))
+        db.execute("INSERT INTO commits (oid, repo_id, parent, summary, description, author, created) "
+                   "VALUES (?,?,?,?,?,?,?)", (oid, repo.id, parent, summary, description, author, created))
         db.executemany("INSERT INTO files VALUES (?,?,?,?,?,?)",
                        [(oid, e.path, e.sha256, e.size, e.git_oid, int(e.lfs)) for e in tree.values()])
         return oid
+
+
+class BlobWriter:
+    """One blob being written to ``tmp/``: ``write`` chunks, then ``finish`` (verify, rename) or ``abort``."""
+
+    def __init__(self, store: Store, size: int, expected: str | None):
+        self.store, self.size, self.expected = store, size, expected
+        self.tmp = store.tmp / uuid.uuid4().hex
+        self.fh = self.tmp.open("wb")
+        self.digest, self.written = hashlib.sha256(), 0
+
+    def write(self, chunk: bytes) -> None:
+        self.written += len(chunk)
+        if self.written > self.size:
+            raise HubError(400, f"upload is longer than the announced {self.size} bytes")
+        self.digest.update(chunk)
+        self.fh.write(chunk)
+
+    def finish(self) -> str:
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.fh.close()
+        if self.written != self.size:
+            raise HubError(400, f"upload ended after {self.written} of {self.size} bytes")
+        sha = self.digest.hexdigest()
+        if self.expected is not None and sha != self.expected:
+            raise HubError(400, f"content sha256 {sha} does not match {self.expected}")
+        final = self.store.blob_path(sha)
+        final.parent.mkdir(exist_ok=True)
+        os.replace(self.tmp, final)
+        _fsync_dir(final.parent)
+        return sha
+
+    def abort(self) -> None:
+        self.fh.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 class _transaction:

@@ -1,0 +1,195 @@
+"""Users, organisations and tokens of a hub, and what a caller may read or write.
+
+The users file (YAML, checked strictly)::
+
+    users:
+      alice:
+        admin: true                  # may read and write every namespace (the hub's operator)
+        tokens:
+          - {token: hf_...write..., role: write}
+          - {token: hf_...read..., role: read}
+      bob:
+        tokens: [{token: hf_..., role: write}]
+    orgs:
+      quantpub:
+        members: {alice: write, bob: read}
+
+Rules (the Hub's): anyone reads public repos; a private repo is visible only to its
+namespace's user, that organisation's members and admins (404 to everyone else); writing
+needs a write token and the caller's own namespace, or an organisation where the caller is a
+``write`` member. A file of ``user:token`` lines (the older format) gives write tokens.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from quantpub.hub.names import check_namespace
+
+Role = Literal["read", "write"]
+USERS_FILE = "users.yaml"
+DEFAULT_USER = "quantpub"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TokenSpec(_Strict):
+    token: str = Field(min_length=8)
+    role: Role = "write"
+
+
+class UserSpec(_Strict):
+    admin: bool = False
+    tokens: list[TokenSpec] = []
+
+
+class OrgSpec(_Strict):
+    members: dict[str, Role] = {}
+
+
+class UsersSpec(_Strict):
+    users: dict[str, UserSpec]
+    orgs: dict[str, OrgSpec] = {}
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request: ``name`` None for anonymous; ``orgs`` maps organisation -> role."""
+    name: str | None = None
+    role: Role | None = None
+    admin: bool = False
+    orgs: dict[str, str] = field(default_factory=dict)
+
+    def is_member(self, namespace: str) -> bool:
+        return self.name is not None and (self.admin or namespace == self.name or namespace in self.orgs)
+
+    def can_read(self, namespace: str, private: bool) -> bool:
+        return not private or self.is_member(namespace)
+
+    def can_write(self, namespace: str) -> bool:
+        return self.role == "write" and (self.admin or namespace == self.name or self.orgs.get(namespace) == "write")
+
+
+ANONYMOUS = Caller()
+
+
+class Users:
+    """Token -> Caller, built from a ``UsersSpec``."""
+
+    def __init__(self, spec: UsersSpec, source: str = "<memory>"):
+        self.spec, self.source = spec, source
+        self._by_token: dict[str, Caller] = {}
+        for org in spec.orgs:
+            check_namespace(org)
+            if org in spec.users:
+                raise ValueError(f"{source}: {org!r} is both a user and an organisation")
+        for name, user in spec.users.items():
+            check_namespace(name)
+            orgs = {o: s.members[name] for o, s in spec.orgs.items() if name in s.members}
+            for t in user.tokens:
+                if t.token in self._by_token:
+                    raise ValueError(f"{source}: a token of user {name!r} is given twice")
+                self._by_token[t.token] = Caller(name, t.role, user.admin, orgs)
+        for org, spec_org in spec.orgs.items():
+            unknown = sorted(set(spec_org.members) - set(spec.users))
+            if unknown:
+                raise ValueError(f"{source}: organisation {org!r} lists unknown users {unknown}")
+
+    @classmethod
+    def from_tokens(cls, tokens: dict[str, str], admin: bool = False) -> "Users":
+        """Write tokens, ``{token: user}``: the older token file and the test fixtures."""
+        users: dict[str, UserSpec] = {}
+        for token, user in tokens.items():
+            users.setdefault(user, UserSpec(admin=admin)).tokens.append(TokenSpec(token=token))
+        return cls(UsersSpec(users=users))
+
+    def caller(self, authorization: str) -> Caller | None:
+        """The caller an ``Authorization`` header names (Bearer, or Basic with the token as password)."""
+        if not authorization:
+            return ANONYMOUS
+        scheme, _, value = authorization.partition(" ")
+        token = value.strip()
+        if scheme.lower() == "basic":
+            try:
+                token = base64.b64decode(token, validate=True).decode().partition(":")[2]
+            except (ValueError, UnicodeDecodeError):
+                return None
+        elif scheme.lower() != "bearer":
+            return None
+        return self._by_token.get(token)
+
+    def write_token(self) -> str:
+        """A write token of an admin (else of anyone): what the embedded hub publishes with."""
+        ranked = sorted(self._by_token.items(), key=lambda kv: (not kv[1].admin, kv[1].role != "write"))
+        if not ranked or ranked[0][1].role != "write":
+            raise ValueError(f"{self.source}: no user has a write token")
+        return ranked[0][0]
+
+
+def whoami(caller: Caller) -> dict:
+    return {"type": "user", "name": caller.name, "fullname": caller.name, "isPro": False, "canPay": False,
+            "isAdmin": caller.admin,
+            "orgs": [{"type": "org", "name": o, "fullname": o, "roleInOrg": r} for o, r in sorted(caller.orgs.items())],
+            "auth": {"type": "access_token", "accessToken": {"displayName": "token", "role": caller.role}}}
+
+
+def read_users(path: str | Path) -> Users:
+    """A YAML users file, or a file of ``user:token`` lines (write tokens)."""
+    path = Path(path)
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        data = None
+    if isinstance(data, dict):
+        try:
+            return Users(UsersSpec.model_validate(data), str(path))
+        except ValidationError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+    tokens = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, token = line.partition(":")
+        if not sep or not user.strip() or len(token.strip()) < 8:
+            raise ValueError(f"{path}:{n}: expected 'user:token' with a token of at least 8 characters, "
+                             "or a YAML users file (see quantpub hub serve --help)")
+        tokens[token.strip()] = user.strip()
+    return Users.from_tokens(tokens)
+
+
+def load_or_create_users(data_dir: str | Path, users_file: str | Path | None = None) -> tuple[Users, Path]:
+    """``users_file``, else ``DATA_DIR/users.yaml``, created (mode 600) on first use.
+
+    The created file has one admin user, ``quantpub``, with a random write token (plus the
+    tokens of an older ``DATA_DIR/tokens`` file, kept working): the operator of a local hub,
+    who may publish under any namespace.
+    """
+    if users_file is not None:
+        return read_users(users_file), Path(users_file)
+    path = Path(data_dir) / USERS_FILE
+    if not path.exists():
+        legacy = Path(data_dir) / "tokens"
+        tokens = read_users(legacy).spec.users if legacy.exists() else {}
+        users = {name: {"admin": True, "tokens": [t.model_dump() for t in u.tokens]} for name, u in tokens.items()}
+        users.setdefault(DEFAULT_USER, {"admin": True, "tokens": [{"token": f"hf_{secrets.token_hex(20)}",
+                                                                   "role": "write"}]})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write("# quantpub hub users (see quantpub.hub.auth); tokens are secrets\n")
+            yaml.safe_dump({"users": users, "orgs": {}}, fh, sort_keys=False)
+        os.replace(tmp, path)
+    return read_users(path), path

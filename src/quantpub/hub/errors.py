@@ -1,0 +1,21 @@
+"""The one error type of the hub: an HTTP status, a message and the Hub's ``X-Error-Code``."""
+
+from __future__ import annotations
+
+from quantpub.errors import QuantpubError
+
+
+class HubError(Exception):
+    """A request the hub refuses; ``status`` and ``code`` become the HTTP answer."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None):
+        self.status, self.code, self.headers = status, code, dict(headers or {})
+        super().__init__(message)
+
+
+def not_found(repo_id: str) -> HubError:
+    return HubError(404, f"Repository Not Found: {repo_id}", "RepoNotFound")
+
+
+class HubLockedError(QuantpubError):
+    """Another hub process serves (or collects garbage in) this data dir."""
