@@ -131,7 +131,8 @@ def _subprocess(python: Path | str, args: dict[str, Any], timeout: int, tmp: Pat
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
         return {"error": f"the probe exited {done.returncode}: {tail[0]}"}
     found = json.loads(line[len("RESULT "):])
-    cause = next((m.group(1) for m in map(ROOT_CAUSE.search, done.stderr.splitlines()) if m), None)
+    logged = (done.stderr + "\n" + done.stdout).splitlines()  # vLLM logs to either
+    cause = next((m.group(1) for m in map(ROOT_CAUSE.search, logged) if m), None)
     for result in found.values():  # vLLM's engine fails in a child process and logs the reason there
         if not result.get("ok") and "root cause" in result.get("error", "") and cause:
             result["error"] += f" Root cause: {cause}"
