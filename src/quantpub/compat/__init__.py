@@ -154,8 +154,7 @@ def _compare(result: dict[str, Any], logits: Path, reference: Path) -> None:
         result["error"] = f"logits differ from {REFERENCE}'s by {diff:.4g} (> {TOLERANCE})"
 
 
-def loaded_in(manifest: dict[str, Any], mode: str = "model") -> list[str]:
-    """Labels of the runtimes a variant was tested to load in (from its manifest), for cards."""
+def loaded_in(manifest: dict[str, Any]) -> list[str]:
+    """Labels of the model runtimes (not tokenizer-only ones) a variant was tested to load in, from its manifest."""
     runtimes = ((manifest.get("compat") or {}).get("runtimes") or {}).values()
-    return [r["label"] for r in runtimes if r.get("mode") in (mode, "vllm" if mode == "model" else mode)
-            and r["status"] == LOADS]
+    return [r["label"] for r in runtimes if r.get("mode") in ("model", "vllm") and r["status"] == LOADS]
