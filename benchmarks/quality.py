@@ -61,7 +61,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--matrix", default=str(ROOT / "benchmarks" / "quality-cpu.yaml"),
                         help="default: a CPU-sized subset; matrices/thebloke.yaml for all variants")
-    parser.add_argument("--work", default=str(RESULTS / "quality-work"))
+    parser.add_argument("--work", default=None, help="default: benchmarks/results/<name>-work")
+    parser.add_argument("--name", default="quality", help="results file names: <name>.json, <name>.md, <name>-cards/")
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--n-samples", type=int, default=16)
@@ -72,7 +73,7 @@ def main() -> None:
     from quantpub.tiny import corpus_text
     from quantpub.worker import quantize
 
-    work = Path(args.work)
+    work = Path(args.work or RESULTS / f"{args.name}-work")
     work.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     text = corpus_text(1_000_000)
@@ -89,7 +90,7 @@ def main() -> None:
              windows=args.windows)
     evaluated = time.monotonic() - started - prepared - built
     cards = render_run(work / "out")
-    cards_dir = RESULTS / "quality-cards"
+    cards_dir = RESULTS / f"{args.name}-cards"
     shutil.rmtree(cards_dir, ignore_errors=True)
     shutil.copytree(cards[0].parent.parent, cards_dir)
     rows = []
@@ -104,7 +105,7 @@ def main() -> None:
               f"{args.windows} x {args.context} tokens of held-out text", "seconds": {
                   "prepare": round(prepared, 1), "quantize": round(built, 1), "evaluate": round(evaluated, 1)},
               "rows": rows}
-    (RESULTS / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     ok = sorted((r for r in rows if r.get("kld") is not None), key=lambda r: r["kld"])
     ref = ok[0] if ok else None
     lines = [f"# Quality: {result['model']}", "",
@@ -118,9 +119,9 @@ def main() -> None:
               f"{(r['memory'] or {}).get('bytes', 0) / 1e6:.0f} MB |" for r in ok]
     lines += [f"| {r['variant']} | failed: {r['error'][:80]} | | | | | | | | |" for r in rows if "error" in r]
     lines += ["", f"Times: {result['seconds']}", f"Cards and chart: {cards_dir}"]
-    (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(f"wrote {RESULTS / 'quality.json'}, quality.md and the cards with their chart in {cards_dir}")
+    print(f"wrote {RESULTS / args.name}.json, {args.name}.md and the cards with their chart in {cards_dir}")
 
 
 if __name__ == "__main__":

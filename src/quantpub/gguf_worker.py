@@ -12,6 +12,7 @@ import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from quantpub.plan import Job, Plan
 
 log = logging.getLogger(__name__)
 VALIDATION_TOKENS = 256
+HUB = "https://huggingface.co"  # where general.repo_url points: the repo's address on the Hub
 
 
 def build_gguf_set(plan: Plan, jobs: list[Job], model_dir: Path, out: Path, model: str, *, tokenizer,
@@ -42,7 +44,7 @@ def build_gguf_set(plan: Plan, jobs: list[Job], model_dir: Path, out: Path, mode
         progress.report(job.id, "converting")
     if not base.is_file():
         log.info("GGUF: converting %s to %s with llama.cpp's converter", model_dir, outtype)
-        timings["convert_seconds"] = round(llamacpp.convert(model_dir, base, outtype), 2)
+        timings["convert_seconds"] = round(llamacpp.convert(model_dir, base, outtype, general_metadata(plan, jobs)), 2)
         log.info("GGUF: converted in %.1fs -> %s (%.1f MB)", timings["convert_seconds"], base,
                  base.stat().st_size / 1e6)
     imatrix, imatrix_record, imatrix_file = None, None, None
@@ -57,12 +59,13 @@ def build_gguf_set(plan: Plan, jobs: list[Job], model_dir: Path, out: Path, mode
         log.info("GGUF: importance matrix for %d tensors from %d samples in %.1fs -> %s", imatrix_record["tensors"],
                  imatrix_record["samples"], imatrix_record["seconds"], imatrix_file.name)
     reference = gguf.evaluate(base, text, VALIDATION_TOKENS, cores)
-    expect = _expectations(tokenizer, plan)
+    kv = imatrix_metadata(imatrix, calib, imatrix_file) if imatrix is not None else {}
+    expect = _expectations(tokenizer, plan, {**general_metadata(plan, jobs), **kv})
     workers = gguf.workers_for(len(jobs), base.stat().st_size)
     threads = max(1, cores // workers)
     log.info("GGUF: quantizing %d types, %d at a time with %d threads each", len(jobs), workers, threads)
     context = dict(base=base, out=out, model=model, outtype=outtype, imatrix=imatrix, imatrix_record=imatrix_record,
-                   imatrix_file=imatrix_file, calib=calib, reference=reference, expect=expect, text=text,
+                   imatrix_file=imatrix_file, kv=kv, calib=calib, reference=reference, expect=expect, text=text,
                    text_source=text_source, threads=threads, split_max_bytes=split_max_bytes,
                    timings=timings, write_manifest=write_manifest, device=device)
 
@@ -87,7 +90,7 @@ def build_gguf_set(plan: Plan, jobs: list[Job], model_dir: Path, out: Path, mode
 
 
 def _build_one(job: Job, *, base: Path, out: Path, model: str, outtype: str, imatrix, imatrix_record,
-               imatrix_file: Path | None, calib, reference, expect, text: str, text_source: str, threads: int,
+               imatrix_file: Path | None, kv: dict, calib, reference, expect, text: str, text_source: str, threads: int,
                split_max_bytes: int, timings: dict, write_manifest, device: str) -> Path:
     variant = job.variant.params
     final = out / job.id
@@ -96,9 +99,11 @@ def _build_one(job: Job, *, base: Path, out: Path, model: str, outtype: str, ima
     partial.mkdir(parents=True)
     try:
         target = partial / job.target
-        if not variant.takes_imatrix():
-            imatrix, imatrix_record, imatrix_file = None, None, None
-        seconds = llamacpp.quantize(base, target, variant, imatrix=imatrix, threads=threads)
+        if not variant.takes_imatrix():  # nor does the file say it had one
+            imatrix, imatrix_record, imatrix_file, kv = None, None, None, {}
+            expect = replace(expect, metadata={k: v for k, v in expect.metadata.items()
+                                               if not k.startswith("quantize.imatrix.")})
+        seconds = llamacpp.quantize(base, target, variant, imatrix=imatrix, threads=threads, kv=kv)
         files = gguf.split(target, split_max_bytes) if target.stat().st_size > split_max_bytes else [target]
         meta, tensors = gguf.read(files)
         problems = gguf.check_mix(variant, tensors) + gguf.check_metadata(meta, variant.type, expect)
@@ -146,15 +151,31 @@ def _describe(calib: calibration.CalibrationSet) -> str:
     return f"{source}: {calib.n_samples} samples of {calib.seq_len} tokens (seed {calib.seed}, sha256 {calib.sha256})"
 
 
-def _expectations(tokenizer, plan: Plan) -> gguf.Expectations:
+def general_metadata(plan: Plan, jobs: list[Job]) -> dict[str, str]:
+    """``general.*`` keys of every GGUF file: the model's name, who quantized it, the repo it is published in."""
+    card = plan.matrix.card
+    url = f"{HUB}/{jobs[0].repo}"
+    return {"general.name": card.model_name or plan.facts.name, "general.quantized_by": card.quantized_by or "quantpub",
+            "general.repo_url": url, "general.url": url}
+
+
+def imatrix_metadata(imatrix: dict, calib: calibration.CalibrationSet, imatrix_file: Path) -> dict[str, str | int]:
+    """The ``quantize.imatrix.*`` keys ``llama-quantize`` writes (tools/quantize/quantize.cpp at the pinned
+    llama.cpp): the imatrix file (published beside the GGUF files), its dataset, entries and chunks (one per
+    calibration window)."""
+    return {"quantize.imatrix.file": imatrix_file.name[:127], "quantize.imatrix.dataset": _describe(calib)[:127],
+            "quantize.imatrix.entries_count": len(imatrix), "quantize.imatrix.chunks_count": calib.n_samples}
+
+
+def _expectations(tokenizer, plan: Plan, metadata: dict[str, Any]) -> gguf.Expectations:
     return gguf.Expectations(
         context_length=plan.facts.context_length, rope_scaling=plan.facts.rope_scaling,
         chat_template=getattr(tokenizer, "chat_template", None) or None,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, metadata=metadata)
 
 
 def _checked(expect: gguf.Expectations) -> list[str]:
-    keys = ["context_length", "file_type"]
+    keys = ["context_length", "file_type", *expect.metadata]
     keys += ["rope_scaling"] if expect.rope_scaling else []
     keys += ["chat_template"] if expect.chat_template else []
     keys += [k for k in ("bos_token_id", "eos_token_id") if getattr(expect, k) is not None]

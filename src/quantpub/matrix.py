@@ -38,6 +38,10 @@ def _group_size(value: Any) -> int | None:
 
 
 GroupSize = Annotated[int | None, BeforeValidator(_group_size)]
+# true: AutoGPTQ's desc_act. group_aware: GPTQModel's group-aware reordering, saved as desc_act false
+# (act-order quality in the layout vLLM, Marlin and ExLlama kernels accept).
+GROUP_AWARE = "group_aware"
+ActOrder = bool | Literal["group_aware"]
 Damp = Annotated[float, Field(gt=0, lt=1)]
 SeqLen = int | Literal["auto"]
 
@@ -96,12 +100,19 @@ class GptqVariant(Strict):
 
     bits: Bits
     group_size: GroupSize = 128
-    act_order: bool = False
+    act_order: ActOrder = False
     damp: Damp = naming.DEFAULT_DAMP
     sym: bool = True
     dataset: str | None = None
     seq_len: SeqLen | None = None
     branch: str | None = None
+
+    @model_validator(mode="after")
+    def _group_aware_needs_groups(self) -> GptqVariant:
+        if self.act_order == GROUP_AWARE and self.group_size is None:
+            raise ValueError("act_order: group_aware reorders within groups and needs a group size; "
+                             "with group_size none use act_order: true (every runtime accepts it there)")
+        return self
 
     @field_validator("branch")
     @classmethod
@@ -124,7 +135,7 @@ class GptqProduct(Strict):
 
     bits: Annotated[list[Bits], Field(min_length=1)]
     group_size: Annotated[list[GroupSize], Field(min_length=1)] = [128]
-    act_order: Annotated[list[bool], Field(min_length=1)] = [False]
+    act_order: Annotated[list[ActOrder], Field(min_length=1)] = [False]
     damp: Annotated[list[Damp], Field(min_length=1)] = [naming.DEFAULT_DAMP]
     sym: bool = True
 
@@ -134,7 +145,7 @@ class Selector(Strict):
 
     bits: Bits | None = None
     group_size: GroupSize = None
-    act_order: bool | None = None
+    act_order: ActOrder | None = None
     damp: Damp | None = None
     sym: bool | None = None
 
@@ -339,7 +350,11 @@ def _gptq_specs(matrix: Matrix, path, lines) -> list[VariantSpec]:
     if section.product is not None:
         p = section.product
         for bits, group, act, damp in itertools.product(p.bits, p.group_size, p.act_order, p.damp):
-            variant = GptqVariant(bits=bits, group_size=group, act_order=act, damp=damp, sym=p.sym)
+            try:
+                variant = GptqVariant(bits=bits, group_size=group, act_order=act, damp=damp, sym=p.sym)
+            except ValidationError as exc:
+                raise MatrixError(str(path), exc.errors()[0]["msg"].removeprefix("Value error, "),
+                                  key="gptq.product", line=lines.get(("gptq", "product"))) from None
             if not any(rule.matches(variant) for rule in section.exclude):
                 found.append(("gptq.product", variant))
     found += [(f"gptq.variants[{i}]", v) for i, v in enumerate(section.variants)]

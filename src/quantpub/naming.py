@@ -42,10 +42,15 @@ def slug(text: str) -> str:
     return cleaned or "x"
 
 
-def gptq_base_name(bits: int, group_size: int | None, act_order: bool) -> str:
-    """TheBloke's GPTQ branch name; ``group_size=None`` means no grouping (-1)."""
+def gptq_base_name(bits: int, group_size: int | None, act_order: bool | str) -> str:
+    """TheBloke's GPTQ branch name; ``group_size=None`` means no grouping (-1).
+
+    ``act_order="group_aware"`` (GPTQModel's group-aware reordering, which TheBloke never
+    published) is ``actorder_GroupAware``: it cannot be mistaken for a ``True``/``False`` branch.
+    """
     group = -1 if group_size is None else group_size
-    return f"gptq-{bits}bit-{group}g-actorder_{act_order}"
+    order = "GroupAware" if act_order == "group_aware" else act_order
+    return f"gptq-{bits}bit-{group}g-actorder_{order}"
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,7 @@ class GptqNameParts:
 
     bits: int
     group_size: int | None
-    act_order: bool
+    act_order: bool | str
     damp: float = DEFAULT_DAMP
     sym: bool = True
     dataset: str | None = None  # None: the matrix's calibration dataset

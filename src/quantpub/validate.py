@@ -30,7 +30,7 @@ def cpu_loader_kwargs(model_dir: Path, params: dict[str, Any], device: str) -> d
     group = params.get("group_size")
     if group is not None and all(n % group == 0 for n in inputs):
         return {}
-    return {"quantization_config": GPTQConfig(bits=4, group_size=group or -1, desc_act=params.get("act_order", False),
+    return {"quantization_config": GPTQConfig(bits=4, group_size=group or -1, desc_act=params.get("act_order") is True,
                                               sym=params.get("sym", True), backend="gptq_torch")}
 
 

@@ -155,7 +155,9 @@ def _local_model(model: str) -> Path:
         return Path(model)
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    # tokenizer and chat-template files too: conform_to_source ships exactly what the source has
+    return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja",
+                                                         "*.tiktoken"]))
 
 
 def _calib_key(job: Job) -> tuple:
@@ -184,6 +186,8 @@ def _calibrations(jobs: list[Job], tokenizer, file) -> dict[tuple, calibration.C
 def build_variant(session, job: Job, calib: calibration.CalibrationSet, out: Path, model: str, *,
                   expert_min_tokens: int) -> Path:
     from quantpub.backends import awq, gptq
+    from quantpub.backends.conform import conform_to_source
+    from quantpub.compat import check_variant
     from quantpub.validate import validate
 
     final = out / job.id
@@ -202,13 +206,13 @@ def build_variant(session, job: Job, calib: calibration.CalibrationSet, out: Pat
             log.warning("%s: %d experts got fewer than %d calibration tokens: %s", job.id, len(experts["starved"]),
                         experts["min_tokens"], ", ".join(experts["starved"]))
         (partial / "quant_log.csv").unlink(missing_ok=True)
-        source_generation = session.model_dir / "generation_config.json"
-        if source_generation.is_file():  # GPTQModel rewrites it (do_sample: true)
-            shutil.copyfile(source_generation, partial / "generation_config.json")
+        conform_to_source(partial, session.model_dir)  # the source's config/tokenizer files, AutoGPTQ's tensors
         quantized_s = time.monotonic() - started
         progress.report(job.id, "validating")
         validation = validate(partial, job.variant.params, session.device, list(calib.samples[0]))
-        _write_manifest(partial, job, calib, model, session.device, quantized_s, validation, experts)
+        compat = check_variant(partial, job.method, list(calib.samples[0]))  # before the manifest: it records these
+        _write_manifest(partial, job, calib, model, session.device, quantized_s, validation, experts,
+                        {"compat": compat})
         if final.exists():  # a directory without our manifest (finished ones were skipped): replace it
             shutil.rmtree(final)
         os.replace(partial, final)

@@ -15,7 +15,7 @@ import math
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,7 @@ class Expectations:
     chat_template: str | None
     bos_token_id: int | None
     eos_token_id: int | None
+    metadata: dict[str, Any] = field(default_factory=dict)  # keys every file must carry with exactly these values
 
 
 def sixteen_bit_type(config: dict) -> str:
@@ -303,6 +304,8 @@ def check_metadata(meta: dict[str, Any], gguf_type: str, expect: Expectations) -
         want("tokenizer.ggml.bos_token_id", expect.bos_token_id)
     if expect.eos_token_id is not None:
         want("tokenizer.ggml.eos_token_id", expect.eos_token_id)
+    for key, value in expect.metadata.items():
+        want(key, value)
     return problems
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import logging
 import os
 import shutil
@@ -98,15 +99,24 @@ def converter_dir(fetch: bool = True) -> Path:
     return target
 
 
-def convert(model_dir: Path, outfile: Path, outtype: str) -> float:
-    """Run llama.cpp's converter once: HF checkpoint -> one 16-bit GGUF. Returns seconds."""
+def convert(model_dir: Path, outfile: Path, outtype: str, metadata: dict[str, str] | None = None) -> float:
+    """Run llama.cpp's converter once: HF checkpoint -> one 16-bit GGUF. Returns seconds.
+
+    ``metadata``: ``general.*`` keys for the converter's ``--metadata`` override file
+    (``general.name``, ``general.quantized_by``, ``general.repo_url``, ``general.url``, ...).
+    """
     conv = converter_dir()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(conv / "gguf-py"), str(conv)]),
            "NO_LOCAL_GGUF": ""}
     started = time.monotonic()
     partial = outfile.with_name(outfile.name + ".partial")
+    extra = []
+    if metadata:
+        override = outfile.with_name(outfile.name + ".metadata.json")
+        override.write_text(json.dumps(metadata, indent=2) + "\n")
+        extra = ["--metadata", str(override)]
     done = subprocess.run([sys.executable, str(conv / "convert_hf_to_gguf.py"), str(model_dir), "--outfile",
-                           str(partial), "--outtype", outtype],
+                           str(partial), "--outtype", outtype, *extra],
                           env=env, capture_output=True, text=True)
     if done.returncode:
         partial.unlink(missing_ok=True)
@@ -139,9 +149,13 @@ def ggml_type(tensor_type: str) -> int:
 
 
 def quantize(source: Path, dest: Path, variant: GgufVariant, *, imatrix: dict[str, np.ndarray] | None = None,
-             threads: int = 1) -> float:
+             threads: int = 1, kv: dict[str, str | int] | None = None) -> float:
     """``llama_model_quantize`` (the code behind ``llama-quantize``), with the variant's
-    ``--token-embedding-type``, ``--output-tensor-type`` and ``--tensor-type`` overrides. Returns seconds."""
+    ``--token-embedding-type``, ``--output-tensor-type`` and ``--tensor-type`` overrides. Returns seconds.
+
+    ``kv``: metadata written into the output the way ``llama-quantize`` writes its
+    ``quantize.imatrix.*`` keys (``params.kv_overrides``: strings, and ints stored as uint32).
+    """
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
@@ -161,6 +175,16 @@ def quantize(source: Path, dest: Path, variant: GgufVariant, *, imatrix: dict[st
         table[len(pairs)].pattern = None
         params.tt_overrides = ctypes.cast(table, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
         keep.append(table)
+    if kv:
+        overrides = (llama_cpp.llama_model_kv_override * (len(kv) + 1))()  # zeroed: the last one ends the list
+        for o, (key, value) in zip(overrides, kv.items()):
+            o.key = key.encode()
+            if isinstance(value, int):
+                o.tag, o.value.val_i64 = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, value
+            else:
+                o.tag, o.value.val_str = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR, str(value).encode()[:127]
+        params.kv_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_kv_override))
+        keep.append(overrides)
     if imatrix:
         entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
         for i, (name, values) in enumerate(sorted(imatrix.items())):

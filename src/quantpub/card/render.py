@@ -43,6 +43,7 @@ GGUF_USE = {  # llama.cpp's own descriptions of its types: as TheBloke's tables 
     "IQ4_XS": "4.25 bpw non-linear quantization", "BF16": "16-bit, unquantised", "F16": "16-bit, unquantised",
 }
 GGUF_RAM_OVERHEAD = 2.5e9  # TheBloke's rule: file size + 2.5 GB, no GPU offload; only where nothing was measured
+ACT_ORDER_CELL = {True: "Yes", False: "No", "group_aware": "Group-aware"}
 
 
 @dataclass
@@ -131,16 +132,59 @@ def gptq_rows(manifests: list[dict], model_type: str, hub: str, repo: str, q=Non
         rows.append({
             "branch": m["branch"], "url": f"{hub}/{repo}/tree/{m['branch']}", "bits": p["bits"],
             "gs": p["group_size"] if p["group_size"] is not None else "None",
-            "act_order": "Yes" if p["act_order"] else "No", "damp": p["damp"],
+            "act_order": ACT_ORDER_CELL[p["act_order"]], "damp": p["damp"],
             "dataset": dataset_cell(m["calibration"]), "seq_len": m["calibration"]["seq_len"],
-            "size": gb(m["size"]), "exllama": "Yes" if p["bits"] == 4 and model_type in LLAMA_FAMILY else "No",
-            "desc": gptq_desc(p, [x["parameters"] for x in manifests]), **_measured(m, q)})
+            "size": gb(m["size"]), "exllama": "Yes, untested" if p["bits"] == 4 and model_type in LLAMA_FAMILY else "No",
+            "desc": gptq_desc(p, [x["parameters"] for x in manifests]), "tested": loaded_in_cell(m), **_measured(m, q)})
     return rows
+
+
+def loaded_in_cell(manifest: dict[str, Any]) -> str:
+    """The runtimes a branch loaded in, from its manifest's compatibility results."""
+    from quantpub.compat import loaded_in
+
+    if not (manifest.get("compat") or {}).get("runtimes"):
+        return "not tested"
+    return ", ".join(loaded_in(manifest)) or "none tested here"
+
+
+def compat_section(manifests: list[dict[str, Any]]) -> dict[str, Any]:
+    """The Compatibility section: per runtime tried, the branches that loaded and the ones that failed, with why."""
+    from quantpub.compat import LOADS, NOT_TESTED, RUNTIMES, TOLERANCE
+
+    rows, untested = [], []
+    results = [(m.get("branch") or m["variant"], (m.get("compat") or {}).get("runtimes") or {}) for m in manifests]
+    for rt in RUNTIMES:
+        found = [(branch, r[rt.name]) for branch, r in results if rt.name in r]
+        tested = [(b, r) for b, r in found if r["status"] != NOT_TESTED]
+        if not tested:
+            if found:
+                untested.append(f"{rt.name} (not installed where the files were made)")
+            continue
+        label = next((r["label"] for _, r in tested if r["status"] == LOADS), tested[0][1].get("label", rt.name))
+        kind = "tokenizer: " if rt.mode == "tokenizer" else ""
+        fails = [f"{b}: `{_cell_text(r.get('error', ''))}`" for b, r in tested if r["status"] != LOADS]
+        rows.append({"label": kind + label, "loads": ", ".join(b for b, r in tested if r["status"] == LOADS) or "-",
+                     "fails": "<br>".join(fails) or "-"})
+    devices = sorted({r.get("device", "cpu").split(":")[0].upper() for _, rs in results for r in rs.values()
+                      if r["status"] == LOADS and r.get("mode") == "model"}) or ["CPU"]
+    reference = next((r["label"] for _, rs in results for n, r in rs.items() if n == "transformers5" and "label" in r),
+                     "transformers")
+    untested.insert(0, "ExLlama, ExLlamaV2 and Hugging Face Text Generation Inference (TGI), which need a GPU; "
+                       "none loaded these files")
+    return {"tested": bool(rows), "rows": rows, "untested": "; ".join(untested), "devices": " and ".join(devices),
+            "reference": reference, "tolerance": TOLERANCE}
+
+
+def _cell_text(text: str, limit: int = 200) -> str:
+    text = " ".join(str(text).split()).replace("|", "\\|").replace("`", "'")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def gptq_desc(p: dict[str, Any], siblings: list[dict[str, Any]]) -> str:
     """TheBloke's description: what the parameters are, and what they trade against the siblings."""
-    act = "with Act Order" if p["act_order"] else "without Act Order"
+    act = {True: "with Act Order", False: "without Act Order",
+           "group_aware": "with group-aware Act Order (desc_act False, which vLLM accepts)"}[p["act_order"]]
     gs = p["group_size"]
     text = f"{p['bits']}-bit, {act}" + (f" and group size {gs}g." if gs else ".")
     same = sorted({s["group_size"] for s in siblings if s["bits"] == p["bits"] and s["group_size"]})
@@ -240,6 +284,7 @@ def render(kind: str, repo: str, manifests: list[dict], source: Source, *, repos
         evaluated=any(r["eval"] for r in rows), measured_memory=any(r["memory"] != "-" for r in rows),
         quality=q, chart=chart if q else None, provenance=provenance.context(manifests, hub, repo),
         tools=manifests[0]["tools"], quantized_by=quantized_by, prompt=source.prompt,
+        compat=compat_section(manifests) if kind in ("gptq", "awq") else None,
         python_prompt=source.prompt.template.replace("{system_message}", "You are a helpful assistant.")
         .replace("'''", "\\'\\'\\'"),
         original_title=f"{source.creator}'s {source.name}" if source.creator else source.name)
