@@ -69,10 +69,16 @@ def test_the_imatrix_file_reproduces_the_published_quantization(ranked, tmp_path
     assert len(values) == 2 * 7 and all(np.isfinite(v).all() and (v > 0).all() for v in values.values())
     f16 = tmp_path / "tiny-llama.F16.gguf"
     manifest = json.loads((out / "gguf-Q4_K_M" / MANIFEST).read_text())
-    llamacpp.convert(Path(manifest["model"]), f16, "f16")
+    published_meta, _ = gguf.read([out / "gguf-Q4_K_M" / "tiny-llama.Q4_K_M.gguf"])
+    general = {k: published_meta[k] for k in ("general.name", "general.quantized_by", "general.repo_url",
+                                               "general.url")}
+    llamacpp.convert(Path(manifest["model"]), f16, "f16", general)  # the run's converter call, metadata included
+    # the quantize.imatrix.* keys llama-quantize --imatrix tiny-llama.imatrix writes from that file
+    kv = {"quantize.imatrix.file": "tiny-llama.imatrix", "quantize.imatrix.dataset": meta["imatrix.datasets"][0][:127],
+          "quantize.imatrix.entries_count": len(values), "quantize.imatrix.chunks_count": meta["imatrix.chunk_count"]}
     for label in ("Q4_K_M", "IQ3_XXS"):
         again = tmp_path / f"{label}.gguf"
-        llamacpp.quantize(f16, again, GgufVariant(type=label), imatrix=values, threads=2)
+        llamacpp.quantize(f16, again, GgufVariant(type=label), imatrix=values, threads=2, kv=kv)
         published = json.loads((out / f"gguf-{label}" / MANIFEST).read_text())["files"][f"tiny-llama.{label}.gguf"]
         assert sha256_file(again) == published["sha256"], label
 
