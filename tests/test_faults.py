@@ -15,17 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import commit_counts, ledger_rows
+from conftest import commit_counts, ledger_rows, SMALL_MATRIX
 
 pytestmark = pytest.mark.slow
-MATRIX = """\
-gptq:
-  variants:
-    - {bits: 4, group_size: 128}
-    - {bits: 4, group_size: 32, act_order: true}
-gguf:
-  types: [Q4_K_M, Q8_0]
-"""
+MATRIX = SMALL_MATRIX
 VARIANTS = {"gptq-4bit-128g-actorder_False", "gptq-4bit-32g-actorder_True", "gguf-Q4_K_M", "gguf-Q8_0"}
 EXPECTED_COMMITS = {("quantpub/tiny-llama-GPTQ", "main"): 2,  # the initial commit, then the main variant
                     ("quantpub/tiny-llama-GPTQ", "gptq-4bit-32g-actorder_True"): 3,  # from main, then its own

@@ -90,13 +90,23 @@ def test_mixtral_imatrix_q4_k_m_loads_in_llama_cpp(tiny_models, corpus, tmp_path
                           calibration_file=corpus, device="cpu", n_samples=8, seq_len=128)
     assert outcome.error is None
     manifest = json.loads((outcome.path / MANIFEST).read_text())
-    assert manifest["parameters"] == {"type": "Q4_K_M", "imatrix": True}
+    assert manifest["parameters"] == {"name": "Q4_K_M", "type": "Q4_K_M", "imatrix": True}
     assert manifest["imatrix"]["samples"] == 8 and manifest["imatrix"]["tokens"] == 8 * 128
+    assert manifest["imatrix"]["file"] == "tiny-mixtral.imatrix" and "tiny-mixtral.imatrix" in manifest["files"]
+    meta, values = gguf.read_imatrix(outcome.path / "tiny-mixtral.imatrix")  # one slice per expert
+    assert meta["general.type"] == "imatrix" and values["blk.0.ffn_down_exps.weight"].size == 4 * 512
     # every expert tensor of both layers got importance data: 3 per layer + 4 attention
     assert manifest["imatrix"]["tensors"] == 2 * (3 + 4)
     assert manifest["calibration"]["n_samples"] == 8
     assert manifest["validation"]["loaded_with"] == "llama_cpp.Llama" and manifest["validation"]["finite"]
-    _, tensors = gguf.read([outcome.path / "tiny-mixtral.Q4_K_M.gguf"])
+    meta, tensors = gguf.read([outcome.path / "tiny-mixtral.Q4_K_M.gguf"])
+    # the keys llama-quantize writes with --imatrix (tools/quantize/quantize.cpp), read back
+    assert meta["quantize.imatrix.entries_count"] == 2 * (3 + 4)
+    assert meta["quantize.imatrix.chunks_count"] == 8
+    # llama-quantize writes the first dataset its imatrix file names, cut to 127 bytes
+    assert meta["quantize.imatrix.dataset"] == manifest["imatrix"]["datasets"][0][:127]
+    assert meta["quantize.imatrix.file"].startswith("tiny-mixtral.imatrix")
+    assert "quantize.imatrix.entries_count" in manifest["validation"]["metadata_checked"]
     names = {n for n, _, _ in tensors}
     assert {"blk.0.ffn_gate_exps.weight", "blk.1.ffn_down_exps.weight"} <= names
     assert gguf.type_mix(tensors) == {"Q4_K": 12, "Q6_K": 2}
@@ -128,6 +138,11 @@ def test_metadata_survives(shape, tiny_models, corpus, tmp_path):
         assert meta["llama.context_length"] == 32768 and meta["llama.attention.head_count_kv"] == 2
         assert "<|im_start|>" in meta["tokenizer.chat_template"] and "chat_template" in checked
     assert meta["tokenizer.ggml.bos_token_id"] == 1 and meta["tokenizer.ggml.eos_token_id"] == 2
+    # the model's name (not the work directory's), who quantized it and the repo it is published in
+    assert meta["general.name"] == f"tiny-{shape}" and meta["general.quantized_by"] == "quantpub"
+    assert meta["general.repo_url"] == meta["general.url"] == f"https://huggingface.co/quantpub/tiny-{shape}-GGUF"
+    assert "quantize.imatrix.file" not in meta  # no importance matrix, no imatrix keys
+    assert {"general.name", "general.repo_url"} <= set(checked)
 
 
 def test_split_files_load_in_llama_cpp(twelve, corpus, tmp_path):
@@ -151,10 +166,10 @@ def test_split_files_load_in_llama_cpp(twelve, corpus, tmp_path):
 def test_one_failing_type_does_not_stop_the_others(tiny_models, corpus, tmp_path, monkeypatch):
     real = llamacpp.quantize
 
-    def broken(source, dest, gguf_type, **kw):
-        if gguf_type == "Q5_0":
+    def broken(source, dest, variant, **kw):
+        if variant.type == "Q5_0":
             raise llamacpp.LlamaCppError("llama_model_quantize(... -> Q5_0) returned 1")
-        return real(source, dest, gguf_type, **kw)
+        return real(source, dest, variant, **kw)
 
     monkeypatch.setattr(llamacpp, "quantize", broken)
     outcomes = quantize(matrix(tmp_path, ["Q5_0", "Q4_0"]), str(tiny_models("llama")), tmp_path / "o",

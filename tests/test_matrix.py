@@ -36,18 +36,48 @@ def test_thebloke_gptq_matrix_reproduces_the_tulu_card():
 
 
 def test_thebloke_matrix_adds_awq_and_twelve_gguf_types():
-    _, specs = load_matrix(MATRICES / "thebloke.yaml")
+    matrix, specs = load_matrix(MATRICES / "thebloke.yaml")
     gptq = [s for s in specs if s.method == "gptq"]
     awq = [s for s in specs if s.method == "awq"]
     gguf = [s for s in specs if s.method == "gguf"]
     assert sorted(s.branch for s in gptq) == sorted(b for b, *_ in TULU_BRANCHES)
     assert [(a.branch, a.params.bits, a.params.group_size, a.params.zero_point, a.params.version)
             for a in awq] == [("main", 4, 128, True, "GEMM")]
-    assert [g.params for g in gguf] == TWELVE_GGUF
-    assert all(g.branch is None and g.calibration is None for g in gguf)
+    assert [g.params.label for g in gguf] == [g.params.type for g in gguf] == TWELVE_GGUF
+    assert all(g.branch is None and g.calibration == matrix.calibration for g in gguf)  # imatrix on
 
 
-@pytest.mark.parametrize("name", ["thebloke-gptq.yaml", "thebloke.yaml"])
+BARTOWSKI = ["BF16", "Q8_0", "Q6_K_L", "Q6_K", "Q5_K_L", "Q5_K_M", "Q5_K_S", "Q4_1", "Q4_K_L", "Q4_K_M", "Q4_K_S",
+             "Q4_0", "IQ4_NL", "IQ4_XS", "Q3_K_XL", "Q3_K_L", "Q3_K_M", "IQ3_M", "Q3_K_S", "IQ3_XS", "IQ3_XXS",
+             "Q2_K_L", "Q2_K", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS"]
+
+
+def test_bartowski_matrix_lists_his_files_with_l_variants():
+    matrix, specs = load_matrix(MATRICES / "bartowski.yaml")
+    assert [s.params.label for s in specs] == BARTOWSKI and matrix.gguf.imatrix
+    large = {"Q6_K_L": "Q6_K", "Q5_K_L": "Q5_K_M", "Q4_K_L": "Q4_K_M", "Q3_K_XL": "Q3_K_L", "Q2_K_L": "Q2_K"}
+    for s in specs:
+        p = s.params
+        if p.label in large:  # "Uses Q8_0 for embed and output weights"
+            assert (p.token_embedding_type, p.output_tensor_type) == ("Q8_0", "Q8_0") and not p.tensor_types
+            assert p.type == large[p.label]
+        else:
+            assert p.type == p.label and not p.overridden
+    assert matrix.gguf.file_name == "{model_name}-{type}.gguf"
+
+
+def test_gguf_overrides_take_llama_quantize_syntax():
+    matrix = Matrix.model_validate({"gguf": {"imatrix": True, "types": [
+        "Q4_K_M", {"name": "Q4_K_M-v8", "type": "Q4_K_M", "token_embedding_type": "q8_0",
+                   "tensor_types": [r"blk\.(0|1)\.attn_v=q8_0", "ffn_down=Q6_K"]}]}})
+    plain, custom = (s.params for s in expand(matrix))
+    assert plain.label == "Q4_K_M" and not plain.overridden
+    assert custom.token_embedding_type == "Q8_0" and custom.overrides() == [(r"blk\.(0|1)\.attn_v", "Q8_0"),
+                                                                           ("ffn_down", "Q6_K")]
+    assert matrix.model_dump(mode="json")["gguf"]["types"][0] == "Q4_K_M"  # a plain type dumps as itself
+
+
+@pytest.mark.parametrize("name", ["thebloke-gptq.yaml", "thebloke.yaml", "bartowski.yaml", "thebloke-vllm.yaml"])
 def test_round_trip_load_dump_load(name, tmp_path):
     matrix, specs = load_matrix(MATRICES / name)
     dumped = tmp_path / "dumped.yaml"
@@ -129,15 +159,35 @@ MALFORMED = {
     "main matches two": ("gptq:\n  product: {bits: [4], act_order: [true, false]}\n  main: {bits: 4}\n",
                          "gptq.main: matches 2 variants"),
     "empty selector": ("gptq:\n  variants: [{bits: 4}]\n  exclude: [{}]\n", "gptq.exclude.0: an empty selector"),
-    "unknown GGUF type": ("gguf:\n  types: [Q4_K_M, Q4_K_X]\n", "gguf.types.1: Input should be"),
+    "unknown GGUF type": ("gguf:\n  types: [Q4_K_M, Q4_K_X]\n", "gguf.types.1.type: Input should be"),
     "GGUF type twice": ("gguf:\n  types: [Q4_0, Q4_0]\n", "gguf: type Q4_0 is listed twice"),
     "IQ type without imatrix": ("gguf:\n  types: [IQ2_XXS]\n", "IQ2_XXS need an importance matrix: set imatrix: true"),
+    "override to an IQ type without imatrix": (
+        "gguf:\n  types: [{name: X, type: Q4_K_M, tensor_types: [attn_v=IQ2_S]}]\n", "X need an importance matrix"),
+    "override without a name": ("gguf:\n  types: [{type: Q4_K_M, output_tensor_type: Q8_0}]\n",
+                                "Q4_K_M with overrides needs its own name"),
+    "override named as a llama.cpp type": ("gguf:\n  types: [{name: Q5_K_M, type: Q4_K_M, output_tensor_type: Q8_0}]\n",
+                                           "name Q5_K_M is llama.cpp's own type"),
+    "file type as tensor type": ("gguf:\n  types: [{name: X, type: Q4_K_M, output_tensor_type: Q4_K_M}]\n",
+                                 "'Q4_K_M' is not a llama.cpp tensor type"),
+    "tensor type without pattern": ("gguf:\n  types: [{name: X, type: Q4_K_M, tensor_types: [Q8_0]}]\n",
+                                    "write PATTERN=TYPE"),
+    "bad pattern": ("gguf:\n  types: [{name: X, type: Q4_K_M, tensor_types: ['blk.(=Q8_0']}]\n",
+                    "is not a regular expression"),
+    "file name without type": ("gguf:\n  types: [Q4_0]\n  file_name: '{model_name}.gguf'\n", "must contain {type}"),
     "AWQ bits 8": ("awq:\n  targets: [{bits: 8}]\n", "awq.targets.0.bits: Input should be 4"),
     "repo template placeholder": ("gguf: {types: [Q4_0]}\nrepos:\n  gguf: '{model}-GGUF'\n",
                                   "repos.gguf: '{model}-GGUF': the only placeholder is {model_name}"),
     "branch named main": ("gptq:\n  variants: [{bits: 4, branch: main}]\n", "gptq.variants.0.branch: 'main' is not a usable"),
     "unknown GPTQ mode": ("gptq:\n  mode: fast\n  variants: [{bits: 4}]\n",
                           "m.yaml:2: gptq.mode: Input should be 'shared' or 'exact'"),
+    "group-aware act order without groups": (
+        "gptq:\n  variants: [{bits: 4, group_size: none, act_order: group_aware}]\n",
+        "gptq.variants.0: act_order: group_aware reorders within groups and needs a group size"),
+    "group-aware act order without groups in a product": (
+        "gptq:\n  product: {bits: [4], group_size: [32, none], act_order: [group_aware]}\n",
+        "m.yaml:2: gptq.product: act_order: group_aware reorders within groups and needs a group size"),
+    "act order misspelt": ("gptq:\n  variants: [{bits: 4, act_order: groupaware}]\n", "gptq.variants.0.act_order"),
     "bits as text": ("gptq:\n  variants: [{bits: four}]\n", "gptq.variants.0.bits: Input should be 2, 3, 4 or 8"),
 }
 
@@ -178,3 +228,11 @@ def test_debug_flag_shows_the_traceback(tmp_path):
 def test_explicit_variant_defaults_are_thebloke_main():
     v = GptqVariant(bits=4)
     assert (v.group_size, v.act_order, v.damp, v.sym) == (128, False, 0.01, True)
+
+
+def test_vllm_matrix_adds_group_aware_act_order_to_thebloke_branches():
+    _, specs = load_matrix(MATRICES / "thebloke-vllm.yaml")
+    gptq = {s.branch: s.params for s in specs if s.method == "gptq"}
+    assert set(gptq) == {b for b, *_ in TULU_BRANCHES} | {"gptq-4bit-32g-actorder_GroupAware"}
+    assert gptq["gptq-4bit-32g-actorder_GroupAware"].act_order == "group_aware"
+    assert [s.branch for s in specs if s.method == "awq"] == ["main"]

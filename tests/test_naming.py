@@ -14,6 +14,9 @@ from quantpub.naming import GptqNameParts
     (8, 128, False, "gptq-8bit-128g-actorder_False"),
     (3, 32, True, "gptq-3bit-32g-actorder_True"),
     (2, None, False, "gptq-2bit--1g-actorder_False"),
+    # GPTQModel's group-aware act order (desc_act false): a name TheBloke never used
+    (4, 32, "group_aware", "gptq-4bit-32g-actorder_GroupAware"),
+    (4, 128, "group_aware", "gptq-4bit-128g-actorder_GroupAware"),
 ])
 def test_gptq_base_name(bits, group, act, expected):
     assert naming.gptq_base_name(bits, group, act) == expected
@@ -94,3 +97,16 @@ def test_format_number(value, text):
 ])
 def test_is_valid_branch(name, ok):
     assert naming.is_valid_branch(name) is ok
+
+
+def test_gguf_file_templates_and_stems():
+    assert naming.gguf_filename("Qwen2.5-0.5B", "Q4_K_L", "{model_name}-{type}.gguf") == "Qwen2.5-0.5B-Q4_K_L.gguf"
+    assert naming.gguf_stem("Qwen2.5-0.5B.Q4_K_M-00002-of-00003.gguf") == "Qwen2.5-0.5B.Q4_K_M"
+    assert naming.gguf_stem("Qwen2.5-0.5B.Q4_K_M.gguf") == "Qwen2.5-0.5B.Q4_K_M"
+    assert naming.imatrix_filename("tulu-7b") == "tulu-7b.imatrix"
+
+
+def test_group_aware_names_never_collide_with_thebloke_names():
+    thebloke = {naming.gptq_base_name(b, g, a) for b in (2, 3, 4, 8) for g in (32, 64, 128, None) for a in (True, False)}
+    aware = {naming.gptq_base_name(b, g, "group_aware") for b in (2, 3, 4, 8) for g in (32, 64, 128)}
+    assert len(aware) == 12 and not aware & thebloke

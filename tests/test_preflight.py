@@ -12,15 +12,9 @@ from pathlib import Path
 import pytest
 
 from quantpub.cli import main
-from conftest import HUB_TOKEN, MATRICES
+from conftest import HUB_TOKEN, MATRICES, ONE_EACH_MATRIX
 
-MATRIX = """\
-gptq:
-  variants:
-    - {bits: 4, group_size: 128}
-gguf:
-  types: [Q4_K_M]
-"""
+MATRIX = ONE_EACH_MATRIX
 
 
 @pytest.fixture

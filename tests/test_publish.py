@@ -51,6 +51,19 @@ for repo, branch, manifest in json.loads(sys.argv[1]):
 """
 
 
+def test_a_gguf_variant_owns_only_its_own_files():
+    from quantpub.publish import _owned_by
+
+    manifest = {"variant": "gguf-Q4_K_M", "branch": None,
+                "files": {"Qwen2.5-0.5B.Q4_K_M.gguf": {}, "Qwen2.5-0.5B.imatrix": {}}}
+    owned = [p for p in ("Qwen2.5-0.5B.Q4_K_M.gguf", "Qwen2.5-0.5B.Q4_K_M-00001-of-00002.gguf",
+                         "Qwen2.5-0.5B.Q8_0.gguf", "Qwen2.5-0.5B.imatrix", "README.md", "quantpub/gguf-Q4_K_M.json",
+                         "quantpub/gguf-Q8_0.json") if _owned_by(p, manifest)]
+    # a model name with "-0" once made every file of the repo look like this variant's (and deleted them)
+    assert owned == ["Qwen2.5-0.5B.Q4_K_M.gguf", "Qwen2.5-0.5B.Q4_K_M-00001-of-00002.gguf",
+                     "quantpub/gguf-Q4_K_M.json"]
+
+
 @pytest.mark.slow
 def test_six_branches_load_by_revision_and_download_byte_identical(published, hub, tmp_path):
     out, results = published

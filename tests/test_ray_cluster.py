@@ -17,17 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import commit_counts, ledger_rows
+from conftest import commit_counts, ledger_rows, ONE_EACH_MATRIX
 
 pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).with_name("ray"))
-MATRIX = """\
-gptq:
-  variants:
-    - {bits: 4, group_size: 128}
-gguf:
-  types: [Q4_K_M]
-"""
+MATRIX = ONE_EACH_MATRIX
 MODELS = ("tiny-a", "tiny-b", "tiny-c")
 
 

@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ class CalibrationSet:
     source_tokens: int  # tokens in the whole source text
     seed: int
     sha256: str
+    origin: dict[str, str | None] = field(default_factory=dict)  # dataset, config, split or file
 
     @property
     def n_samples(self) -> int:
@@ -42,8 +43,17 @@ class CalibrationSet:
         return [{"input_ids": list(s), "attention_mask": [1] * len(s)} for s in self.samples]
 
     def record(self) -> dict[str, Any]:
-        return {"source": self.source, "n_samples": self.n_samples, "seq_len": self.seq_len,
+        return {"source": self.source, **self.origin, "n_samples": self.n_samples, "seq_len": self.seq_len,
                 "source_tokens": self.source_tokens, "seed": self.seed, "sha256": self.sha256}
+
+
+def origin(spec: CalibrationSpec, file: str | Path | None) -> dict[str, str | None]:
+    """Where the text came from, as a record names it: the dataset, its config and split, or the
+    local file's name (its path is one machine's)."""
+    if file is not None:
+        return {"dataset": None, "config": None, "split": None, "file": Path(file).name}
+    return {"dataset": spec.dataset, "config": spec.config, "split": spec.split, "file": None}
+
 
 
 def load_text(spec: CalibrationSpec, file: str | Path | None = None) -> tuple[str, str]:
@@ -90,7 +100,8 @@ def _read_file(path: Path, column: str) -> str:
         raise CalibrationError(str(path), f"cannot read it: {exc}") from None
 
 
-def build(text: str, source: str, tokenizer, *, n_samples: int, seq_len: int, seed: int = 0) -> CalibrationSet:
+def build(text: str, source: str, tokenizer, *, n_samples: int, seq_len: int, seed: int = 0,
+          origin: dict[str, str | None] | None = None) -> CalibrationSet:
     """Tokenize ``text`` once and cut ``n_samples`` windows of ``seq_len`` tokens.
 
     Window starts are drawn with ``random.Random(seed)``, so the same text, tokenizer and seed
@@ -113,4 +124,4 @@ def build(text: str, source: str, tokenizer, *, n_samples: int, seq_len: int, se
     for sample in samples:
         digest.update(json.dumps(sample, separators=(",", ":")).encode())
         digest.update(b"\n")
-    return CalibrationSet(samples, source, len(ids), seed, digest.hexdigest())
+    return CalibrationSet(samples, source, len(ids), seed, digest.hexdigest(), origin or {})

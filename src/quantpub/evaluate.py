@@ -4,7 +4,10 @@ All formats are scored on the same token ids (the source tokenizer's), cut into 
 windows (``context`` tokens, every ``stride`` tokens), of held-out text that calibration never
 saw (wikitext-2 *test* by default; calibration is refused on that split). The unquantised model
 runs once; its log-probabilities are cached in ``OUT/.eval/`` and every variant is compared
-with them. GPTQ and AWQ run through transformers, GGUF through llama.cpp: each in the runtime
+with them: perplexity with its standard error, KL divergence (mean, median, 99th percentile,
+maximum), top-token agreement and delta-p, as ``llama-perplexity --kl-divergence`` reports
+them, over every predicted position. The peak memory of loading the variant and running one
+window is measured on the way (``memory.py``). GPTQ and AWQ run through transformers, GGUF through llama.cpp: each in the runtime
 its users use. Results go into each variant's ``quantpub.json`` (``evaluation``), and from
 there into the cards.
 """
@@ -12,6 +15,7 @@ there into the cards.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -26,6 +30,7 @@ from quantpub import progress
 from quantpub.artifacts import MANIFEST, RUN_RECORD, write_text_atomic
 from quantpub.errors import CalibrationError, QuantpubError
 from quantpub.matrix import EvaluationSpec
+from quantpub.memory import peak_memory
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +48,12 @@ class HeldOut:
     def tokens(self) -> int:
         return sum(len(w) for w in self.windows)
 
+    def digest(self) -> str:
+        """sha256 of the token windows: the exact text every variant was scored on."""
+        return hashlib.sha256(json.dumps(self.windows).encode()).hexdigest()
+
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(self.windows).encode()).hexdigest()[:16]
+        return self.digest()[:16]
 
 
 def held_out(tokenizer, *, eval_file: str | Path | None, context: int, stride: int, windows: int,
@@ -79,39 +88,85 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
-def score(logprobs_per_window, data: HeldOut, reference: np.ndarray | None) -> dict[str, float]:
-    """Perplexity over the next-token predictions, and mean KL(reference || variant) over the same positions."""
-    nll, kl, n = 0.0, 0.0, 0
-    for w, (window, logp) in enumerate(zip(data.windows, logprobs_per_window)):
-        targets = np.asarray(window[1:])
-        lp = logp[:-1]
-        nll -= float(lp[np.arange(len(targets)), targets].sum())
-        if reference is not None:
-            ref = reference[w][:-1].astype(np.float64)
-            kl += float((np.exp(ref) * (ref - lp)).sum())
-        n += len(targets)
-    out = {"perplexity": float(np.exp(nll / n))}
-    if reference is not None:
-        out["kld"] = kl / n
+def token_stats(logp: np.ndarray, targets: np.ndarray, ref: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Per predicted token (as ``llama-perplexity --kl-divergence`` defines them): the negative
+    log-likelihood of the text's next token, and against the reference distribution the KL
+    divergence KL(reference || variant), whether both put the same token on top, and the change
+    in the probability of the text's next token (delta-p = p_variant - p_reference)."""
+    rows = np.arange(len(targets))
+    out = {"nll": -logp[rows, targets]}
+    if ref is not None:
+        ref = _log_softmax(ref)  # the cache is float16: renormalised, every KLD is >= 0
+        out["kld"] = (np.exp(ref) * (ref - logp)).sum(-1)
+        out["same_top"] = (logp.argmax(-1) == ref.argmax(-1)).astype(np.float64)
+        out["delta_p"] = np.exp(logp[rows, targets]) - np.exp(ref[rows, targets])
     return out
 
 
-def hf_logprobs(model_dir: Path, data: HeldOut, device: str, manifest: dict | None = None):
-    """Log-probabilities of every window through transformers (the source, GPTQ and AWQ)."""
+def _mean_err(values: np.ndarray) -> tuple[float, float]:
+    """Mean and its standard error (llama.cpp's mean_and_uncertainty)."""
+    n = len(values)
+    return float(values.mean()), float(values.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+
+
+def summarize(stats: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The numbers a card shows, from per-token statistics (llama.cpp's definitions: PPL's error
+    by the delta method, linear-interpolated percentiles)."""
+    log_ppl, log_ppl_err = _mean_err(stats["nll"])
+    out: dict[str, Any] = {"perplexity": float(np.exp(log_ppl)), "perplexity_stderr": float(np.exp(log_ppl) * log_ppl_err),
+                           "tokens_scored": int(len(stats["nll"]))}
+    if "kld" in stats:
+        kld = stats["kld"]
+        out["kld"], out["kld_stderr"] = _mean_err(kld)
+        out.update(kld_median=float(np.median(kld)), kld_p99=float(np.percentile(kld, 99)), kld_max=float(kld.max()))
+        out["top1_agreement"], out["top1_agreement_stderr"] = _mean_err(stats["same_top"])
+        out["delta_p"], out["delta_p_stderr"] = _mean_err(stats["delta_p"])
+    return out
+
+
+def score(logprobs_per_window, data: HeldOut, reference: np.ndarray | None) -> dict[str, Any]:
+    """Every statistic over the next-token predictions of every window, against ``reference``'s."""
+    parts: list[dict[str, np.ndarray]] = []
+    for w, (window, logp) in enumerate(zip(data.windows, logprobs_per_window)):
+        ref = None if reference is None else reference[w][:-1].astype(np.float64)
+        parts.append(token_stats(logp[:-1], np.asarray(window[1:]), ref))
+    return summarize({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+
+
+def _load_hf(model_dir: Path, device: str, manifest: dict | None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from quantpub.validate import cpu_loader_kwargs
+    from quantpub.validate import loader_kwargs
 
-    gptq = manifest is not None and manifest["method"] == "gptq"
-    kwargs: dict[str, Any] = cpu_loader_kwargs(model_dir, manifest["parameters"], device) if gptq else {}
+    kwargs: dict[str, Any] = {} if manifest is None else \
+        loader_kwargs(model_dir, manifest["method"], manifest["parameters"], device)
     dtype = torch.float32 if device == "cpu" else torch.float16
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=device, **kwargs)
-    model.eval()
+    return model.eval()
+
+
+def hf_logprobs(model, data: HeldOut):
+    """Log-probabilities of every window through a transformers model (the source, GPTQ and AWQ)."""
+    import torch
+
     with torch.no_grad():
         for window in data.windows:
             logits = model(torch.tensor([window], device=model.device)).logits[0].float().cpu().numpy()
             yield _log_softmax(logits.astype(np.float64))
+
+
+def hf_measured(model_dir: Path, data: HeldOut, device: str, manifest: dict | None):
+    """(model, memory): the model loaded while measuring the peak memory of the load plus one
+    forward pass over a whole window (only the last position's logits, as generation asks)."""
+    import torch
+
+    with peak_memory(device) as peak:
+        model = _load_hf(model_dir, device, manifest)
+        keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+        with torch.no_grad():
+            model(torch.tensor([data.windows[0]], device=model.device), **keep)
+    return model, _memory(peak, "transformers", device, data)
 
 
 def gguf_logprobs(first_file: Path, data: HeldOut, threads: int):
@@ -127,6 +182,27 @@ def gguf_logprobs(first_file: Path, data: HeldOut, threads: int):
             yield _log_softmax(np.asarray(llm.scores[: len(window)], dtype=np.float64))
     finally:
         llm.close()
+
+
+def gguf_memory(first_file: Path, data: HeldOut, threads: int) -> dict[str, Any]:
+    """Peak RAM of loading the file in llama.cpp (no GPU offload) and evaluating one window, as a
+    user's generation would (logits of the last position only)."""
+    from llama_cpp import Llama
+
+    with peak_memory("cpu") as peak:
+        llm = Llama(model_path=str(first_file), n_ctx=data.context, n_batch=data.context, n_gpu_layers=0,
+                    n_threads=threads, verbose=False)
+        try:
+            llm.eval(data.windows[0])
+        finally:
+            llm.close()
+    return _memory(peak, "llama.cpp", "cpu", data)
+
+
+def _memory(peak: dict[str, Any], runtime: str, device: str, data: HeldOut) -> dict[str, Any] | None:
+    if not peak:
+        return None
+    return {**peak, "context": data.context, "runtime": runtime, "device": device}
 
 
 def evaluate(out: str | Path, *, model: str | None = None, eval_file: str | Path | None = None,
@@ -153,14 +229,18 @@ def evaluate(out: str | Path, *, model: str | None = None, eval_file: str | Path
         reference = np.load(cache)
     else:
         started = time.monotonic()
-        reference = np.stack([lp.astype(np.float16) for lp in hf_logprobs(model_dir, data, device)])
+        source = _load_hf(model_dir, device, None)
+        reference = np.stack([lp.astype(np.float16) for lp in hf_logprobs(source, data)])
+        del source
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.save(cache.with_suffix(".partial.npy"), reference)
         os.replace(cache.with_suffix(".partial.npy"), cache)
         log.info("evaluate: unquantised model scored in %.1fs", time.monotonic() - started)
-    ref_ppl = score(reference.astype(np.float64), data, None)["perplexity"]
+    ref = score((_log_softmax(r.astype(np.float64)) for r in reference), data, None)
     info = {"dataset": data.dataset, "dataset_name": data.dataset_name, "split": data.split, "tokens": data.tokens,
-            "context": data.context, "stride": data.stride, "reference_perplexity": ref_ppl}
+            "windows": len(data.windows), "windows_sha256": data.digest(), "context": data.context,
+            "stride": data.stride, "reference_perplexity": ref["perplexity"],
+            "reference_perplexity_stderr": ref["perplexity_stderr"]}
     results = {}
     for manifest_path in sorted(out.glob(f"*/{MANIFEST}")):
         if manifest_path.parent.name.startswith("."):
@@ -172,17 +252,21 @@ def evaluate(out: str | Path, *, model: str | None = None, eval_file: str | Path
         started = time.monotonic()
         progress.report(variant, "evaluating")
         if manifest["method"] == "gguf":
-            first = sorted(n for n in manifest["files"] if n.endswith(".gguf"))[0]
-            logprobs = gguf_logprobs(manifest_path.parent / first, data, cpu_count())
+            first = manifest_path.parent / sorted(n for n in manifest["files"] if n.endswith(".gguf"))[0]
+            memory = gguf_memory(first, data, cpu_count())
+            stats = score(gguf_logprobs(first, data, cpu_count()), data, reference)
             runtime = "llama.cpp"
         else:
-            logprobs = hf_logprobs(manifest_path.parent, data, device, manifest)
+            loaded, memory = hf_measured(manifest_path.parent, data, device, manifest)
+            stats = score(hf_logprobs(loaded, data), data, reference)
+            del loaded
             runtime = "transformers"
-        result = {**score(logprobs, data, reference), **info, "runtime": runtime,
+        result = {**stats, **info, "runtime": runtime, "memory": memory,
                   "seconds": round(time.monotonic() - started, 2)}
         manifest["evaluation"] = result
         write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
         results[variant] = result
-        log.info("evaluate: %s perplexity %.4f (unquantised %.4f), KLD %.5f", variant, result["perplexity"],
-                 ref_ppl, result["kld"])
+        progress.report(variant, "evaluated")
+        log.info("evaluate: %s perplexity %.4f (unquantised %.4f), KLD %.6f, same top %.1f%%", variant,
+                 result["perplexity"], ref["perplexity"], result["kld"], 100 * result["top1_agreement"])
     return results

@@ -12,6 +12,7 @@ import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from quantpub.plan import Job, Plan
 
 log = logging.getLogger(__name__)
 VALIDATION_TOKENS = 256
+HUB = "https://huggingface.co"  # where general.repo_url points: the repo's address on the Hub
 
 
 def build_gguf_set(plan: Plan, jobs: list[Job], model_dir: Path, out: Path, model: str, *, tokenizer,
@@ -42,23 +44,28 @@ def build_gguf_set(plan: Plan, jobs: list[Job], model_dir: Path, out: Path, mode
         progress.report(job.id, "converting")
     if not base.is_file():
         log.info("GGUF: converting %s to %s with llama.cpp's converter", model_dir, outtype)
-        timings["convert_seconds"] = round(llamacpp.convert(model_dir, base, outtype), 2)
+        timings["convert_seconds"] = round(llamacpp.convert(model_dir, base, outtype, general_metadata(plan, jobs)), 2)
         log.info("GGUF: converted in %.1fs -> %s (%.1f MB)", timings["convert_seconds"], base,
                  base.stat().st_size / 1e6)
-    imatrix, imatrix_record = None, None
-    if calib is not None:
+    imatrix, imatrix_record, imatrix_file = None, None, None
+    if calib is not None and any(j.variant.params.takes_imatrix() for j in jobs):
         started = time.monotonic()
-        imatrix, imatrix_record = _imatrix(model_dir, calib, plan.facts.num_layers, device)
-        imatrix_record["seconds"] = round(time.monotonic() - started, 2)
-        log.info("GGUF: importance matrix for %d tensors from %d samples in %.1fs", imatrix_record["tensors"],
-                 imatrix_record["samples"], imatrix_record["seconds"])
+        matrix = _imatrix(model_dir, calib, plan.facts.num_layers, device)
+        imatrix_file = work / naming.imatrix_filename(name)
+        matrix.write(imatrix_file, datasets=[_describe(calib)], chunk_size=calib.seq_len)
+        imatrix = matrix.values()
+        imatrix_record = {**matrix.record, "seconds": round(time.monotonic() - started, 2), "file": imatrix_file.name,
+                          "format": "llama.cpp GGUF imatrix", "datasets": [_describe(calib)]}
+        log.info("GGUF: importance matrix for %d tensors from %d samples in %.1fs -> %s", imatrix_record["tensors"],
+                 imatrix_record["samples"], imatrix_record["seconds"], imatrix_file.name)
     reference = gguf.evaluate(base, text, VALIDATION_TOKENS, cores)
-    expect = _expectations(tokenizer, plan)
+    kv = imatrix_metadata(imatrix, calib, imatrix_file) if imatrix is not None else {}
+    expect = _expectations(tokenizer, plan, {**general_metadata(plan, jobs), **kv})
     workers = gguf.workers_for(len(jobs), base.stat().st_size)
     threads = max(1, cores // workers)
     log.info("GGUF: quantizing %d types, %d at a time with %d threads each", len(jobs), workers, threads)
-    context = dict(base=base, out=out, model=model, name=name, outtype=outtype, imatrix=imatrix,
-                   imatrix_record=imatrix_record, calib=calib, reference=reference, expect=expect, text=text,
+    context = dict(base=base, out=out, model=model, outtype=outtype, imatrix=imatrix, imatrix_record=imatrix_record,
+                   imatrix_file=imatrix_file, kv=kv, calib=calib, reference=reference, expect=expect, text=text,
                    text_source=text_source, threads=threads, split_max_bytes=split_max_bytes,
                    timings=timings, write_manifest=write_manifest, device=device)
 
@@ -82,20 +89,24 @@ def build_gguf_set(plan: Plan, jobs: list[Job], model_dir: Path, out: Path, mode
     return outcomes
 
 
-def _build_one(job: Job, *, base: Path, out: Path, model: str, name: str, outtype: str, imatrix, imatrix_record,
-               calib, reference, expect, text: str, text_source: str, threads: int, split_max_bytes: int,
-               timings: dict, write_manifest, device: str) -> Path:
-    gguf_type = job.variant.params
+def _build_one(job: Job, *, base: Path, out: Path, model: str, outtype: str, imatrix, imatrix_record,
+               imatrix_file: Path | None, kv: dict, calib, reference, expect, text: str, text_source: str, threads: int,
+               split_max_bytes: int, timings: dict, write_manifest, device: str) -> Path:
+    variant = job.variant.params
     final = out / job.id
     partial = out / f".partial-{job.id}-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
-        target = partial / naming.gguf_filename(name, gguf_type)
-        seconds = llamacpp.quantize(base, target, gguf_type, imatrix=imatrix, threads=threads)
+        target = partial / job.target
+        if not variant.takes_imatrix():  # nor does the file say it had one
+            imatrix, imatrix_record, imatrix_file, kv = None, None, None, {}
+            expect = replace(expect, metadata={k: v for k, v in expect.metadata.items()
+                                               if not k.startswith("quantize.imatrix.")})
+        seconds = llamacpp.quantize(base, target, variant, imatrix=imatrix, threads=threads, kv=kv)
         files = gguf.split(target, split_max_bytes) if target.stat().st_size > split_max_bytes else [target]
         meta, tensors = gguf.read(files)
-        problems = gguf.check_mix(gguf_type, tensors) + gguf.check_metadata(meta, gguf_type, expect)
+        problems = gguf.check_mix(variant, tensors) + gguf.check_metadata(meta, variant.type, expect)
         if len(files) > 1 and meta.get("split.count") != len(files):
             problems.append(f"split.count is {meta.get('split.count')}, expected {len(files)}")
         if problems:
@@ -108,8 +119,11 @@ def _build_one(job: Job, *, base: Path, out: Path, model: str, name: str, outtyp
         validation = {**result, "text": text_source, "reference_perplexity": reference["perplexity"],
                       "type_mix": gguf.type_mix(tensors), "metadata_checked": _checked(expect),
                       "shards": len(files)}
+        if imatrix_file is not None:  # published beside the files: one link per variant, one file on disk
+            _link(imatrix_file, partial / imatrix_file.name)
         extra: dict[str, Any] = {"sixteen_bit": outtype, "imatrix": imatrix_record, "quantize_seconds":
-                                 round(seconds, 3), **timings}
+                                 round(seconds, 3), **timings,
+                                 "size": sum(f.stat().st_size for f in files)}  # the model, not the imatrix
         write_manifest(partial, job, calib if imatrix is not None else None, model, device, seconds, validation,
                        None, extra)
         if final.exists():
@@ -123,15 +137,45 @@ def _build_one(job: Job, *, base: Path, out: Path, model: str, name: str, outtyp
     return final
 
 
-def _expectations(tokenizer, plan: Plan) -> gguf.Expectations:
+def _link(source: Path, dest: Path) -> None:
+    try:
+        os.link(source, dest)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copyfile(source, dest)
+
+
+def _describe(calib: calibration.CalibrationSet) -> str:
+    """The calibration text of an importance matrix, as its file and the card name it (a local
+    file by its name: the path is this machine's)."""
+    source = f"{Path(calib.source).name} (local file)" if Path(calib.source).exists() else calib.source
+    return f"{source}: {calib.n_samples} samples of {calib.seq_len} tokens (seed {calib.seed}, sha256 {calib.sha256})"
+
+
+def general_metadata(plan: Plan, jobs: list[Job]) -> dict[str, str]:
+    """``general.*`` keys of every GGUF file: the model's name, who quantized it, the repo it is published in."""
+    card = plan.matrix.card
+    url = f"{HUB}/{jobs[0].repo}"
+    return {"general.name": card.model_name or plan.facts.name, "general.quantized_by": card.quantized_by or "quantpub",
+            "general.repo_url": url, "general.url": url}
+
+
+def imatrix_metadata(imatrix: dict, calib: calibration.CalibrationSet, imatrix_file: Path) -> dict[str, str | int]:
+    """The ``quantize.imatrix.*`` keys ``llama-quantize`` writes (tools/quantize/quantize.cpp at the pinned
+    llama.cpp): the imatrix file (published beside the GGUF files), its dataset, entries and chunks (one per
+    calibration window)."""
+    return {"quantize.imatrix.file": imatrix_file.name[:127], "quantize.imatrix.dataset": _describe(calib)[:127],
+            "quantize.imatrix.entries_count": len(imatrix), "quantize.imatrix.chunks_count": calib.n_samples}
+
+
+def _expectations(tokenizer, plan: Plan, metadata: dict[str, Any]) -> gguf.Expectations:
     return gguf.Expectations(
         context_length=plan.facts.context_length, rope_scaling=plan.facts.rope_scaling,
         chat_template=getattr(tokenizer, "chat_template", None) or None,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, metadata=metadata)
 
 
 def _checked(expect: gguf.Expectations) -> list[str]:
-    keys = ["context_length", "file_type"]
+    keys = ["context_length", "file_type", *expect.metadata]
     keys += ["rope_scaling"] if expect.rope_scaling else []
     keys += ["chat_template"] if expect.chat_template else []
     keys += [k for k in ("bos_token_id", "eos_token_id") if getattr(expect, k) is not None]

@@ -20,17 +20,10 @@ from pydantic import (
 
 from quantpub import naming, yamlfile
 from quantpub.errors import MatrixError
+from quantpub.quants import GgufVariant
 
 Bits = Literal[2, 3, 4, 8]
 Method = Literal["gptq", "awq", "gguf"]
-GGUF_TYPES = (
-    "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_1", "Q4_K_S", "Q4_K_M", "Q5_0", "Q5_1",
-    "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0", "IQ1_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS",
-    "IQ3_S", "IQ3_M", "IQ4_NL", "IQ4_XS",
-)
-# llama.cpp refuses these without an importance matrix.
-GGUF_NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ2_XXS", "IQ2_XS", "IQ2_S"})
-GgufType = Literal[GGUF_TYPES]  # type: ignore[valid-type]
 GROUP_SIZES = (32, 64, 128)
 PERPLEXITY_SPLIT = "test"
 
@@ -45,6 +38,10 @@ def _group_size(value: Any) -> int | None:
 
 
 GroupSize = Annotated[int | None, BeforeValidator(_group_size)]
+# true: AutoGPTQ's desc_act. group_aware: GPTQModel's group-aware reordering, saved as desc_act false
+# (act-order quality in the layout vLLM, Marlin and ExLlama kernels accept).
+GROUP_AWARE = "group_aware"
+ActOrder = bool | Literal["group_aware"]
 Damp = Annotated[float, Field(gt=0, lt=1)]
 SeqLen = int | Literal["auto"]
 
@@ -103,12 +100,19 @@ class GptqVariant(Strict):
 
     bits: Bits
     group_size: GroupSize = 128
-    act_order: bool = False
+    act_order: ActOrder = False
     damp: Damp = naming.DEFAULT_DAMP
     sym: bool = True
     dataset: str | None = None
     seq_len: SeqLen | None = None
     branch: str | None = None
+
+    @model_validator(mode="after")
+    def _group_aware_needs_groups(self) -> GptqVariant:
+        if self.act_order == GROUP_AWARE and self.group_size is None:
+            raise ValueError("act_order: group_aware reorders within groups and needs a group size; "
+                             "with group_size none use act_order: true (every runtime accepts it there)")
+        return self
 
     @field_validator("branch")
     @classmethod
@@ -131,7 +135,7 @@ class GptqProduct(Strict):
 
     bits: Annotated[list[Bits], Field(min_length=1)]
     group_size: Annotated[list[GroupSize], Field(min_length=1)] = [128]
-    act_order: Annotated[list[bool], Field(min_length=1)] = [False]
+    act_order: Annotated[list[ActOrder], Field(min_length=1)] = [False]
     damp: Annotated[list[Damp], Field(min_length=1)] = [naming.DEFAULT_DAMP]
     sym: bool = True
 
@@ -141,7 +145,7 @@ class Selector(Strict):
 
     bits: Bits | None = None
     group_size: GroupSize = None
-    act_order: bool | None = None
+    act_order: ActOrder | None = None
     damp: Damp | None = None
     sym: bool | None = None
 
@@ -195,20 +199,35 @@ class AwqSection(Strict):
 
 
 class GgufSection(Strict):
-    types: Annotated[list[GgufType], Field(min_length=1)]
+    """llama.cpp files, all on the GGUF repo's main; ``imatrix`` computes one importance matrix
+    from the calibration samples, uses it for every type and publishes it beside the files."""
+
+    types: Annotated[list[GgufVariant], Field(min_length=1)]
     imatrix: bool = False
+    file_name: str = naming.GGUF_FILE_TEMPLATE
 
     @model_validator(mode="after")
     def _check(self) -> GgufSection:
         seen = set()
         for t in self.types:
-            if t in seen:
-                raise ValueError(f"type {t} is listed twice")
-            seen.add(t)
-        needs = sorted(GGUF_NEEDS_IMATRIX.intersection(self.types))
+            if t.label in seen:
+                raise ValueError(f"type {t.label} is listed twice")
+            seen.add(t.label)
+        needs = [t.label for t in self.types if t.needs_imatrix()]
         if needs and not self.imatrix:
             raise ValueError(f"{', '.join(needs)} need an importance matrix: set imatrix: true")
         return self
+
+    @field_validator("file_name")
+    @classmethod
+    def _file_template(cls, template: str) -> str:
+        try:
+            name = naming.gguf_filename("m", "Q4_K_M", template)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"{template!r}: the placeholders are {{model_name}} and {{type}} ({exc})") from None
+        if "{type}" not in template or not name.endswith(".gguf") or "/" in name:
+            raise ValueError(f"{template!r} must contain {{type}}, end in .gguf and name no folder")
+        return template
 
 
 class RepoSection(Strict):
@@ -266,7 +285,7 @@ class VariantSpec:
     method: Method
     origin: str  # where in the matrix it came from, for error messages
     branch: str | None  # None for GGUF: files on main
-    params: GptqVariant | AwqTarget | str  # str: the GGUF type
+    params: GptqVariant | AwqTarget | GgufVariant
     calibration: CalibrationSpec | None  # None: needs no calibration
 
 
@@ -340,7 +359,11 @@ def _gptq_specs(matrix: Matrix, path, lines) -> list[VariantSpec]:
     if section.product is not None:
         p = section.product
         for bits, group, act, damp in itertools.product(p.bits, p.group_size, p.act_order, p.damp):
-            variant = GptqVariant(bits=bits, group_size=group, act_order=act, damp=damp, sym=p.sym)
+            try:
+                variant = GptqVariant(bits=bits, group_size=group, act_order=act, damp=damp, sym=p.sym)
+            except ValidationError as exc:
+                raise MatrixError(str(path), exc.errors()[0]["msg"].removeprefix("Value error, "),
+                                  key="gptq.product", line=lines.get(("gptq", "product"))) from None
             if not any(rule.matches(variant) for rule in section.exclude):
                 found.append(("gptq.product", variant))
     found += [(f"gptq.variants[{i}]", v) for i, v in enumerate(section.variants)]
@@ -407,7 +430,7 @@ def _gguf_specs(matrix: Matrix) -> list[VariantSpec]:
         return []
     calibration = matrix.calibration if matrix.gguf.imatrix else None
     return [
-        VariantSpec(id=naming.gguf_variant_id(t), method="gguf", origin=f"gguf.types[{i}]",
+        VariantSpec(id=naming.gguf_variant_id(t.label), method="gguf", origin=f"gguf.types[{i}]",
                     branch=None, params=t, calibration=calibration)
         for i, t in enumerate(matrix.gguf.types)
     ]

@@ -42,10 +42,15 @@ def slug(text: str) -> str:
     return cleaned or "x"
 
 
-def gptq_base_name(bits: int, group_size: int | None, act_order: bool) -> str:
-    """TheBloke's GPTQ branch name; ``group_size=None`` means no grouping (-1)."""
+def gptq_base_name(bits: int, group_size: int | None, act_order: bool | str) -> str:
+    """TheBloke's GPTQ branch name; ``group_size=None`` means no grouping (-1).
+
+    ``act_order="group_aware"`` (GPTQModel's group-aware reordering, which TheBloke never
+    published) is ``actorder_GroupAware``: it cannot be mistaken for a ``True``/``False`` branch.
+    """
     group = -1 if group_size is None else group_size
-    return f"gptq-{bits}bit-{group}g-actorder_{act_order}"
+    order = "GroupAware" if act_order == "group_aware" else act_order
+    return f"gptq-{bits}bit-{group}g-actorder_{order}"
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,7 @@ class GptqNameParts:
 
     bits: int
     group_size: int | None
-    act_order: bool
+    act_order: bool | str
     damp: float = DEFAULT_DAMP
     sym: bool = True
     dataset: str | None = None  # None: the matrix's calibration dataset
@@ -110,9 +115,24 @@ def gguf_variant_id(quant_type: str) -> str:
     return f"gguf-{quant_type}"
 
 
-def gguf_filename(model_basename: str, quant_type: str) -> str:
-    """``tulu-7b.Q4_K_M.gguf``"""
-    return f"{model_basename}.{quant_type}.gguf"
+GGUF_FILE_TEMPLATE = "{model_name}.{type}.gguf"  # TheBloke's; bartowski's is "{model_name}-{type}.gguf"
+SPLIT_SUFFIX = re.compile(r"-\d{5}-of-\d{5}\.gguf$")
+
+
+def gguf_filename(model_basename: str, quant_type: str, template: str = GGUF_FILE_TEMPLATE) -> str:
+    """``tulu-7b.Q4_K_M.gguf`` (or as ``template`` says, with ``{model_name}`` and ``{type}``)."""
+    return template.format(model_name=model_basename, type=quant_type)
+
+
+def imatrix_filename(model_basename: str) -> str:
+    """``tulu-7b.imatrix``: llama.cpp's GGUF imatrix format, named as bartowski names his (not
+    ``.gguf``, so that no tool lists it as a model file)."""
+    return f"{model_basename}.imatrix"
+
+
+def gguf_stem(file_name: str) -> str:
+    """The file name without ``.gguf`` and without llama.cpp's ``-00001-of-00003`` split suffix."""
+    return SPLIT_SUFFIX.sub("", file_name).removesuffix(".gguf")
 
 
 def gguf_split_filename(model_basename: str, quant_type: str, index: int, count: int) -> str:

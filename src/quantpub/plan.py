@@ -9,6 +9,7 @@ from typing import Any, Literal
 from quantpub import estimate, naming
 from quantpub.backends import BACKENDS
 from quantpub.matrix import AwqTarget, GptqVariant, Matrix, VariantSpec, load_matrix
+from quantpub.quants import GgufVariant
 from quantpub.source import ModelFacts, model_facts
 
 AUTO_SEQ_LEN_CAP = 4096
@@ -47,7 +48,7 @@ class Job:
                     f"{sym}{calib}")
         if isinstance(p, AwqTarget):
             return f"bits={p.bits} gs={p.group_size} zero_point={p.zero_point} {p.version}{calib}"
-        return f"{p}{' imatrix' + calib if self.seq_len else ''}"
+        return f"{p.describe()}{' imatrix' + calib if self.seq_len and p.takes_imatrix() else ''}"
 
 
 @dataclass(frozen=True)
@@ -169,9 +170,9 @@ def _job(spec: VariantSpec, matrix: Matrix, facts: ModelFacts, device: Device, s
     repos = matrix.repos
     n_samples = spec.calibration.n_samples if spec.calibration else None
     p = spec.params
-    if isinstance(p, str):  # GGUF
+    if isinstance(p, GgufVariant):
         return Job(spec, naming.repo_id(repos.namespace, repos.gguf, facts.name),
-                   naming.gguf_filename(facts.name, p), seq_len, n_samples,
+                   naming.gguf_filename(facts.name, p.label, matrix.gguf.file_name), seq_len, n_samples,
                    estimate.gguf_size(facts, p), None, estimate.gguf_memory(facts))
     if isinstance(p, GptqVariant):
         size = estimate.gptq_size(facts, p.bits, p.group_size)

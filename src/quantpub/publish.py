@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from quantpub import progress
+from quantpub import naming, progress
 from quantpub.artifacts import CARDS_DIR, MANIFEST, sha256_file
 from quantpub.errors import PublishError
 
@@ -76,7 +76,8 @@ def find_variants(out: str | Path) -> list[dict]:
 
 
 def local_files(manifest: dict, card: Path | None) -> list[LocalFile]:
-    """The variant's files, each verified against the sha256 the worker recorded."""
+    """The variant's files, each verified against the sha256 the worker recorded, and the repo's
+    card (``card``: its README.md) with what the card stage put beside it (the quality chart)."""
     d: Path = manifest["dir"]
     files = []
     for name, meta in sorted(manifest["files"].items()):
@@ -93,7 +94,8 @@ def local_files(manifest: dict, card: Path | None) -> list[LocalFile]:
     files.append(LocalFile(manifest_path_in_repo(manifest), manifest_path, manifest_path.stat().st_size,
                            sha256_file(manifest_path)))
     if card is not None and card.is_file():
-        files.append(LocalFile("README.md", card, card.stat().st_size, sha256_file(card)))
+        for path in sorted(p for p in card.parent.iterdir() if p.is_file() and not p.name.startswith(".")):
+            files.append(LocalFile(path.name, path, path.stat().st_size, sha256_file(path)))
     return files
 
 
@@ -275,11 +277,12 @@ def _same(remote, local: LocalFile) -> bool:
 
 
 def _owned_by(path: str, manifest: dict) -> bool:
-    """A GGUF repo file belongs to this variant if it carries the variant's ``<model>.<TYPE>`` stem."""
+    """A GGUF repo file belongs to this variant if it is one of its files, whole or split, under
+    the variant's ``<model>.<TYPE>`` stem (``Qwen2.5-0.5B.Q4_K_M``: a model name may hold "-0")."""
     if path == manifest_path_in_repo(manifest):
         return True
-    stems = {name.split("-0", 1)[0].removesuffix(".gguf") for name in manifest["files"] if name.endswith(".gguf")}
-    return any(path == f"{s}.gguf" or (path.startswith(f"{s}-") and path.endswith(".gguf")) for s in stems)
+    stems = {naming.gguf_stem(name) for name in manifest["files"] if name.endswith(".gguf")}
+    return path.endswith(".gguf") and naming.gguf_stem(path) in stems
 
 
 def _description(manifest: dict) -> str:

@@ -83,6 +83,7 @@ def run(matrix: str | Path, models: list[str], work: str | Path, *, publish_to: 
     work = Path(work).resolve()
     models = local_ids(models)
     options = _absolute_paths(options)  # stages run in their own working directories
+    slot_device = "cuda" if options.device.startswith("cuda:") else options.device
     checked = checked or check(matrix, models, work, publish_to=publish_to, options=options)
     if checked.problems:
         raise preflight.PreflightError(checked.problems)
@@ -97,6 +98,8 @@ def run(matrix: str | Path, models: list[str], work: str | Path, *, publish_to: 
                 token = token or hub_token
                 options = replace(options, card_hub="" if options.card_hub is None else options.card_hub)
             executor, capacity = make_executor(options, work)
+            # a stage on a GPU slot sees that one GPU (CUDA_VISIBLE_DEVICES) as cuda:0
+            options = replace(options, device=slot_device)
             run_id = ledger.start_run(executor.name, os.getpid())
             driver = Driver(str(matrix), work, ledger, run_id, checked.plans, endpoint, token, options, observer)
             scheduler = Scheduler(executor, ledger, run_id, driver, capacity, window=options.models_in_flight,
@@ -158,6 +161,8 @@ def _gpu_slots(options: RunOptions) -> list[str | None]:
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else \
                 [str(i) for i in range(torch.cuda.device_count())]
+            if options.device.startswith("cuda:"):  # one named GPU: the only slot
+                return [ids[int(options.device.split(":", 1)[1])]]
             return ids[: options.slots] if options.slots else ids
     return [None] * (options.slots or 1)
 

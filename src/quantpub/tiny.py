@@ -7,6 +7,7 @@ need) with a SentencePiece tokenizer trained on local text.
 
 from __future__ import annotations
 
+import copy
 import pydoc
 import sys
 from pathlib import Path
@@ -82,26 +83,81 @@ def build_tokenizer(text: str, vocab_size: int, out: Path, chat_template: str | 
 
 def build_tiny_model(out: str | Path, shape: str = "llama", *, hidden_size: int = 256, layers: int = 2,
                      intermediate_size: int = 512, heads: int = 4, vocab_size: int = 1024,
-                     chat_template: str | None = None, seed: int = 0, text: str | None = None) -> Path:
-    """Write a random-weight checkpoint (fp32 safetensors, config, tokenizer) to ``out``."""
+                     chat_template: str | None = None, seed: int = 0, text: str | None = None,
+                     dtype: str = "float32", transformers4: bool = False) -> Path:
+    """Write a random-weight checkpoint (safetensors in ``dtype``, config, tokenizer) to ``out``.
+
+    The weights are drawn in fp32 (the same values for a seed whatever ``dtype``) and stored in
+    ``dtype`` (``float32``, ``float16`` or ``bfloat16``), which ``config.json`` records.
+    ``transformers4=True`` writes the files the way 2023 checkpoints (the seed models) have
+    them instead: see :func:`rewrite_as_transformers4`.
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     if shape not in SHAPES:
         raise ValueError(f"unknown tiny shape {shape!r}; choose from {', '.join(SHAPES)}")
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"unknown dtype {dtype!r}; choose float32, float16 or bfloat16")
     out = Path(out)
     tokenizer = build_tokenizer(text or corpus_text(), vocab_size, out, chat_template)
-    spec = dict(SHAPES[shape])
+    spec = copy.deepcopy(SHAPES[shape])  # transformers 5 adds keys to rope_scaling in place
     model_type = spec.pop("model_type")
     config = AutoConfig.for_model(
         model_type, hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=layers,
         num_attention_heads=heads, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False, torch_dtype="float32", **spec,
+        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False, torch_dtype=dtype, **spec,
     )
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(getattr(torch, dtype))
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
                                                eos_token_id=tokenizer.eos_token_id)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    if transformers4:
+        rewrite_as_transformers4(out, model, chat_template, copy.deepcopy(SHAPES[shape].get("rope_scaling")))
     return out
+
+
+def rewrite_as_transformers4(out: Path, model, chat_template: str | None, rope_scaling: dict | None) -> None:
+    """Re-write a tiny checkpoint's files as transformers 4.34 wrote them (the seed models' era).
+
+    ``config.json`` with ``rope_theta`` / ``rope_scaling`` / ``torch_dtype: float16`` and no
+    ``pad_token_id``; fp16 weights; ``tokenizer.model`` with a 4.34-style ``tokenizer_config.json``
+    (chat template inside) and ``special_tokens_map.json``, no ``tokenizer.json``;
+    ``generation_config.json`` from the model config. Loaders of every generation read these.
+    """
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    c = model.config
+    config = {
+        "architectures": list(c.architectures), "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id,
+        "hidden_act": c.hidden_act, "hidden_size": c.hidden_size, "initializer_range": c.initializer_range,
+        "intermediate_size": c.intermediate_size, "max_position_embeddings": c.max_position_embeddings,
+        "model_type": c.model_type, "num_attention_heads": c.num_attention_heads,
+        "num_hidden_layers": c.num_hidden_layers, "num_key_value_heads": c.num_key_value_heads,
+        "pretraining_tp": 1, "rms_norm_eps": c.rms_norm_eps,
+        "rope_scaling": rope_scaling, "rope_theta": 10000.0,
+        "tie_word_embeddings": False, "torch_dtype": "float16", "transformers_version": "4.34.0",
+        "use_cache": True, "vocab_size": c.vocab_size,
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    state = {k: v.to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    generation = {"_from_model_config": True, "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id,
+                  "transformers_version": "4.34.0"}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    for name in ("tokenizer.json", "chat_template.jinja", "special_tokens_map.json", "tokenizer_config.json"):
+        (out / name).unlink(missing_ok=True)
+    tokenizer_config = {
+        "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "clean_up_tokenization_spaces": False,
+        "eos_token": "</s>", "legacy": False, "model_max_length": 1000000000000000019884624838656,
+        "pad_token": None, "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer", "unk_token": "<unk>",
+        **({"chat_template": chat_template} if chat_template else {}),
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")

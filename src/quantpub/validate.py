@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,39 @@ def cpu_loader_kwargs(model_dir: Path, params: dict[str, Any], device: str) -> d
     group = params.get("group_size")
     if group is not None and all(n % group == 0 for n in inputs):
         return {}
-    return {"quantization_config": GPTQConfig(bits=4, group_size=group or -1, desc_act=params.get("act_order", False),
+    return {"quantization_config": GPTQConfig(bits=4, group_size=group or -1, desc_act=params.get("act_order") is True,
                                               sym=params.get("sym", True), backend="gptq_torch")}
+
+
+# GPU kernels that need nothing compiled: GPTQModel's PyPI wheel ships its CUDA kernels as sources and
+# its automatic choice JIT-compiles them with nvcc on first use (Machete also downloads CUTLASS), which
+# takes minutes, needs a toolchain and fails offline. Triton kernels compile in seconds from Python.
+PORTABLE_GPTQ = {2: "gptq_triton", 4: "gptq_triton", 8: "gptq_triton"}  # other bits: gptq_torch
+PORTABLE_AWQ_GROUPS = (-1, 32, 64, 128)  # the AWQ GEMM Triton kernel's; others: torch_awq
+
+
+def loader_kwargs(model_dir: Path, method: str, params: dict[str, Any], device: str) -> dict[str, Any]:
+    """Extra ``from_pretrained`` arguments that choose the kernel a GPTQ or AWQ variant is loaded with.
+
+    On CPU: ``cpu_loader_kwargs``. On CUDA: a Triton (or plain torch) kernel, unless
+    ``QUANTPUB_CUDA_KERNELS=auto`` leaves the choice to GPTQModel (its compiled kernels, built on first use).
+    """
+    from transformers import AwqConfig, GPTQConfig
+
+    if device == "cpu":
+        return cpu_loader_kwargs(model_dir, params, device) if method == "gptq" else {}
+    if os.environ.get("QUANTPUB_CUDA_KERNELS", "portable") == "auto":
+        return {}
+    group = params.get("group_size") or -1
+    if method == "gptq":
+        return {"quantization_config": GPTQConfig(
+            bits=params["bits"], group_size=group, desc_act=params.get("act_order", False),
+            sym=params.get("sym", True), backend=PORTABLE_GPTQ.get(params["bits"], "gptq_torch"))}
+    if method == "awq" and str(params.get("version", "GEMM")).lower() == "gemm":
+        return {"quantization_config": AwqConfig(
+            bits=params["bits"], group_size=group, zero_point=params.get("zero_point", True),
+            backend="gemm_triton" if group in PORTABLE_AWQ_GROUPS else "torch_awq")}
+    return {}  # AWQ GEMV has only a compiled kernel
 
 
 def validate(out: Path, params: Any, device: str, prompt_ids: list[int]) -> dict[str, Any]:
@@ -43,8 +75,8 @@ def validate(out: Path, params: Any, device: str, prompt_ids: list[int]) -> dict
 
     started = time.monotonic()
     kwargs: dict[str, Any] = {"device_map": device}
-    if isinstance(params, GptqVariant):
-        kwargs.update(cpu_loader_kwargs(out, params.model_dump(mode="json"), device))
+    method = "gptq" if isinstance(params, GptqVariant) else "awq"
+    kwargs.update(loader_kwargs(out, method, params.model_dump(mode="json"), device))
     # GPTQModel's torch kernel (2/3/8-bit) wraps its dequantization in torch.compile; compiling
     # it for 20 tokens cost ~40 s per variant on CPU. The check is the file and its numbers: run eagerly.
     with torch.compiler.set_stance("force_eager"):

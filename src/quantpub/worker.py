@@ -22,6 +22,7 @@ from quantpub.artifacts import MANIFEST, RUN_RECORD, sha256_file, write_text_ato
 from quantpub.moe import expert_coverage
 from quantpub.errors import PlanError, QuantizeError, QuantpubError
 from quantpub.plan import Job, Plan, make_plan
+from quantpub.quants import GgufVariant
 
 log = logging.getLogger(__name__)
 WORKER_METHODS = ("gptq", "awq", "gguf")
@@ -41,6 +42,20 @@ def resolve_device(device: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def gguf_device(device: str) -> str:
+    """Where the GGUF group's importance matrix runs: ``device``, or the CPU when no GPU is visible here.
+
+    A run gives the GGUF group CPU cores and no GPU slot (its worker sees ``CUDA_VISIBLE_DEVICES=""``)
+    while ``--device cuda`` names the device of the GPU stages.
+    """
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return "cpu"
+    return device
 
 
 def select_jobs(plan: Plan, only: list[str] | None) -> list[Job]:
@@ -114,7 +129,7 @@ def quantize(matrix_path: str | Path, model: str, out: str | Path, *, only: list
                 progress.report(job.id, "failed", error=f"{type(exc).__name__}: {exc}")
         del session
     if gguf_jobs:
-        outcomes += _gguf(plan, gguf_jobs, model_dir, out, model, calibration_file, device)
+        outcomes += _gguf(plan, gguf_jobs, model_dir, out, model, calibration_file, gguf_device(device))
     order = {j.id: i for i, j in enumerate(jobs)}
     return sorted(outcomes, key=lambda o: order[o.variant])
 
@@ -177,7 +192,7 @@ def _gguf(plan: Plan, jobs: list[Job], model_dir: Path, out: Path, model: str, c
     calib = None
     if jobs[0].variant.calibration is not None:
         calib = calibration.build(text, source, tokenizer, n_samples=jobs[0].n_samples, seq_len=jobs[0].seq_len,
-                                  seed=spec.seed)
+                                  seed=spec.seed, origin=calibration.origin(spec, calibration_file))
     held_out = text[len(text) // 2:]  # validation reads the second half; imatrix windows may come from anywhere
     try:
         return build_gguf_set(plan, jobs, model_dir, out, model, tokenizer=tokenizer, text=held_out,
@@ -193,7 +208,9 @@ def _local_model(model: str) -> Path:
         return Path(model)
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    # tokenizer and chat-template files too: conform_to_source ships exactly what the source has
+    return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja",
+                                                         "*.tiktoken"]))
 
 
 def _calib_key(job: Job) -> tuple:
@@ -214,8 +231,8 @@ def _calibrations(jobs: list[Job], tokenizer, file) -> dict[tuple, calibration.C
         if text_key not in texts:
             texts[text_key] = calibration.load_text(spec, file)
         text, source = texts[text_key]
-        sets[key] = calibration.build(text, source, tokenizer, n_samples=job.n_samples,
-                                      seq_len=job.seq_len, seed=spec.seed)
+        sets[key] = calibration.build(text, source, tokenizer, n_samples=job.n_samples, seq_len=job.seq_len,
+                                      seed=spec.seed, origin=calibration.origin(spec, file))
     return sets
 
 
@@ -255,6 +272,8 @@ def finish_variant(session, job: Job, calib: calibration.CalibrationSet, partial
     Raises:
         QuantizeError: validation failed; ``partial`` is removed.
     """
+    from quantpub.backends.conform import conform_to_source
+    from quantpub.compat import check_variant
     from quantpub.validate import validate
 
     final = out / job.id
@@ -265,12 +284,12 @@ def finish_variant(session, job: Job, calib: calibration.CalibrationSet, partial
             log.warning("%s: %d experts got fewer than %d calibration tokens: %s", job.id, len(experts["starved"]),
                         experts["min_tokens"], ", ".join(experts["starved"]))
         (partial / "quant_log.csv").unlink(missing_ok=True)
-        source_generation = session.model_dir / "generation_config.json"
-        if source_generation.is_file():  # GPTQModel rewrites it (do_sample: true)
-            shutil.copyfile(source_generation, partial / "generation_config.json")
+        conform_to_source(partial, session.model_dir)  # the source's config/tokenizer files, AutoGPTQ's tensors
         progress.report(job.id, "validating")
         validation = validate(partial, job.variant.params, session.device, list(calib.samples[0]))
-        _write_manifest(partial, job, calib, model, session.device, quantized_s, validation, experts, extra)
+        compat = check_variant(partial, job.method, list(calib.samples[0]))  # before the manifest: it records these
+        _write_manifest(partial, job, calib, model, session.device, quantized_s, validation, experts,
+                        {**(extra or {}), "compat": compat})
         if final.exists():  # a directory without our manifest (finished ones were skipped): replace it
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -301,6 +320,7 @@ def _write_manifest(path: Path, job: Job, calib, model: str, device: str, second
         from quantpub.backends import llamacpp
 
         manifest["tools"]["llama-cpp-python"] = llamacpp.version()
+        manifest["tools"]["llama.cpp"] = llamacpp.commit()
     else:
         import gptqmodel
         import optimum.version
@@ -319,6 +339,10 @@ def _write_run_record(out: Path, plan: Plan, model: str) -> None:
 
 def _parameters(job: Job) -> dict[str, Any]:
     p = job.variant.params
-    if isinstance(p, str):
-        return {"type": p, "imatrix": job.variant.calibration is not None}
+    if isinstance(p, GgufVariant):  # name: the file's label (Q4_K_L); type: llama.cpp's file type (Q4_K_M)
+        overrides = {k: v for k, v in (("token_embedding_type", p.token_embedding_type),
+                                       ("output_tensor_type", p.output_tensor_type),
+                                       ("tensor_types", p.tensor_types)) if v}
+        return {"name": p.label, "type": p.type, **overrides,
+                "imatrix": job.variant.calibration is not None and p.takes_imatrix()}
     return p.model_dump(mode="json")

@@ -30,7 +30,11 @@ def quantize(session: ModelSession, t: AwqTarget, calibration: CalibrationSet, o
     qc = AWQConfig(bits=t.bits, group_size=t.group_size, sym=not t.zero_point,
                    format=t.version.lower(), offload_to_disk=False)
     model = session.load(qc, dtype=torch.float16)  # AWQ's scale search runs in fp16
-    backend = gptqmodel.BACKEND.AWQ_TORCH if session.device == "cpu" else gptqmodel.BACKEND.AUTO
+    # The kernel only packs the result (GEMM's layout is the same in every GEMM kernel). GPTQModel's
+    # automatic choice on CUDA is its compiled GEMM kernel, JIT-built with nvcc on first use (minutes,
+    # and it fails without a toolchain): pack with the torch one everywhere. GEMV has only a compiled one.
+    gemm = t.version == "GEMM"
+    backend = gptqmodel.BACKEND.AWQ_TORCH if gemm or session.device == "cpu" else gptqmodel.BACKEND.AUTO
     log = model.quantize(calibration.as_gptqmodel(), batch_size=1, backend=backend)
     model.save(str(out))
     (out / "quantize_config.json").unlink(missing_ok=True)  # AutoAWQ writes quant_config.json instead

@@ -15,13 +15,14 @@ import math
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from quantpub.backends import llamacpp
+from quantpub.quants import GgufVariant
 
 log = logging.getLogger(__name__)
 HUB_FILE_LIMIT = 50 * 1000 ** 3
@@ -43,12 +44,14 @@ TYPE_MIX: dict[str, tuple[str, set[str]]] = {
     "Q5_K_M": ("Q5_K", {"Q5_K", "Q6_K"}),
     "Q6_K": ("Q6_K", {"Q6_K"}),
     "Q8_0": ("Q8_0", {"Q8_0"}),
+    "F16": ("F16", {"F16"}),
+    "BF16": ("BF16", {"BF16"}),
 }
 NOT_QUANTIZED = ("ffn_gate_inp", "_norm")  # MoE routers and norms stay F32
 EXPERT_LINEAR = re.compile(r"layers\.(?P<layer>\d+)\..*experts\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2)$")
 EXPERT_GGUF = {"gate_proj": "ffn_gate_exps", "w1": "ffn_gate_exps", "up_proj": "ffn_up_exps", "w3": "ffn_up_exps",
                "down_proj": "ffn_down_exps", "w2": "ffn_down_exps"}
-IQ_BASE = {"IQ2_M": "IQ2_S", "IQ3_M": "IQ3_S"}  # the i-quant mixes named after their size
+IQ_BASE = {"IQ2_M": "IQ2_S", "IQ3_M": "IQ3_S", "IQ3_XS": "IQ3_S"}  # the i-quant mixes named after their size
 
 
 def expected_mix(gguf_type: str) -> tuple[str, set[str] | None]:
@@ -66,6 +69,7 @@ class Expectations:
     chat_template: str | None
     bos_token_id: int | None
     eos_token_id: int | None
+    metadata: dict[str, Any] = field(default_factory=dict)  # keys every file must carry with exactly these values
 
 
 def sixteen_bit_type(config: dict) -> str:
@@ -76,12 +80,60 @@ def sixteen_bit_type(config: dict) -> str:
 
 
 # importance matrix
-def compute_imatrix(model, samples: list[list[int]], n_layers: int) -> tuple[dict[str, np.ndarray], dict]:
-    """Mean squared input activation per input column of every block linear, in GGUF tensor names.
+@dataclass
+class Imatrix:
+    """Squared input activations per column of every block weight, as llama.cpp's imatrix file holds them.
+
+    ``sums[name]`` is [matrices, columns] (one matrix per MoE expert) and ``counts[name]`` the
+    tokens each matrix saw. An expert no calibration token reached gets its siblings' mean
+    with a count of 1 (listed in ``record["experts_without_tokens"]``), so that the file gives
+    llama-quantize exactly what quantpub used.
+    """
+    sums: dict[str, np.ndarray]
+    counts: dict[str, np.ndarray]
+    record: dict[str, Any]
+
+    def values(self) -> dict[str, np.ndarray]:
+        """What llama-quantize computes from the file (float32 sums / counts), flattened per tensor."""
+        return {n: (self.sums[n] / self.counts[n][:, None]).ravel() for n in sorted(self.sums)}
+
+    def write(self, path: Path, *, datasets: list[str], chunk_size: int) -> None:
+        """llama.cpp's GGUF imatrix format (``llama-imatrix`` output, ``llama-quantize --imatrix`` input)."""
+        import gguf
+
+        writer = gguf.GGUFWriter(path, "llama")
+        writer.add_string("general.type", "imatrix")
+        writer.add_array("imatrix.datasets", datasets)
+        writer.add_uint32("imatrix.chunk_count", self.record["samples"])
+        writer.add_uint32("imatrix.chunk_size", chunk_size)
+        for name in sorted(self.sums):
+            writer.add_tensor(f"{name}.in_sum2", self.sums[name])
+            writer.add_tensor(f"{name}.counts", self.counts[name][:, None])
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+
+def read_imatrix(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(metadata, values as llama-quantize computes them) of an imatrix file."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    data = {t.name: np.asarray(t.data, dtype=np.float32) for t in reader.tensors}
+    values = {}
+    for name in sorted(n.removesuffix(".in_sum2") for n in data if n.endswith(".in_sum2")):
+        sums, counts = data[f"{name}.in_sum2"], np.round(data[f"{name}.counts"]).astype(np.float32).reshape(-1)
+        values[name] = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], 1).astype(np.float32).ravel()
+    return meta, values
+
+
+def compute_imatrix(model, samples: list[list[int]], n_layers: int) -> Imatrix:
+    """Squared input activations per input column of every block linear, in GGUF tensor names.
 
     MoE experts (fused ``gate_up_proj``/``down_proj`` parameters) get one slice per expert from
-    the tokens routed to it; an expert no token reached gets the mean of its siblings and is
-    listed in the returned record.
+    the tokens routed to it.
     """
     import gguf
     import torch
@@ -124,19 +176,20 @@ def compute_imatrix(model, samples: list[list[int]], n_layers: int) -> tuple[dic
     finally:
         for h in hooks:
             h.remove()
-    imatrix, starved = {}, []
+    out_sums, out_counts, starved = {}, {}, []
     for name, total in sums.items():
-        n = counts[name]
-        mean = total / n.clamp(min=1)[:, None]
+        n = counts[name].clone()
         empty = (n == 0).nonzero().flatten().tolist()
         if empty:
             starved += [f"{name}[expert {e}]" for e in empty]
-            fill = mean[n > 0].mean(0) if (n > 0).any() else torch.ones(mean.shape[1], dtype=mean.dtype)
-            mean[n == 0] = fill
-        imatrix[name] = mean.flatten().float().numpy()
-    record = {"tensors": len(imatrix), "samples": len(samples), "tokens": sum(len(s) for s in samples),
+            seen = n > 0
+            total[~seen] = (total[seen] / n[seen][:, None]).mean(0) if seen.any() else 1.0
+            n[~seen] = 1
+        out_sums[name] = total.float().numpy()
+        out_counts[name] = n.float().numpy()
+    record = {"tensors": len(out_sums), "samples": len(samples), "tokens": sum(len(s) for s in samples),
               "experts_without_tokens": starved}
-    return imatrix, record
+    return Imatrix(out_sums, out_counts, record)
 
 
 def _expert_stats(module, hidden, top_k_index, layer: int, add) -> None:
@@ -183,16 +236,34 @@ def type_mix(tensors) -> dict[str, int]:
                         if name.startswith("blk.") and len(shape) > 1 and not any(s in name for s in NOT_QUANTIZED)))
 
 
-def check_mix(gguf_type: str, tensors) -> list[str]:
-    """Problems with the tensor types of a file quantized to ``gguf_type`` (empty when right)."""
-    base, allowed = expected_mix(gguf_type)
+def _forced(variant: GgufVariant, name: str) -> str | None:
+    """The tensor type the variant's overrides give ``name``, as llama.cpp picks it (first match wins)."""
+    if name == "token_embd.weight" and variant.token_embedding_type:
+        return variant.token_embedding_type
+    if name == "output.weight" and variant.output_tensor_type:
+        return variant.output_tensor_type
+    return next((kind for pattern, kind in variant.overrides() if re.search(pattern, name)), None)
+
+
+def check_mix(variant: GgufVariant | str, tensors) -> list[str]:
+    """Problems with the tensor types of a file quantized as ``variant`` (empty when right)."""
+    variant = GgufVariant.model_validate(variant)
+    base, allowed = expected_mix(variant.type)
     problems = []
     aligned = Counter()
+    blocks = 0
     for name, kind, shape in tensors:
         if len(shape) == 1 or any(s in name for s in NOT_QUANTIZED):
             if kind != "F32":
                 problems.append(f"{name} is {kind}, expected F32")
             continue
+        forced = _forced(variant, name)
+        if forced is not None:
+            ok = kind == forced or (shape[0] % 256 != 0 and kind in FALLBACK_TYPES and forced not in FALLBACK_TYPES)
+            if not ok:
+                problems.append(f"{name} is {kind}, but the variant sets it to {forced}")
+            continue
+        blocks += name.startswith("blk.")
         if allowed is None:
             ok = kind not in ("F32", "F16", "BF16")
         elif shape[0] % 256:
@@ -203,17 +274,16 @@ def check_mix(gguf_type: str, tensors) -> list[str]:
             aligned[kind] += 1
         if not ok:
             problems.append(f"{name} is {kind}, not one of {sorted(allowed) if allowed else 'the quantized types'}")
-    blocks = sum(1 for name, _, shape in tensors if name.startswith("blk.") and len(shape) > 1
-                 and not any(s in name for s in NOT_QUANTIZED))
     # The majority rule only means something when most block weights can take the type: on models
     # whose rows are mostly not multiples of 256 (SmolLM2: 576) the aligned few are the ones
-    # llama.cpp's mixes upgrade on purpose (ffn_down).
+    # llama.cpp's mixes upgrade on purpose (ffn_down). Overridden tensors are not counted.
     if aligned and 2 * sum(aligned.values()) >= blocks and aligned.most_common(1)[0][0] != base:
         problems.append(f"most block weights are {aligned.most_common(1)[0][0]}, expected {base}: {dict(aligned)}")
     return problems
 
 
 def check_metadata(meta: dict[str, Any], gguf_type: str, expect: Expectations) -> list[str]:
+    """Problems with a file's metadata (``gguf_type``: llama.cpp's file type, Q4_K_M for a Q4_K_L)."""
     arch = meta.get("general.architecture")
     problems = []
 
@@ -234,6 +304,8 @@ def check_metadata(meta: dict[str, Any], gguf_type: str, expect: Expectations) -
         want("tokenizer.ggml.bos_token_id", expect.bos_token_id)
     if expect.eos_token_id is not None:
         want("tokenizer.ggml.eos_token_id", expect.eos_token_id)
+    for key, value in expect.metadata.items():
+        want(key, value)
     return problems
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from quantpub import __version__
 from quantpub.backends.gptqmodel_session import ModelSession, _import_gptqmodel
 from quantpub.calibration import CalibrationSet
-from quantpub.matrix import GptqVariant
+from quantpub.matrix import GROUP_AWARE, GptqVariant
 
 
 def autogptq_config(v: GptqVariant, quantizer: str) -> dict:
@@ -17,7 +17,7 @@ def autogptq_config(v: GptqVariant, quantizer: str) -> dict:
         "bits": v.bits,
         "group_size": -1 if v.group_size is None else v.group_size,
         "damp_percent": v.damp,
-        "desc_act": v.act_order,
+        "desc_act": v.act_order is True,
         "static_groups": False,
         "sym": v.sym,
         "true_sequential": True,
@@ -25,7 +25,8 @@ def autogptq_config(v: GptqVariant, quantizer: str) -> dict:
         "model_file_base_name": "model",
         "quant_method": "gptq",
         "checkpoint_format": "gptq",
-        "meta": {"quantizer": [quantizer, f"quantpub:{__version__}"]},
+        "meta": {"quantizer": [quantizer, f"quantpub:{__version__}"],
+                 **({"act_group_aware": True} if v.act_order == GROUP_AWARE else {})},
     }
 
 
@@ -33,10 +34,11 @@ def quantize_config(v: GptqVariant):
     """GPTQModel's config for a variant; the exact and the shared mode solve with the same one."""
     gptqmodel = _import_gptqmodel()
     return gptqmodel.QuantizeConfig(
-        bits=v.bits, group_size=-1 if v.group_size is None else v.group_size, desc_act=v.act_order,
+        bits=v.bits, group_size=-1 if v.group_size is None else v.group_size, desc_act=v.act_order is True,
         sym=v.sym, damp_percent=v.damp, true_sequential=True,
-        # AutoGPTQ semantics: without act order, g_idx is the plain i // group_size.
-        act_group_aware=False,
+        # AutoGPTQ semantics unless asked: without act order, g_idx is the plain i // group_size.
+        # Group-aware reordering also keeps g_idx plain (desc_act false), so vLLM accepts it.
+        act_group_aware=v.act_order == GROUP_AWARE,
         # Disk offload doubles the time and writes its temp path into the config.
         offload_to_disk=False,
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import logging
 import os
 import shutil
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from quantpub.errors import QuantpubError
+from quantpub.quants import GgufVariant
 
 log = logging.getLogger(__name__)
 PACKAGE = "llama-cpp-python"
@@ -41,6 +43,20 @@ def version() -> str:
     except metadata.PackageNotFoundError:
         raise LlamaCppError(f"{PACKAGE} is not installed: run scripts/install.sh (it builds and caches the wheel)") \
             from None
+
+
+def commit() -> str:
+    """llama.cpp's commit as the loaded library reports it (``ggml_commit``: ``0c1e570``, with
+    ``-dirty`` when the package built it from a modified tree), or "unknown" for a library
+    without that function."""
+    from llama_cpp import llama_cpp as lib
+
+    try:
+        func = lib._lib.ggml_commit
+    except AttributeError:
+        return "unknown"
+    func.restype = ctypes.c_char_p
+    return (func() or b"unknown").decode()
 
 
 def cache_root() -> Path:
@@ -83,15 +99,24 @@ def converter_dir(fetch: bool = True) -> Path:
     return target
 
 
-def convert(model_dir: Path, outfile: Path, outtype: str) -> float:
-    """Run llama.cpp's converter once: HF checkpoint -> one 16-bit GGUF. Returns seconds."""
+def convert(model_dir: Path, outfile: Path, outtype: str, metadata: dict[str, str] | None = None) -> float:
+    """Run llama.cpp's converter once: HF checkpoint -> one 16-bit GGUF. Returns seconds.
+
+    ``metadata``: ``general.*`` keys for the converter's ``--metadata`` override file
+    (``general.name``, ``general.quantized_by``, ``general.repo_url``, ``general.url``, ...).
+    """
     conv = converter_dir()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(conv / "gguf-py"), str(conv)]),
            "NO_LOCAL_GGUF": ""}
     started = time.monotonic()
     partial = outfile.with_name(outfile.name + ".partial")
+    extra = []
+    if metadata:
+        override = outfile.with_name(outfile.name + ".metadata.json")
+        override.write_text(json.dumps(metadata, indent=2) + "\n")
+        extra = ["--metadata", str(override)]
     done = subprocess.run([sys.executable, str(conv / "convert_hf_to_gguf.py"), str(model_dir), "--outfile",
-                           str(partial), "--outtype", outtype],
+                           str(partial), "--outtype", outtype, *extra],
                           env=env, capture_output=True, text=True)
     if done.returncode:
         partial.unlink(missing_ok=True)
@@ -101,6 +126,7 @@ def convert(model_dir: Path, outfile: Path, outtype: str) -> float:
 
 
 def ftype(gguf_type: str) -> int:
+    """llama.cpp's number for a file type (``Q4_K_M``)."""
     import llama_cpp
 
     value = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gguf_type}", None)
@@ -109,15 +135,56 @@ def ftype(gguf_type: str) -> int:
     return value
 
 
-def quantize(source: Path, dest: Path, gguf_type: str, *, imatrix: dict[str, np.ndarray] | None = None,
-             threads: int = 1) -> float:
-    """``llama_model_quantize`` (the code behind ``llama-quantize``). Returns seconds."""
+GGML_BF16 = 30  # ggml.h's GGML_TYPE_BF16; llama-cpp-python 0.3.36 does not export it
+
+
+def ggml_type(tensor_type: str) -> int:
+    """ggml's number for a tensor type (``Q8_0``), as ``llama-quantize --tensor-type`` parses it."""
+    import llama_cpp
+
+    value = GGML_BF16 if tensor_type == "BF16" else getattr(llama_cpp, f"GGML_TYPE_{tensor_type}", None)
+    if value is None:
+        raise LlamaCppError(f"llama.cpp {version()} has no tensor type {tensor_type}")
+    return value
+
+
+def quantize(source: Path, dest: Path, variant: GgufVariant, *, imatrix: dict[str, np.ndarray] | None = None,
+             threads: int = 1, kv: dict[str, str | int] | None = None) -> float:
+    """``llama_model_quantize`` (the code behind ``llama-quantize``), with the variant's
+    ``--token-embedding-type``, ``--output-tensor-type`` and ``--tensor-type`` overrides. Returns seconds.
+
+    ``kv``: metadata written into the output the way ``llama-quantize`` writes its
+    ``quantize.imatrix.*`` keys (``params.kv_overrides``: strings, and ints stored as uint32).
+    """
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype(gguf_type)
+    params.ftype = ftype(variant.type)
     params.nthread = threads
-    keep = []  # the C side reads these during the call
+    keep: list = []  # the C side reads these during the call
+    if variant.token_embedding_type:
+        params.token_embedding_type = ggml_type(variant.token_embedding_type)
+    if variant.output_tensor_type:
+        params.output_tensor_type = ggml_type(variant.output_tensor_type)
+    if variant.tensor_types:
+        pairs = variant.overrides()
+        table = (llama_cpp.llama_model_tensor_override * (len(pairs) + 1))()
+        for i, (pattern, kind) in enumerate(pairs):
+            table[i].pattern = pattern.encode()
+            table[i].type = ggml_type(kind)
+        table[len(pairs)].pattern = None
+        params.tt_overrides = ctypes.cast(table, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+        keep.append(table)
+    if kv:
+        overrides = (llama_cpp.llama_model_kv_override * (len(kv) + 1))()  # zeroed: the last one ends the list
+        for o, (key, value) in zip(overrides, kv.items()):
+            o.key = key.encode()
+            if isinstance(value, int):
+                o.tag, o.value.val_i64 = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, value
+            else:
+                o.tag, o.value.val_str = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR, str(value).encode()[:127]
+        params.kv_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_kv_override))
+        keep.append(overrides)
     if imatrix:
         entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
         for i, (name, values) in enumerate(sorted(imatrix.items())):
@@ -135,7 +202,7 @@ def quantize(source: Path, dest: Path, gguf_type: str, *, imatrix: dict[str, np.
         dest.unlink(missing_ok=True)
         if shutil.disk_usage(dest.parent).free < (16 << 20):  # llama.cpp only says it failed; say why
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dest))
-        raise LlamaCppError(f"llama_model_quantize({source.name} -> {gguf_type}) returned {rc}")
+        raise LlamaCppError(f"llama_model_quantize({source.name} -> {variant.describe()}) returned {rc}")
     return time.monotonic() - started
 
 

