@@ -143,6 +143,19 @@ def test_manifests_record_the_mode_and_nothing_is_left_behind(both_modes):
 
 
 @pytest.mark.slow
+def test_compatibility_is_checked_and_a_rerun_of_the_shared_mode_changes_nothing(both_modes, tiny_models, corpus):
+    out = both_modes["shared"]
+    for vid in IDS:
+        manifest = json.loads((out / vid / MANIFEST).read_text())
+        assert manifest["compat"]["runtimes"]["transformers5"]["status"] == "loads", vid
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    outcomes = quantize(out.parent / "shared.yaml", str(tiny_models("llama")), out, calibration_file=corpus,
+                        device="cpu", **SMALL)
+    assert [(o.variant, o.skipped, o.error) for o in outcomes] == [(v, True, None) for v in IDS]
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+
+
+@pytest.mark.slow
 def test_a_variant_whose_solve_fails_leaves_no_directory_and_the_pass_goes_on(tiny_models, corpus, tmp_path,
                                                                                monkeypatch):
     from gptqmodel.quantization.gptq import GPTQ

@@ -38,12 +38,37 @@ def _reset_resident_peak() -> bool:
         return False
 
 
-def _trim_heap() -> None:
-    gc.collect()
-    name = ctypes.util.find_library("c")
+def _libc():
     try:
-        ctypes.CDLL(name).malloc_trim(0)  # glibc: return freed heap pages, or they would hide new allocations
-    except (OSError, AttributeError, TypeError):
+        return ctypes.CDLL(ctypes.util.find_library("c"))
+    except OSError:
+        return None
+
+
+def trim_heap() -> None:
+    """Collect garbage and have glibc hand freed heap pages back to the kernel."""
+    gc.collect()
+    try:
+        _libc().malloc_trim(0)  # glibc: return freed heap pages, or they would hide new allocations
+    except (AttributeError, TypeError):
+        pass
+
+
+M_MMAP_THRESHOLD = -3
+
+
+def release_large_blocks_on_free(threshold: int = 1 << 20) -> None:
+    """Allocate blocks of ``threshold`` bytes and more with mmap, so freeing them returns them at once.
+
+    glibc raises its mmap threshold as large blocks are freed (up to 32 MiB), after which layer
+    weights, Hessians and activations come from the heap and their pages stay with the process
+    when freed: a 170M model's GPTQ + AWQ group held 1.45 GB of freed memory that way (measured
+    with ``malloc_trim`` from gdb: 2.72 -> 1.28 GB). A fixed threshold turns that adjustment off.
+    No-op off glibc.
+    """
+    try:
+        _libc().mallopt(M_MMAP_THRESHOLD, threshold)
+    except (AttributeError, TypeError):
         pass
 
 
@@ -66,7 +91,7 @@ def peak_memory(device: str = "cpu") -> Iterator[dict[str, Any]]:
         result.update(bytes=int(torch.cuda.max_memory_allocated() - before), kind="VRAM",
                       how="torch.cuda.max_memory_allocated, less what was allocated before")
         return
-    _trim_heap()
+    trim_heap()
     if not _reset_resident_peak():
         log.info("memory: cannot reset the resident-memory peak here; nothing measured")
         yield result

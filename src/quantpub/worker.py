@@ -86,6 +86,9 @@ def quantize(matrix_path: str | Path, model: str, out: str | Path, *, only: list
     """
     import torch
 
+    from quantpub.memory import release_large_blocks_on_free
+
+    release_large_blocks_on_free()  # freed layers and models go back to the system, not to the heap
     device = resolve_device(device)
     plan = make_plan(matrix_path, model, device="cpu" if device == "cpu" else "cuda")
     if plan.problems:
@@ -246,6 +249,7 @@ def build_variant(session, job: Job, calib: calibration.CalibrationSet, out: Pat
                   expert_min_tokens: int) -> Path:
     """One variant on its own (AWQ, or GPTQ in exact mode): quantize, then ``finish_variant``."""
     from quantpub.backends import awq, gptq
+    from quantpub.memory import trim_heap
 
     partial = _partial_dir(out, job.id)
     started = time.monotonic()
@@ -259,6 +263,7 @@ def build_variant(session, job: Job, calib: calibration.CalibrationSet, out: Pat
     except Exception as exc:
         shutil.rmtree(partial, ignore_errors=True)
         raise QuantizeError(job.id, model, f"{type(exc).__name__}: {exc}") from exc
+    trim_heap()  # the quantized model is gone: what validation loads should not sit on top of it
     extra = {"gptq_mode": "exact"} if job.method == "gptq" else None
     return finish_variant(session, job, calib, partial, out, model, time.monotonic() - started, quant_log,
                           expert_min_tokens=expert_min_tokens, extra=extra)

@@ -19,6 +19,39 @@ def autoawq_configs(t: AwqTarget) -> tuple[dict, dict]:
     return in_config, quant_config
 
 
+CLIP_SEARCH_BYTES = 256 << 20
+
+
+def bound_clip_search(budget: int = CLIP_SEARCH_BYTES) -> None:
+    """Run GPTQModel's AWQ clipping search on slices of output rows, so its peak stays near ``budget``.
+
+    The search (AutoAWQ's algorithm) multiplies a batch of 256 output rows by up to 512 tokens
+    of the layer's input at once: 256 x 512 x in_features values, 1.07 GB in bf16 for an MLP of
+    4096 (2.9 GB for a 7B's 11008), more than the rest of the group holds. Each row's clip is
+    chosen from that row alone, so calling the original on slices of 64 rows gives the same
+    result bit for bit (a test checks it) at a quarter of the memory or less. Patched once, on
+    GPTQModel's class, in the worker process that quantizes.
+    """
+    import torch
+    from gptqmodel.looper.awq_processor import AWQProcessor
+
+    original = AWQProcessor._compute_best_clip
+    if getattr(original, "quantpub_bounded", False):
+        return
+
+    def compute_best_clip(self, w, input_feat, *args, **kwargs):
+        tokens = min(input_feat.numel() // input_feat.shape[-1], kwargs.get("n_sample_token", 512))
+        per_row = tokens * w.shape[1] * w.element_size()
+        rows = 64 * max(1, budget // (per_row * 64))
+        if rows >= w.shape[0] or w.shape[0] % 64:
+            return original(self, w, input_feat, *args, **kwargs)
+        return torch.cat([original(self, w[i:i + rows], input_feat, *args, **kwargs)
+                          for i in range(0, w.shape[0], rows)])
+
+    compute_best_clip.quantpub_bounded = True
+    AWQProcessor._compute_best_clip = compute_best_clip
+
+
 def quantize(session: ModelSession, t: AwqTarget, calibration: CalibrationSet, out: Path) -> object:
     """Quantize a freshly loaded copy of the session's model into ``out``; returns GPTQModel's quantize log.
 
@@ -31,6 +64,8 @@ def quantize(session: ModelSession, t: AwqTarget, calibration: CalibrationSet, o
 
     gptqmodel = _import_gptqmodel()
     from gptqmodel.quantization.config import AWQConfig
+
+    bound_clip_search()
 
     # sym=False is AutoAWQ's zero_point=True; the format is GEMM or GEMV.
     qc = AWQConfig(bits=t.bits, group_size=t.group_size, sym=not t.zero_point,
