@@ -1,6 +1,9 @@
 """The shared GPTQ pass checked against GPTQModel's own per-variant path (the exact mode)."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -88,21 +91,23 @@ def test_stacked_solve_is_gptqmodels_solve_bit_for_bit():
 
 @pytest.fixture(scope="module")
 def both_modes(tiny_models, corpus, tmp_path_factory):
-    """Two variants of a tiny llama built in shared mode and in exact mode from the same calibration windows."""
+    """Two variants of a tiny llama built in shared mode and in exact mode from the same calibration windows.
+
+    Each mode is built by ``quantpub quantize`` in a fresh process on one thread: float sums
+    depend on the thread count and on what earlier tests left in this process's torch state.
+    """
     root = tmp_path_factory.mktemp("modes")
     built = {}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # float sums depend on the thread count; the shared pass solves on one thread
-    try:
-        for mode in ("shared", "exact"):
-            matrix = root / f"{mode}.yaml"
-            matrix.write_text(f"gptq:\n  mode: {mode}\n{TWO}")
-            outcomes = quantize(matrix, str(tiny_models("llama")), root / mode, calibration_file=corpus,
-                                device="cpu", **SMALL)
-            assert [(o.variant, o.error) for o in outcomes] == [(v, None) for v in IDS]
-            built[mode] = root / mode
-    finally:
-        torch.set_num_threads(threads)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for mode in ("shared", "exact"):
+        matrix = root / f"{mode}.yaml"
+        matrix.write_text(f"gptq:\n  mode: {mode}\n{TWO}")
+        subprocess.run([sys.executable, "-m", "quantpub", "quantize", str(matrix), "--model",
+                        str(tiny_models("llama")), "--out", str(root / mode), "--calibration-file", str(corpus),
+                        "--device", "cpu", "--n-samples", str(SMALL["n_samples"]), "--seq-len", str(SMALL["seq_len"])],
+                       check=True, env=env, cwd=root, capture_output=True)
+        assert sorted(p.name for p in (root / mode).iterdir() if not p.name.startswith("quantpub-run")) == sorted(IDS)
+        built[mode] = root / mode
     return built
 
 
