@@ -125,6 +125,9 @@ def main() -> None:
                         help="LAYERS:VOCAB of each model (hidden 1024, MLP 4096)")
     parser.add_argument("--groups", default="gptq-awq,gguf")
     parser.add_argument("--work", default=None, help="keep the models here between runs")
+    parser.add_argument("--name", default="memory", help="results file stem (memory.json, .md)")
+    parser.add_argument("--merge", nargs="*", default=[],
+                        help="other results files whose rows join these (sizes measured in parallel runs)")
     parser.add_argument("--estimates-only", action="store_true",
                         help="recompute the estimates for the peaks saved in memory.json (after changing the plan)")
     args = parser.parse_args()
@@ -135,13 +138,15 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     calib = work / "calib.txt"
     calib.write_text(corpus_text())
-    saved = json.loads((RESULTS / "memory.json").read_text()) if args.estimates_only else None
+    saved = json.loads((RESULTS / f"{args.name}.json").read_text()) if args.estimates_only else None
     rows = saved["rows"] if saved else []
     libraries = saved["libraries_rss"] if saved else None
-    with (RESULTS / "memory.log").open("a") as log:
+    for other in args.merge:
+        rows += json.loads((RESULTS / f"{other}.json").read_text())["rows"]
+    with (RESULTS / f"{args.name}.log").open("a") as log:
         if libraries is None:
             libraries = measure([sys.executable, "-c", LIBRARIES], work, log)["peak_tree_rss"]
-        for size in args.sizes.split(","):
+        for size in ([] if args.estimates_only else args.sizes.split(",")):
             layers, vocab = map(int, size.split(":"))
             model = work / f"llama-{layers}l-{vocab}v-fp16"
             params = build_model(model, layers, vocab)
@@ -152,13 +157,18 @@ def main() -> None:
                 if row is None:
                     out = work / f"out-{group}-{layers}-{time.time_ns()}"
                     print(f"{group}, {params / 1e6:.0f}M parameters ...", flush=True)
-                    row = {"model": model.name, "layers": layers, "vocab": vocab, "parameters": params, "group": group, "load_average": os.getloadavg()[0],
+                    row = {"model": model.name, "layers": layers, "vocab": vocab, "parameters": params,
+                           "group": group, "load_average": os.getloadavg()[0],
                            **measure([sys.executable, "-m", "quantpub", "quantize", str(matrix), "--model", str(model),
                                       "--out", str(out), "--calibration-file", str(calib), "--device", "cpu"],
                                      work, log)}
                     rows.append(row)
-                row["estimate"] = estimate(matrix, model)
-                row["error"] = row["estimate"] / row["peak_tree_rss"] - 1
+    for row in rows:  # the plan's estimate now, for every measured row
+        matrix = work / f"{row['group']}.yaml"
+        matrix.write_text(GROUPS[row["group"]])
+        row["estimate"] = estimate(matrix, work / row["model"])
+        row["error"] = row["estimate"] / row["peak_tree_rss"] - 1
+    rows.sort(key=lambda r: (r["parameters"], r["group"]))
     worst = max(abs(r["error"]) for r in rows)
     small = min((r for r in rows if r["group"] == "gptq-awq"), key=lambda r: r["parameters"], default=None)
     target = None
@@ -169,7 +179,7 @@ def main() -> None:
     result = {"benchmark": "memory", "cpus": os.cpu_count(), "libraries_rss": libraries, "rows": rows,
               "worst_estimate_error": worst, "tolerance": TOLERANCE, "within_tolerance": worst <= TOLERANCE,
               "gptq_awq_target": target}
-    (RESULTS / "memory.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     gb = 1e9
     lines = ["# Host memory: plan estimate vs measured peak (CPU, fp16 llama, hidden 1024, MLP 4096)", "",
              "Peak: summed RSS of the group's process tree. GPTQ/AWQ group: 2 GPTQ (exact mode) + 1 AWQ; "
@@ -185,7 +195,7 @@ def main() -> None:
         lines.append(f"GPTQ + AWQ of the {target['parameters'] / 1e6:.0f}M fp16 model: peak {target['peak'] / gb:.2f} GB;"
                      f" limit 2 x fp32 + libraries = {target['limit'] / gb:.2f} GB: "
                      f"{'within' if target['within'] else 'OVER'}")
-    (RESULTS / "memory.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

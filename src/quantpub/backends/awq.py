@@ -49,6 +49,7 @@ def bound_clip_search(budget: int = CLIP_SEARCH_BYTES) -> None:
                           for i in range(0, w.shape[0], rows)])
 
     compute_best_clip.quantpub_bounded = True
+    compute_best_clip.__wrapped__ = original
     AWQProcessor._compute_best_clip = compute_best_clip
 
 
@@ -78,6 +79,7 @@ def quantize(session: ModelSession, t: AwqTarget, calibration: CalibrationSet, o
     backend = gptqmodel.BACKEND.AWQ_TORCH if gemm or session.device == "cpu" else gptqmodel.BACKEND.AUTO
     log = model.quantize(calibration.as_gptqmodel(), batch_size=1, backend=backend)
     model.save(str(out))
+    session.release(model)
     (out / "quantize_config.json").unlink(missing_ok=True)  # AutoAWQ writes quant_config.json instead
     in_config, quant_config = autoawq_configs(t)
     rewrite_configs(out, in_config, ("quant_config.json", quant_config))

@@ -54,6 +54,7 @@ def quantize(session: ModelSession, v: GptqVariant, calibration: CalibrationSet,
     model = session.load(quantize_config(v))
     log = model.quantize(calibration.as_gptqmodel(), batch_size=1)
     model.save(str(out))
+    session.release(model)
     del model
     write_gptq_configs(out, v)
     return log

@@ -59,3 +59,18 @@ class ModelSession:
         # Re-wrapped with the session's tokenizer: the files saved beside the weights come from it.
         return type(loaded)(loaded.model, quantized=False, quantize_config=quantize_config, tokenizer=self.tokenizer,
                             model_local_path=str(self.model_dir))
+
+    @staticmethod
+    def release(wrapper) -> None:
+        """Free a quantized model's tensors now, whoever still refers to the module.
+
+        GPTQModel's looper objects outlive ``quantize`` (its worker threads keep their last task),
+        and they hold the model: without this, each variant's copy stayed resident while the next
+        variant loaded its own (measured: 1.0-1.9 GB more on a 363M model). Moving the modules to
+        the meta device drops their storage; the files are already saved.
+        """
+        import gc
+
+        wrapper.model.to("meta")
+        gc.collect()
+
