@@ -14,6 +14,8 @@ from quantpub.source import ModelFacts, groups
 FP16 = 2
 FP32 = 4
 GIB = 1 << 30
+# torch + transformers (+ GPTQModel) imported in a CPU worker: 0.45-0.53 GB measured (benchmarks/memory.py).
+LIBRARIES = 500 * 1000 ** 2
 
 def gptq_size(facts: ModelFacts, bits: int, group_size: int | None) -> int:
     """Bytes of ``model.safetensors`` in the AutoGPTQ v1 layout.
@@ -102,7 +104,8 @@ def group_host_memory(plan, jobs, device: str) -> int:
     if all(j.method == "gguf" for j in jobs):
         peak = gguf_memory(facts)
         if any(j.variant.calibration is not None for j in jobs):  # the importance matrix loads the model
-            peak = max(peak, facts.total_params * (FP32 if device == "cpu" else FP16) + GIB)
+            libraries = LIBRARIES if device == "cpu" else GIB  # a CUDA context adds host memory: not measured here
+            peak = max(peak, facts.total_params * (FP32 if device == "cpu" else FP16) + libraries)
         return peak
     return max(j.host_memory for j in jobs)
 
