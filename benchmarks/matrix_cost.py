@@ -115,6 +115,10 @@ def main() -> None:
         return timed([sys.executable, "-c", PLAIN_SCRIPT, str(model), str(samples_file), str(out),
                       json.dumps(payload)], log, work)
 
+    # The other-runtime probes (transformers 4 + auto-gptq in their own venvs) are left out: they
+    # cost ~10 s per variant and GPTQModel's side does nothing like them. Validation stays.
+    quantpub_env = {**os.environ, "QUANTPUB_VENVS": str(work / "no-compat-venvs")}
+
     def quantpub(mode: str) -> dict:
         matrix = work / f"{mode}.yaml"
         matrix.write_text(MATRIX.read_text().replace("\ngptq:\n", f"\ngptq:\n  mode: {mode}\n", 1))
@@ -126,9 +130,6 @@ def main() -> None:
         return {"seconds": round(wall, 1), "peak_rss_bytes": rss, "includes_validation": True,
                 "load_average": [before, load()]}
 
-    # The other-runtime probes (transformers 4 + auto-gptq in their own venvs) are left out: they
-    # cost ~10 s per variant and GPTQModel's side does nothing like them. Validation stays.
-    quantpub_env = {**os.environ, "QUANTPUB_VENVS": str(work / "no-compat-venvs")}
     plain(specs[0], work / "warm")  # GPTQModel compiles a packing extension on first use; neither side pays it
     runs = {"quantpub_shared": quantpub("shared")}
     if args.exact:

@@ -17,6 +17,7 @@ GIB = 1 << 30
 # torch + transformers (+ GPTQModel) imported in a CPU worker: 0.45-0.53 GB measured (benchmarks/memory.py).
 LIBRARIES = 500 * 1000 ** 2
 
+
 def gptq_size(facts: ModelFacts, bits: int, group_size: int | None) -> int:
     """Bytes of ``model.safetensors`` in the AutoGPTQ v1 layout.
 

@@ -40,7 +40,9 @@ def bound_clip_search(budget: int = CLIP_SEARCH_BYTES) -> None:
         return
 
     def compute_best_clip(self, w, input_feat, *args, **kwargs):
-        tokens = min(input_feat.numel() // input_feat.shape[-1], kwargs.get("n_sample_token", 512))
+        n_tokens = input_feat.numel() // input_feat.shape[-1]
+        step = max(1, n_tokens // kwargs.get("n_sample_token", 512))  # the original keeps every step-th token
+        tokens = -(-n_tokens // step)
         per_row = tokens * w.shape[1] * w.element_size()
         rows = 64 * max(1, budget // (per_row * 64))
         if rows >= w.shape[0] or w.shape[0] % 64:

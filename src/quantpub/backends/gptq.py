@@ -50,7 +50,6 @@ def quantize(session: ModelSession, v: GptqVariant, calibration: CalibrationSet,
     GPTQModel's looper feeds each layer's *quantized* outputs to the next layer, so every
     variant pays its own calibration pass.
     """
-    gptqmodel = _import_gptqmodel()
     model = session.load(quantize_config(v))
     log = model.quantize(calibration.as_gptqmodel(), batch_size=1)
     model.save(str(out))
