@@ -8,7 +8,9 @@ real ``quantpub quantize`` children on CPU, as the scheduler runs them:
 
 * the GPTQ/AWQ group: two GPTQ variants (4 and 8 bits, group 128, exact mode, the default) and
   one AWQ target;
-* the GGUF group: the importance matrix, the 16-bit conversion and Q4_K_M + Q8_0.
+* the GGUF group: the importance matrix, the 16-bit conversion and Q4_K_M + Q8_0;
+* ``gptq-stream`` (not in the default set): the two GPTQ variants with ``--stream``, each layer
+  read from the checkpoint (models larger than host memory), against the plan's streamed estimate.
 
 The peak is the largest sum of resident memory over the child and its descendants (the GGUF
 converter is a subprocess), sampled every 50 ms, beside the kernel's own ``ru_maxrss`` (the
@@ -16,7 +18,7 @@ largest single process). The estimate is what ``quantpub plan`` shows and the sc
 (``estimate.group_host_memory``). Also checked: the 170M model's GPTQ + AWQ peak against 2 x its
 fp32 size plus the libraries' own footprint (a child that imports them and does nothing).
 
-    .venv/bin/python benchmarks/memory.py [--sizes 10:1024,6:128256] [--groups gptq-awq,gguf] [--work DIR]
+    .venv/bin/python benchmarks/memory.py [--sizes 10:1024,6:128256] [--groups gptq-awq,gguf,gptq-stream] [--work DIR]
     .venv/bin/python benchmarks/memory.py --estimates-only   # recompute estimates for the saved peaks
 
 Writes benchmarks/results/memory.json and memory.md.
@@ -46,7 +48,14 @@ awq:
   targets: [{bits: 4, group_size: 128}]
 """,
     "gguf": CALIBRATION + "gguf:\n  types: [Q4_K_M, Q8_0]\n  imatrix: true\n",
+    "gptq-stream": CALIBRATION + """\
+gptq:
+  variants:
+    - {bits: 4, group_size: 128}
+    - {bits: 8, group_size: 128}
+""",
 }
+STREAMED = {"gptq-stream"}  # run with --stream: layers read from the checkpoint, the model never loaded whole
 LIBRARIES = ("import os; os.environ.setdefault('GPTQMODEL_CPU_WORKERS', str(os.cpu_count()));"
              "import torch, transformers, gptqmodel, quantpub.worker")
 TOLERANCE = 0.25
@@ -110,13 +119,13 @@ def _meta_model(path: Path):
         return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
 
 
-def estimate(matrix: Path, model: Path) -> int:
+def estimate(matrix: Path, model: Path, stream: bool = False) -> int:
     """The host memory the plan gives the group (what the scheduler reserves for it)."""
     from quantpub import estimate as est
     from quantpub.plan import make_plan
 
     plan = make_plan(matrix, str(model), device="cpu")
-    return est.group_host_memory(plan, list(plan.jobs), "cpu")
+    return est.group_host_memory(plan, list(plan.jobs), "cpu", stream=stream)
 
 
 def main() -> None:
@@ -160,13 +169,15 @@ def main() -> None:
                     row = {"model": model.name, "layers": layers, "vocab": vocab, "parameters": params,
                            "group": group, "load_average": os.getloadavg()[0],
                            **measure([sys.executable, "-m", "quantpub", "quantize", str(matrix), "--model", str(model),
-                                      "--out", str(out), "--calibration-file", str(calib), "--device", "cpu"],
+                                      "--out", str(out), "--calibration-file", str(calib), "--device", "cpu",
+                                      *(["--stream"] if group in STREAMED else [])],
                                      work, log)}
                     rows.append(row)
     for row in rows:  # the plan's estimate now, for every measured row
         matrix = work / f"{row['group']}.yaml"
         matrix.write_text(GROUPS[row["group"]])
-        row["estimate"] = estimate(matrix, work / row["model"])
+        row["estimate"] = estimate(matrix, work / row["model"], stream=row["group"] in STREAMED)
+        row["whole_model_estimate"] = estimate(matrix, work / row["model"]) if row["group"] in STREAMED else None
         row["error"] = row["estimate"] / row["peak_tree_rss"] - 1
     rows.sort(key=lambda r: (r["parameters"], r["group"]))
     worst = max(abs(r["error"]) for r in rows)
@@ -183,12 +194,16 @@ def main() -> None:
     gb = 1e9
     lines = ["# Host memory: plan estimate vs measured peak (CPU, fp16 llama, hidden 1024, MLP 4096)", "",
              "Peak: summed RSS of the group's process tree. GPTQ/AWQ group: 2 GPTQ (exact mode) + 1 AWQ; "
-             "GGUF group: importance matrix, conversion, Q4_K_M and Q8_0.", "",
+             "GGUF group: importance matrix, conversion, Q4_K_M and Q8_0; gptq-stream: the 2 GPTQ variants with "
+             "`--stream` (each layer read from the checkpoint, quantized layers offloaded to disk; the plan's "
+             "whole-model estimate for the same group in brackets).", "",
              "| model | group | estimate | measured peak (process tree) | estimate error | wall |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        lines.append(f"| {r['parameters'] / 1e6:.0f}M ({r['layers']} layers, vocab {r['vocab']}) | {r['group']} | {r['estimate'] / gb:.2f} GB"
-                     f" | {r['peak_tree_rss'] / gb:.2f} GB | {100 * r['error']:+.0f}% | {r['seconds']:.0f} s |")
+        whole = f" ({r['whole_model_estimate'] / gb:.2f} GB whole)" if r.get("whole_model_estimate") else ""
+        lines.append(f"| {r['parameters'] / 1e6:.0f}M ({r['layers']} layers, vocab {r['vocab']}) | {r['group']} | "
+                     f"{r['estimate'] / gb:.2f} GB{whole} | {r['peak_tree_rss'] / gb:.2f} GB | {100 * r['error']:+.0f}% | "
+                     f"{r['seconds']:.0f} s |")
     lines += ["", f"worst estimate error {100 * worst:.0f}% (tolerance {100 * TOLERANCE:.0f}%); libraries alone "
               f"{libraries / gb:.2f} GB"]
     if target:

@@ -142,3 +142,39 @@ def test_config_missing_a_field(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama", "hidden_size": 8}')
     with pytest.raises(ModelError, match="config.json has no 'num_attention_heads'"):
         make_plan(MATRICES / "thebloke.yaml", str(tmp_path))
+
+
+def test_a_model_larger_than_memory_is_streamed_layer_by_layer(llama7b, tmp_path):
+    """The 7B model's GPTQ/AWQ group needs ~15 GB of host memory whole; streamed from the checkpoint, a
+    few blocks and the embeddings. ``--stream auto`` picks streaming only where the machine needs it."""
+    from types import SimpleNamespace
+
+    from quantpub import estimate
+    from quantpub.run import Driver, RunOptions
+
+    plan = make_plan(MATRICES / "thebloke.yaml", str(llama7b))
+    jobs = [j for j in plan.jobs if j.method in ("gptq", "awq")]
+    whole = estimate.group_host_memory(plan, jobs, "cuda")
+    streamed = estimate.group_host_memory(plan, jobs, "cuda", stream=True)
+    assert whole > 13e9 and streamed < 4e9
+    assert all(j.stream_host_memory for j in jobs) and not any(j.stream_host_memory for j in plan.jobs
+                                                               if j.method == "gguf")
+
+    def decide(stream: str, machine: int | None) -> tuple[int, bool]:
+        driver = Driver("m.yaml", tmp_path, None, 1, {}, "", None, RunOptions(stream=stream), None)
+        driver.scheduler = SimpleNamespace(capacity=SimpleNamespace(memory=machine), executor=None)
+        return driver._gpu_group_memory(plan, jobs, "cuda")
+
+    assert decide("auto", int(64e9)) == (whole, False)  # fits: loaded whole, as before
+    assert decide("auto", int(8e9)) == (streamed, True)  # does not fit, streamed does
+    assert decide("auto", int(1e9)) == (whole, False)  # neither fits: the scheduler refuses it with the numbers
+    assert decide("always", int(64e9)) == (streamed, True)
+    assert decide("never", int(8e9)) == (whole, False)
+
+
+def test_streamed_estimate_is_in_the_plan(llama7b, capsys):
+    assert main(["plan", str(MATRICES / "thebloke-gptq.yaml"), "--model", str(llama7b), "--json"]) == 0
+    jobs = json.loads(capsys.readouterr().out)["jobs"]
+    assert all(0 < j["estimated_streamed_host_memory"] < j["estimated_host_memory"] for j in jobs)
+    assert main(["plan", str(MATRICES / "thebloke-gptq.yaml"), "--model", str(llama7b)]) == 0
+    assert "streamed layer by layer from the checkpoint" in capsys.readouterr().out

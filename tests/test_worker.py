@@ -170,3 +170,47 @@ def test_architectures(shape, tiny_models, corpus, tmp_path):
                                             key=lambda k: [int(x) for x in k.split() if x.isdigit()])
     else:
         assert json.loads((outcome.path / MANIFEST).read_text())["experts"] is None
+
+
+def test_streamed_build_is_byte_identical_to_the_whole_model_build(tiny_models, corpus, tmp_path):
+    """``--stream`` (models larger than host memory): GPTQModel reads each layer from the checkpoint and
+    offloads quantized layers to disk. Same files as loading the model whole, nothing left behind; the
+    shared GPTQ mode needs the whole model, so a streamed run builds its variants in exact mode."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    variants = "  variants: [{bits: 4, group_size: 32}]\nawq:\n  targets: [{bits: 4, group_size: 32}]\n"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # float sums depend on the thread count: one, in fresh processes
+    built = {}
+    for name, mode, stream in (("whole", "exact", False), ("streamed", "exact", True), ("shared", "shared", True)):
+        matrix = tmp_path / f"{name}.yaml"
+        matrix.write_text(f"gptq:\n  mode: {mode}\n{variants}")
+        subprocess.run([sys.executable, "-m", "quantpub", "quantize", str(matrix), "--model", str(tiny_models("llama")),
+                        "--out", str(tmp_path / name), "--calibration-file", str(corpus), "--device", "cpu",
+                        "--n-samples", "4", "--seq-len", "64", *(["--stream"] if stream else [])],
+                       check=True, env=env, cwd=tmp_path, capture_output=True)
+        built[name] = tmp_path / name
+        assert sorted(p.name for p in built[name].iterdir()) == [
+            "awq-4bit-32g-GEMM", "gptq-4bit-32g-actorder_False", "quantpub-run.json"]  # no .offload left
+    for variant in ("gptq-4bit-32g-actorder_False", "awq-4bit-32g-GEMM"):
+        whole = load_file(built["whole"] / variant / "model.safetensors")
+        for name in ("streamed", "shared"):
+            other = load_file(built[name] / variant / "model.safetensors")
+            assert other.keys() == whole.keys()
+            assert all(torch_equal(whole[k], other[k]) for k in whole), (name, variant)
+            assert (built[name] / variant / "config.json").read_bytes() == \
+                (built["whole"] / variant / "config.json").read_bytes()
+            manifest = json.loads((built[name] / variant / MANIFEST).read_text())
+            assert manifest["streamed"] is True
+            if variant.startswith("gptq"):
+                assert manifest["gptq_mode"] == "exact"
+        assert json.loads((built["whole"] / variant / MANIFEST).read_text())["streamed"] is False
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)

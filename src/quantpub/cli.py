@@ -44,7 +44,7 @@ def _quantize(args: argparse.Namespace) -> int:
 
     outcomes = quantize(resolve_matrix(args.matrix), args.model, args.out, only=args.only,
                         calibration_file=args.calibration_file, device=args.device, n_samples=args.n_samples,
-                        seq_len=args.seq_len)
+                        seq_len=args.seq_len, stream=args.stream)
     for o in outcomes:
         state = "skipped (already built)" if o.skipped else ("FAILED: " + o.error if o.error else "built")
         print(f"{o.variant}: {state}" + (f" -> {o.path}" if o.path else ""))
@@ -109,7 +109,7 @@ def _run(args: argparse.Namespace) -> int:
                          token=args.token or os.environ.get("HF_TOKEN") or None, max_attempts=args.max_attempts,
                          evaluate=not args.no_evaluate, context=args.context, windows=args.windows,
                          executor=args.executor, ray_address=args.ray_address, slots=args.slots,
-                         models_in_flight=args.models_in_flight, verbose=args.verbose)
+                         models_in_flight=args.models_in_flight, stream=args.stream, verbose=args.verbose)
     example = args.example or not models
     with _Captured(args.verbose) as captured:  # libraries loaded by the preflight (and the example) keep quiet
         if example:
@@ -389,6 +389,9 @@ def _run_parser(sub) -> None:
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     r.add_argument("--n-samples", type=int, help="override the calibration sample count")
     r.add_argument("--seq-len", type=int, help="override the calibration sequence length")
+    r.add_argument("--stream", choices=("auto", "always", "never"), default="auto",
+                   help="GPTQ/AWQ layer by layer from the checkpoint instead of loading the model: auto = when the "
+                        "plan's estimate does not fit the machine's memory (default)")
     r.add_argument("--max-attempts", type=int, default=2, help="builds per failing variant across re-runs "
                                                                "(kills do not count; default 2)")
     r.add_argument("-v", "--verbose", action="store_true", help="libraries' output on the console too")
@@ -430,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
     q.add_argument("--n-samples", type=int, help="override the matrix's calibration sample count")
     q.add_argument("--seq-len", type=int, help="override the matrix's calibration sequence length")
+    q.add_argument("--stream", action="store_true", help="GPTQ/AWQ read the model layer by layer from the checkpoint "
+                                                         "instead of loading it (models larger than host memory)")
     q.set_defaults(func=_quantize)
 
     e = sub.add_parser("evaluate", help="perplexity and KL divergence of every variant against the unquantised model")

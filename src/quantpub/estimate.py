@@ -87,6 +87,28 @@ def layerwise_quantize_memory(
     return device, host
 
 
+def streamed_host_memory(facts: ModelFacts, *, dtype_bytes: int, cpu_work: int | None) -> int:
+    """Host bytes at the peak of layer-by-layer GPTQ or AWQ that streams the model from its checkpoint.
+
+    GPTQModel's lazy loading keeps the model on the meta device and reads a decoder block from
+    the mmapped safetensors when its turn comes; quantized blocks go to disk. While quantizing,
+    the host holds the libraries, the embeddings and output layer, two blocks (the one being
+    quantized and the one being written) and, on CPU, the work the accelerator would hold
+    (``cpu_work``: ``layerwise_quantize_memory``'s device bytes; None on a GPU). Once a variant is
+    built, a child process loads it in another runtime's venv (``quantpub.compat``), beside the
+    worker: on CPU its libraries plus the model at about 16 bits (0.8 GB measured for a 170M
+    model); on a GPU the model goes to the GPU and the host holds the libraries and the CUDA
+    context (1 GiB, not measured). Checkpoint pages the kernel maps in are page cache, which it
+    drops under pressure.
+    """
+    linears = facts.block_linears()
+    block = sum(l.in_features * l.out_features * l.count for l in linears) * dtype_bytes
+    held = (GIB if cpu_work is None else LIBRARIES) + facts.unquantized_params * dtype_bytes + 2 * block
+    if cpu_work is None:
+        return held + GIB
+    return held + max(cpu_work, LIBRARIES + facts.total_params * FP16)
+
+
 def gguf_memory(facts: ModelFacts) -> int:
     """Host bytes for convert + quantize: a few copies of the largest tensor in fp32."""
     return 3 * facts.largest_tensor_params * FP32 + GIB
@@ -99,8 +121,11 @@ def cores() -> int:
     return cpu_count()
 
 
-def group_host_memory(plan, jobs, device: str) -> int:
-    """Peak host bytes of one quantize group (its worker process) for ``jobs`` of ``plan``."""
+def group_host_memory(plan, jobs, device: str, *, stream: bool = False) -> int:
+    """Peak host bytes of one quantize group (its worker process) for ``jobs`` of ``plan``.
+
+    ``stream``: the GPTQ/AWQ group reads the model layer by layer from the checkpoint.
+    """
     facts = plan.facts
     if all(j.method == "gguf" for j in jobs):
         peak = gguf_memory(facts)
@@ -108,7 +133,7 @@ def group_host_memory(plan, jobs, device: str) -> int:
             libraries = LIBRARIES if device == "cpu" else GIB  # a CUDA context adds host memory: not measured here
             peak = max(peak, facts.total_params * (FP32 if device == "cpu" else FP16) + libraries)
         return peak
-    return max(j.host_memory for j in jobs)
+    return max(j.stream_host_memory if stream else j.host_memory for j in jobs)
 
 
 def evaluation_host_memory(plan, device: str) -> int:

@@ -29,6 +29,7 @@ class Job:
     size: int  # estimated bytes on disk
     device_memory: int | None  # estimated accelerator bytes; None for CPU-only work
     host_memory: int
+    stream_host_memory: int | None = None  # GPTQ/AWQ reading the model layer by layer from the checkpoint
 
     @property
     def id(self) -> str:
@@ -80,7 +81,8 @@ class Plan:
                 {"variant": j.id, "method": j.method, "parameters": j.describe(), "repo": j.repo,
                  "branch": j.variant.branch, "file": None if j.variant.branch else j.target,
                  "seq_len": j.seq_len, "n_samples": j.n_samples, "estimated_size": j.size,
-                 "estimated_device_memory": j.device_memory, "estimated_host_memory": j.host_memory}
+                 "estimated_device_memory": j.device_memory, "estimated_host_memory": j.host_memory,
+                 "estimated_streamed_host_memory": j.stream_host_memory}
                 for j in self.jobs
             ],
             "notes": list(self.notes),
@@ -183,10 +185,11 @@ def _job(spec: VariantSpec, matrix: Matrix, facts: ModelFacts, device: Device, s
     dtype_bytes = estimate.FP16 if device == "cuda" else estimate.FP32
     dev, host = estimate.layerwise_quantize_memory(
         facts, n_samples=n_samples, seq_len=seq_len, dtype_bytes=dtype_bytes, method=spec.method)
+    streamed = estimate.streamed_host_memory(facts, dtype_bytes=dtype_bytes, cpu_work=dev if device == "cpu" else None)
     if device == "cpu":
         dev, host = None, host + dev
     return Job(spec, naming.repo_id(repos.namespace, template, facts.name), spec.branch,
-               seq_len, n_samples, size, dev, host)
+               seq_len, n_samples, size, dev, host, streamed)
 
 
 def render(plan: Plan) -> str:
@@ -202,6 +205,10 @@ def render(plan: Plan) -> str:
     lines = [head, ""] + ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     total = sum(j.size for j in plan.jobs)
     lines.append(f"\n{len(plan.jobs)} variants, {gb(total)} in all, into {', '.join(plan.repos)}")
+    streamed = [j.stream_host_memory for j in plan.jobs if j.stream_host_memory]
+    if streamed:
+        lines.append(f"note: streamed layer by layer from the checkpoint (--stream; automatic when the model does not "
+                     f"fit the machine's memory), GPTQ/AWQ need about {gb(max(streamed))} of CPU memory")
     lines += [f"note: {n}" for n in plan.notes]
     lines += [f"problem: {p}" for p in plan.problems]
     return "\n".join(lines)

@@ -183,6 +183,7 @@ class Driver:
         self.observer = observer
         self.scheduler: Scheduler | None = None
         self.sources: dict[str, str] = {}
+        self.streamed: dict[str, bool] = {}  # model -> its GPTQ/AWQ group streams layers from the checkpoint
         self.active: dict[int, dict[str, str]] = {}  # task id -> variant -> last phase
         self.stage_errors: list[str] = []
         self.repos: dict[str, set[str]] = {}
@@ -229,14 +230,46 @@ class Driver:
         gpu_jobs = [j for j in plan.jobs if j.method in ("gptq", "awq")]
         gguf_jobs = [j for j in plan.jobs if j.method == "gguf"]
         if gpu_jobs:
-            groups.append(task("quantize-gpu", stages.quantize, Resources(
-                gpu=1, cpus=1, memory=estimate.group_host_memory(plan, gpu_jobs, device)), [prepare]))
+            memory, self.streamed[model] = self._gpu_group_memory(plan, gpu_jobs, device)
+            groups.append(task("quantize-gpu", stages.quantize, Resources(gpu=1, cpus=1, memory=memory), [prepare]))
         if gguf_jobs:
             groups.append(task("quantize-gguf", stages.quantize, Resources(
                 cpus=min(4, estimate.cores()), memory=estimate.group_host_memory(plan, gguf_jobs, device)), [prepare]))
         evaluate = task("evaluate", stages.evaluate, Resources(
             gpu=1, cpus=1, memory=estimate.evaluation_host_memory(plan, device)), groups)
         task("publish", stages.publish, Resources(net=1, cpus=0, memory=GIB // 4), [*groups, evaluate])
+
+    def _gpu_group_memory(self, plan: Plan, jobs: list, device: str) -> tuple[int, bool]:
+        """The GPTQ/AWQ group's host memory, and whether it streams the model layer by layer.
+
+        ``--stream auto`` streams when the whole-model estimate exceeds the largest machine
+        (this one, or the Ray cluster's largest node) and the streamed one does not.
+        """
+        from quantpub import estimate
+
+        whole = estimate.group_host_memory(plan, jobs, device)
+        streamed = estimate.group_host_memory(plan, jobs, device, stream=True)
+        mode = self.options.stream
+        if mode == "auto":
+            largest = self.largest_memory()
+            stream = largest is not None and whole > largest >= streamed
+            if stream:
+                log.info("%s: the GPTQ/AWQ group needs about %.1f GB whole and %.1f GB is the most a machine has; "
+                         "streaming layers from the checkpoint (about %.1f GB)", plan.facts.name, whole / 1e9,
+                         largest / 1e9, streamed / 1e9)
+        else:
+            stream = mode == "always"
+        return (streamed if stream else whole), stream
+
+    def largest_memory(self) -> int | None:
+        s = self.scheduler
+        if s is None:
+            return None
+        if s.capacity.memory is not None:
+            return s.capacity.memory
+        capacity = getattr(s.executor, "capacity", None)
+        found = capacity().get("memory") if callable(capacity) else None
+        return int(found) if found else None
 
     # the scheduler's handlers
 
@@ -255,6 +288,8 @@ class Driver:
             if not todo:
                 return None
             self.active[task.id] = {v: "queued" for v in todo}
+            if task.stage == "quantize-gpu":
+                return (self.matrix, model, source, out, todo, o, self.streamed.get(model, False))
             return (self.matrix, model, source, out, todo, o)
         if task.stage == "evaluate":
             if not o.evaluate or not self._unevaluated(model):

@@ -37,6 +37,7 @@ class RunOptions:
     slots: int | None = None  # GPU slots on a machine without GPUs (default 1); Ray: GPUs declared locally
     models_in_flight: int | None = None  # default: 2 x GPU slots + 1
     card_hub: str | None = None  # where card links point; default the publish endpoint ("" = site-relative)
+    stream: str = "auto"  # GPTQ/AWQ layer by layer from the checkpoint: auto (when the model does not fit), always, never
     verbose: bool = False
 
 
@@ -58,12 +59,16 @@ def prepare(model: str, work: str) -> str:
 
 
 def quantize(matrix: str, model: str, source: str, out: str, variants: list[str],
-             options: RunOptions) -> dict[str, str | None]:
-    """Build ``variants`` (one group); returns each variant's error, None when it was built and validated."""
+             options: RunOptions, stream: bool = False) -> dict[str, str | None]:
+    """Build ``variants`` (one group); returns each variant's error, None when it was built and validated.
+
+    ``stream``: the driver found that the model does not fit this stage's memory whole.
+    """
     from quantpub.worker import quantize as build
 
     outcomes = build(matrix, model, out, only=variants, calibration_file=options.calibration_file,
-                     device=options.device, n_samples=options.n_samples, seq_len=options.seq_len, source=source)
+                     device=options.device, n_samples=options.n_samples, seq_len=options.seq_len, source=source,
+                     stream=stream)
     return {o.variant: o.error for o in outcomes}
 
 

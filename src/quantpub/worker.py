@@ -26,6 +26,7 @@ from quantpub.quants import GgufVariant
 
 log = logging.getLogger(__name__)
 WORKER_METHODS = ("gptq", "awq", "gguf")
+OFFLOAD = ".offload"  # a streamed load's quantized layers, under the output dir (deleted after each variant)
 
 
 @dataclass(frozen=True)
@@ -73,13 +74,15 @@ def select_jobs(plan: Plan, only: list[str] | None) -> list[Job]:
 def quantize(matrix_path: str | Path, model: str, out: str | Path, *, only: list[str] | None = None,
              calibration_file: str | Path | None = None, device: str = "auto",
              n_samples: int | None = None, seq_len: int | None = None,
-             source: str | Path | None = None) -> list[Outcome]:
+             source: str | Path | None = None, stream: bool = False) -> list[Outcome]:
     """Build every GPTQ/AWQ variant of the matrix that is not built yet.
 
     ``n_samples`` / ``seq_len`` override the matrix's calibration size for every variant
     (smoke runs on CPU); the manifest records what was used. One variant's failure does not
     stop the others; it is reported in its ``Outcome``. ``source`` is the checkpoint directory
-    when ``model`` (a hub id) was already downloaded.
+    when ``model`` (a hub id) was already downloaded. ``stream``: GPTQ and AWQ read the model
+    layer by layer from the checkpoint instead of loading it (for models larger than host
+    memory; the shared GPTQ mode needs the whole model, so its variants are built in exact mode).
 
     Raises:
         MatrixError, ModelError, PlanError, CalibrationError: before any model is loaded.
@@ -111,9 +114,14 @@ def quantize(matrix_path: str | Path, model: str, out: str | Path, *, only: list
     if gpu_jobs:
         from quantpub.backends.gptqmodel_session import ModelSession
 
-        session = ModelSession(model_dir, device, torch.float32 if device == "cpu" else torch.float16)
+        session = ModelSession(model_dir, device, torch.float32 if device == "cpu" else torch.float16, stream=stream,
+                               scratch=out / OFFLOAD)
         calibrations = _calibrations(gpu_jobs, session.tokenizer, calibration_file)  # before the model loads
         mode = plan.matrix.gptq.mode if plan.matrix.gptq else "exact"
+        if stream and mode == "shared":
+            log.warning("gptq.mode: shared holds the whole model in memory; streamed layer by layer, the GPTQ "
+                        "variants are built in exact mode")
+            mode = "exact"
         shared = [j for j in gpu_jobs if j.method == "gptq" and mode == "shared"]
         if shared:
             outcomes += _build_shared(session, shared, calibrations, out, model, expert_min_tokens=plan.facts.hidden_size)
@@ -131,6 +139,7 @@ def quantize(matrix_path: str | Path, model: str, out: str | Path, *, only: list
                 outcomes.append(Outcome(job.id, None, error=f"{type(exc).__name__}: {exc}"))
                 progress.report(job.id, "failed", error=f"{type(exc).__name__}: {exc}")
         del session
+        shutil.rmtree(out / OFFLOAD, ignore_errors=True)  # a failed streamed variant's offloaded layers
     if gguf_jobs:
         outcomes += _gguf(plan, gguf_jobs, model_dir, out, model, calibration_file, gguf_device(device))
     order = {j.id: i for i, j in enumerate(jobs)}
@@ -294,7 +303,7 @@ def finish_variant(session, job: Job, calib: calibration.CalibrationSet, partial
         validation = validate(partial, job.variant.params, session.device, list(calib.samples[0]))
         compat = check_variant(partial, job.method, list(calib.samples[0]))  # before the manifest: it records these
         _write_manifest(partial, job, calib, model, session.device, quantized_s, validation, experts,
-                        {**(extra or {}), "compat": compat})
+                        {**(extra or {}), "streamed": session.stream, "compat": compat})
         if final.exists():  # a directory without our manifest (finished ones were skipped): replace it
             shutil.rmtree(final)
         os.replace(partial, final)

@@ -94,6 +94,7 @@ def solve_stacked(tasks: list) -> list[tuple]:
         w1 = stacked[:, i1:i2].t().contiguous()
         q1, err1, losses1 = torch.zeros_like(w1), torch.zeros_like(w1), torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
+        update = torch.empty_like(w1)  # reused per column: a fresh block of this size is an mmap, page faults and all
         for i in range(i2 - i1):
             column = i1 + i
             for j, group in enumerate(groups):
@@ -109,7 +110,9 @@ def solve_stacked(tasks: list) -> list[tuple]:
             torch.sub(x, q, out=delta)
             losses1[i] = delta.square() / d.square()
             delta.div_(d)
-            w1[i:] -= hinv1[i, i:].unsqueeze(1) * delta
+            rest = update[:i2 - i1 - i]
+            torch.mul(hinv1[i, i:].unsqueeze(1), delta, out=rest)
+            w1[i:] -= rest
         q_all[:, i1:i2] = q1.t()
         losses[:, i1:i2] = losses1.t().div_(2)
         for span in spans:  # one product per variant, in its own solve's layout: the same sums

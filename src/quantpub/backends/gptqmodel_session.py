@@ -30,10 +30,17 @@ def _import_gptqmodel():
 
 
 class ModelSession:
-    """Where the source model is, its tokenizer, and the device and dtype work runs in."""
+    """Where the source model is, its tokenizer, and the device and dtype work runs in.
 
-    def __init__(self, model_dir: Path, device: str, dtype):
+    ``stream``: the model does not fit in host memory, so no load holds it whole. GPTQModel
+    builds the model on the meta device, reads each decoder layer from the mmapped safetensors
+    when its turn comes (its "lazy turtle") and writes each quantized layer to ``scratch``
+    (``offload_to_disk``); the page cache is then the only full copy, and the kernel may evict it.
+    """
+
+    def __init__(self, model_dir: Path, device: str, dtype, *, stream: bool = False, scratch: Path | None = None):
         self.model_dir, self.device, self.dtype = Path(model_dir), device, dtype
+        self.stream, self.scratch = stream, scratch
 
     @property
     def tokenizer(self):
@@ -52,16 +59,35 @@ class ModelSession:
         """A GPTQModel wrapper around a newly loaded copy of the source model, ready to quantize."""
         gptqmodel = _import_gptqmodel()
         dtype = dtype or self.dtype
-        log.info("loading %s (%s)", self.model_dir, dtype)
+        if self.stream:
+            quantize_config.offload_to_disk = True
+            quantize_config.offload_to_disk_path = str(self.offload_dir())
+        log.info("loading %s (%s%s)", self.model_dir, dtype, ", streamed layer by layer" if self.stream else "")
         with LOAD_LOCK:
             loaded = gptqmodel.GPTQModel.load(str(self.model_dir), quantize_config, device="cpu", dtype=dtype)
         quantize_config.device = self.quant_device()
         # Re-wrapped with the session's tokenizer: the files saved beside the weights come from it.
         return type(loaded)(loaded.model, quantized=False, quantize_config=quantize_config, tokenizer=self.tokenizer,
-                            model_local_path=str(self.model_dir))
+                            model_local_path=str(self.model_dir), turtle_model=loaded.turtle_model)
 
-    @staticmethod
-    def release(wrapper) -> None:
+    def offload_dir(self) -> Path:
+        """Where a streamed load writes its quantized layers: a fresh folder per load, inside ``scratch``."""
+        import tempfile
+
+        if self.scratch is None:
+            raise ValueError("a streamed session needs a scratch directory for GPTQModel's offloaded layers")
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=".offload-", dir=self.scratch))
+
+    def cleanup(self, wrapper) -> None:
+        """Delete a streamed load's offloaded layers once its files are saved."""
+        import shutil
+
+        path = getattr(wrapper.quantize_config, "offload_to_disk_path", None) if self.stream else None
+        if path and Path(path).parent == self.scratch:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def release(self, wrapper) -> None:
         """Free a quantized model's tensors now, whoever still refers to the module.
 
         GPTQModel's looper objects outlive ``quantize`` (its worker threads keep their last task),
@@ -71,4 +97,5 @@ class ModelSession:
         are already saved.
         """
         wrapper.model.to("meta")
+        self.cleanup(wrapper)
 
