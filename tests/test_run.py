@@ -103,10 +103,14 @@ def test_a_third_run_changes_nothing(killed_and_resumed, setup, corpus, local_hu
 
 
 def test_ray_executor_gives_the_same_ledger(killed_and_resumed, setup, corpus, tmp_path, local_hub_online):
+    """Also with the GPTQ/AWQ group streamed layer by layer (``--stream always``), which the driver
+    hands to the stage through Ray: the same variants, states and commits."""
+    import json
+
     work, *_ = killed_and_resumed
     root, model = setup
     ray_work = tmp_path / "ray-work"
-    done = subprocess.run(command(root, model, corpus, ray_work, "--executor", "ray"),
+    done = subprocess.run(command(root, model, corpus, ray_work, "--executor", "ray", "--stream", "always"),
                           env={**os.environ, "HF_HUB_OFFLINE": "0"}, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -115,3 +119,7 @@ def test_ray_executor_gives_the_same_ledger(killed_and_resumed, setup, corpus, t
 
     assert shape(ledger_rows(ray_work)) == shape(ledger_rows(work))
     assert commit_counts(ray_work) == commit_counts(work)
+    streamed = {p.parent.name: json.loads(p.read_text()).get("streamed")
+                for p in (ray_work / "tiny-llama").glob("*/quantpub.json")}
+    assert streamed == {"gptq-4bit-128g-actorder_False": True, "gptq-4bit-32g-actorder_True": True,
+                        "awq-4bit-128g-GEMM": True, "gguf-Q4_K_M": None, "gguf-Q8_0": None}
