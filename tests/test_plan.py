@@ -150,7 +150,8 @@ def test_a_model_larger_than_memory_is_streamed_layer_by_layer(llama7b, tmp_path
     from types import SimpleNamespace
 
     from quantpub import estimate
-    from quantpub.run import Driver, RunOptions
+    from quantpub.driver import Driver
+    from quantpub.stages import RunOptions
 
     plan = make_plan(MATRICES / "thebloke.yaml", str(llama7b))
     jobs = [j for j in plan.jobs if j.method in ("gptq", "awq")]

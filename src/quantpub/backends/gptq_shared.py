@@ -30,6 +30,7 @@ from typing import Any
 
 from quantpub import progress
 from quantpub.backends import gptq
+from quantpub.backends.gptq_hessians import LayerHessians, adopted, gptq_task
 from quantpub.backends.gptq_solve import Unstackable, solve_stacked, stackable
 from quantpub.backends.gptq_writer import SPOOL, Spool, pack, pack_kernel, write_model_files, write_weights
 from quantpub.backends.gptqmodel_session import ModelSession
@@ -90,6 +91,7 @@ def quantize_shared(session: ModelSession, targets: list[Target], calibration: C
     started = time.monotonic()
     ahead = device.type == "cpu"  # solve layer i while layer i+1's forward runs (CPU: the cores are the budget)
     solving: tuple[int, Future] | None = None
+    steps = len(layers)
 
     def solved(index: int, future: Future) -> None:
         future.result()
@@ -97,9 +99,9 @@ def quantize_shared(session: ModelSession, targets: list[Target], calibration: C
         _settle(targets, before=index)  # at most two layers of packed results in flight
         for t in targets:
             if t.error is None:
-                progress.report(t.id, "quantizing", step=index + 1, steps=len(layers))
+                progress.report(t.id, "quantizing", step=index + 1, steps=steps)
         log.info("layer %d/%d done; %.2fs waiting for the previous layer's packing (%.1fs in all)", index + 1,
-                 len(layers), time.monotonic() - waiting, time.monotonic() - started)
+                 steps, time.monotonic() - waiting, time.monotonic() - started)
 
     with torch.no_grad(), _solve_threads(device), ThreadPoolExecutor(1, thread_name_prefix="quantpub-solve") as solver:
         hidden, calls = _capture(model, layers_node, calibration, device)
@@ -135,18 +137,18 @@ def quantize_shared(session: ModelSession, targets: list[Target], calibration: C
 
 
 def _measure(layer, prefix: str, index: int, names: list[str], hidden: list, calls: dict, qcfg, total_tokens: int,
-             device) -> tuple[_Hessians, list]:
+             device) -> tuple[LayerHessians, list]:
     """One layer's forward over every sample: its linears' Hessians, and its outputs (the next layer's inputs)."""
     begin = time.monotonic()
     layer.to(device)
     modules = {n: layer.get_submodule(n) for n in names if _has_submodule(layer, n)}
-    hessians = _Hessians(modules, prefix, index, qcfg, total_tokens)
+    hessians = LayerHessians(modules, prefix, index, qcfg, total_tokens)
     outputs = hessians.run(layer, hidden, calls)
     log.info("%s: forward + Hessians %.2fs", prefix, time.monotonic() - begin)
     return hessians, outputs
 
 
-def _solve_layer(layer, hessians: _Hessians, live: list[Target], total_tokens: int, device, executor: Executor) -> None:
+def _solve_layer(layer, hessians: LayerHessians, live: list[Target], total_tokens: int, device, executor: Executor) -> None:
     """Every variant's solves for one measured layer, module after module, handed to packing as they finish."""
     import torch
 
@@ -196,100 +198,6 @@ def _capture(model, layers_node: str, calibration: CalibrationSet, device):
     return hidden, calls
 
 
-class _Hessians:
-    """One layer's forward over all samples with hooks that accumulate each distinct input's Hessian.
-
-    A module reading the very tensor an earlier module of the same call read (q/k/v) follows
-    that module's accumulator; accumulators are GPTQModel ``GPTQ`` tasks, so the statistics
-    are exactly those its looper gathers.
-    """
-
-    def __init__(self, modules: dict[str, Any], prefix: str, index: int, qcfg, total_tokens: int):
-        self.modules, self.prefix, self.index, self.qcfg, self.total = modules, prefix, index, qcfg, total_tokens
-        self.tasks: dict[str, Any] = {}
-        self.leader_of: dict[str, str] = {}
-        self.inverses: dict[tuple, tuple] = {}
-        self._seen: list[tuple[Any, str]] = []
-
-    def run(self, layer, hidden: list, calls: dict) -> list:
-        handles = [m.register_forward_hook(self._hook(n)) for n, m in self.modules.items()]
-        outputs = []
-        try:
-            for x in hidden:
-                args, kwargs = calls[x.shape[0]]
-                self._seen.clear()
-                out = layer(x, *args, **kwargs)
-                outputs.append(out[0] if isinstance(out, tuple) else out)
-        finally:
-            self._seen.clear()
-            for h in handles:
-                h.remove()
-        return outputs
-
-    def _hook(self, name: str):
-        def hook(module, args, out):
-            x = args[0]
-            leader = next((n for seen, n in self._seen if seen is x), name)
-            if self.leader_of.setdefault(name, leader) != leader:
-                raise RuntimeError(f"{self.prefix}.{name} read another module's input in one sample and its own in "
-                                   "another; the shared mode cannot share its Hessian (use gptq.mode: exact)")
-            if leader != name:
-                return
-            self._seen.append((x, name))
-            if name not in self.tasks:
-                self.tasks[name] = _task(self.modules[name], name, f"{self.prefix}.{name}", self.index, self.qcfg,
-                                         self.total)
-            self.tasks[name].add_batch(x, out)
-        return hook
-
-    def leader(self, name: str):
-        """The task holding ``name``'s Hessian; None when no token reached it (an unrouted expert)."""
-        return self.tasks.get(self.leader_of.get(name, name))
-
-    def share_inverse(self, task, name: str) -> None:
-        """Let ``task`` reuse the damped inverse factor an earlier variant computed from the same Hessian.
-
-        The factor depends on the Hessian, the column order (act order permutes by the Hessian's
-        diagonal, the same for every variant) and damp, not on bits or group size: four of the
-        six TheBloke branches share one per linear. GPTQ's solve only reads it.
-        """
-        key = (self.leader_of.get(name, name), bool(task.qcfg.desc_act), float(task.qcfg.damp_percent),
-               float(task.qcfg.damp_auto_increment or 0.0))
-        if any(k[0] != key[0] for k in self.inverses):  # modules sharing a Hessian are solved one after another
-            self.inverses.clear()
-        compute = task.hessian_inverse
-
-        def shared(h):
-            if key not in self.inverses:
-                factor, damp = compute(h)
-                self.inverses[key] = (factor, damp, h.diagonal().clone())
-            factor, damp, diagonal = self.inverses[key]
-            h.diagonal().copy_(diagonal)  # the diagonal the factor was found for (a floor may have raised it)
-            return factor, damp
-
-        task.hessian_inverse = shared
-
-    def free(self) -> None:
-        for task in self.tasks.values():
-            task.free()
-        self.tasks.clear()
-        self.inverses.clear()
-
-
-def _task(module, name: str, full: str, index: int, qcfg, total_tokens: int):
-    """A GPTQ task set up as GPTQModel's processor sets it up (per-module config, fallback, per-channel)."""
-    from gptqmodel.looper.gptq_processor import clone_gptq_config_for_module
-    from gptqmodel.looper.named_module import NamedModule
-    from gptqmodel.quantization.gptq import GPTQ
-
-    config = clone_gptq_config_for_module(qcfg, full)
-    task = GPTQ(NamedModule(module, name, full, index), qcfg=config)
-    task.fallback = config.fallback
-    task.expected_nsamples = total_tokens
-    task.quantizer.configure(perchannel=True)
-    return task
-
-
 @contextmanager
 def _solve_threads(device):
     """One intra-op thread per task for the pass on CPU: the parallelism is between tasks.
@@ -313,7 +221,7 @@ def _solve_threads(device):
         torch.set_num_threads(threads)
 
 
-def _solve(module, name: str, full: str, index: int, hessians: _Hessians, targets: list[Target], total_tokens: int,
+def _solve(module, name: str, full: str, index: int, hessians: LayerHessians, targets: list[Target], total_tokens: int,
            executor: Executor, *, stack: bool) -> None:
     """Solve one linear for every target and hand the results to packing.
 
@@ -323,7 +231,7 @@ def _solve(module, name: str, full: str, index: int, hessians: _Hessians, target
     tasks = {}
     for t in targets:
         try:
-            tasks[t.id] = _adopted(_task(module, name, full, index, t.qcfg, total_tokens), name, hessians)
+            tasks[t.id] = adopted(gptq_task(module, name, full, index, t.qcfg, total_tokens), name, hessians)
         except Exception as exc:  # noqa: BLE001 - this variant fails, the others go on
             t.fail(exc)
     groups: dict[tuple, list[Target]] = {}
@@ -339,7 +247,7 @@ def _solve(module, name: str, full: str, index: int, hessians: _Hessians, target
                 results = solve_stacked([tasks[t.id] for t in group])
             except Unstackable as exc:
                 log.info("%s: solving %d variants one by one (%s)", full, len(group), exc)
-                tasks.update({t.id: _adopted(_task(module, name, full, index, t.qcfg, total_tokens), name, hessians)
+                tasks.update({t.id: adopted(gptq_task(module, name, full, index, t.qcfg, total_tokens), name, hessians)
                               for t in group})
         for i, t in enumerate(group):
             try:
@@ -358,14 +266,6 @@ def _solve(module, name: str, full: str, index: int, hessians: _Hessians, target
     else:
         for group in groups.values():
             solve_group(group)
-
-
-def _adopted(task, name: str, hessians: _Hessians):
-    leader = hessians.leader(name)
-    if leader is not None:
-        task.adopt_hessian_from(leader)
-        hessians.share_inverse(task, name)
-    return task
 
 
 def _submit(t: Target, module, full: str, index: int, name: str, result: tuple, executor: Executor) -> None:

@@ -1,0 +1,337 @@
+"""The scheduler's handlers for ``quantpub run``: every model's tasks, and stage results turned into ledger states.
+
+The driver process alone writes the ledger: the scheduler calls ``Driver`` when it binds a
+task's arguments, when a stage reports an event or a result, and when a stage fails; the
+stages themselves (``stages.py``) only return what they did.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from quantpub import naming, stages
+from quantpub.artifacts import MANIFEST, sha256_file
+from quantpub.errors import QuantpubError
+from quantpub.executors import Resources, Task
+from quantpub.ledger import DONE, Ledger
+from quantpub.plan import Plan
+from quantpub.scheduler import Scheduler
+from quantpub.stages import RunOptions
+from quantpub.workdir import remove_partials, work_id
+
+log = logging.getLogger(__name__)
+
+GIB = 1 << 30
+NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device", as OSError words it
+
+
+@dataclass
+class Summary:
+    endpoint: str
+    ledger: str
+    work: str
+    run_id: int
+    repos: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)          # "model variant" of failed variants
+    stage_errors: list[str] = field(default_factory=list)    # one line per stage that failed (with its log)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.stage_errors
+
+
+class Driver:
+    """The scheduler's handlers: builds each model's tasks and turns stage results into ledger states."""
+
+    def __init__(self, matrix: str, work: Path, ledger: Ledger, run_id: int, plans: dict[str, Plan], endpoint: str,
+                 token: str | None, options: RunOptions, observer):
+        self.matrix, self.work, self.ledger, self.run_id = matrix, work, ledger, run_id
+        self.plans, self.endpoint, self.token, self.options = plans, endpoint, token, options
+        self.observer = observer
+        self.scheduler: Scheduler | None = None
+        self.sources: dict[str, str] = {}
+        self.streamed: dict[str, bool] = {}  # model -> its GPTQ/AWQ group streams layers from the checkpoint
+        self.active: dict[int, dict[str, str]] = {}  # task id -> variant -> last phase
+        self.stage_errors: list[str] = []
+        self.repos: dict[str, set[str]] = {}
+        self.workdir = (str(work), work_id(work))
+
+    def out(self, model: str) -> Path:
+        return self.work / naming.model_basename(model)
+
+    def log_file(self, model: str, stage: str) -> str:
+        return str(self.out(model) / "logs" / f"{stage}.log")
+
+    # planning
+
+    def plan_all(self, models: list[str]) -> None:
+        for model in models:
+            plan = self.plans[model]
+            out = self.out(model)
+            out.mkdir(parents=True, exist_ok=True)
+            removed = remove_partials(out)
+            if removed:
+                log.info("%s: removed %d unfinished build directories from an earlier run", model, removed)
+            for job in plan.jobs:
+                self.ledger.plan(model, job.id, job.method, job.repo, job.target)
+            self._reconcile(model, [j.id for j in plan.jobs])
+            self._count_stopped(model)
+            if Path(model).is_dir():
+                self.sources[model] = model
+            self._add_tasks(model, plan)
+        if self.observer:
+            self.observer.start(self.plans, self.ledger, self.scheduler)
+
+    def _add_tasks(self, model: str, plan: Plan) -> None:
+        from quantpub import estimate
+
+        s = self.scheduler
+        device = "cpu" if self.options.device == "cpu" else "cuda"
+
+        def task(stage: str, fn: Callable, resources: Resources, after: list[int]) -> int:
+            return s.add(Task(s.new_id(), model, stage, fn, (), resources, self.log_file(model, stage), after,
+                              workdir=self.workdir)).id
+
+        prepare = task("prepare", stages.prepare, Resources(net=1, cpus=0), [])
+        groups = []
+        gpu_jobs = [j for j in plan.jobs if j.method in ("gptq", "awq")]
+        gguf_jobs = [j for j in plan.jobs if j.method == "gguf"]
+        if gpu_jobs:
+            memory, self.streamed[model] = self._gpu_group_memory(plan, gpu_jobs, device)
+            groups.append(task("quantize-gpu", stages.quantize, Resources(gpu=1, cpus=1, memory=memory), [prepare]))
+        if gguf_jobs:
+            groups.append(task("quantize-gguf", stages.quantize, Resources(
+                cpus=min(4, estimate.cores()), memory=estimate.group_host_memory(plan, gguf_jobs, device)), [prepare]))
+        evaluate = task("evaluate", stages.evaluate, Resources(
+            gpu=1, cpus=1, memory=estimate.evaluation_host_memory(plan, device)), groups)
+        task("publish", stages.publish, Resources(net=1, cpus=0, memory=GIB // 4), [*groups, evaluate])
+
+    def _gpu_group_memory(self, plan: Plan, jobs: list, device: str) -> tuple[int, bool]:
+        """The GPTQ/AWQ group's host memory, and whether it streams the model layer by layer.
+
+        ``--stream auto`` streams when the whole-model estimate exceeds the largest machine
+        (this one, or the Ray cluster's largest node) and the streamed one does not.
+        """
+        from quantpub import estimate
+
+        whole = estimate.group_host_memory(plan, jobs, device)
+        streamed = estimate.group_host_memory(plan, jobs, device, stream=True)
+        mode = self.options.stream
+        if mode == "auto":
+            largest = self.largest_memory()
+            stream = largest is not None and whole > largest >= streamed
+            if stream:
+                log.info("%s: the GPTQ/AWQ group needs about %.1f GB whole and %.1f GB is the most a machine has; "
+                         "streaming layers from the checkpoint (about %.1f GB)", plan.facts.name, whole / 1e9,
+                         largest / 1e9, streamed / 1e9)
+        else:
+            stream = mode == "always"
+        return (streamed if stream else whole), stream
+
+    def largest_memory(self) -> int | None:
+        s = self.scheduler
+        if s is None:
+            return None
+        if s.capacity.memory is not None:
+            return s.capacity.memory
+        capacity = getattr(s.executor, "capacity", None)
+        found = capacity().get("memory") if callable(capacity) else None
+        return int(found) if found else None
+
+    # the scheduler's handlers
+
+    def bind(self, task: Task) -> tuple | None:
+        model, o = task.model, self.options
+        out = str(self.out(model))
+        if task.stage == "prepare":
+            return None if model in self.sources else (model, str(self.work))
+        source = self.sources.get(model)
+        if source is None:  # prepare failed, and failed every variant of the model with its reason
+            return None
+        if task.stage.startswith("quantize"):
+            methods = ("gptq", "awq") if task.stage == "quantize-gpu" else ("gguf",)
+            todo = [r.variant for r in self.ledger.rows(model) if r.method in methods and r.state not in DONE
+                    and r.attempts < o.max_attempts]
+            if not todo:
+                return None
+            self.active[task.id] = {v: "queued" for v in todo}
+            if task.stage == "quantize-gpu":
+                return (self.matrix, model, source, out, todo, o, self.streamed.get(model, False))
+            return (self.matrix, model, source, out, todo, o)
+        if task.stage == "evaluate":
+            if not o.evaluate or not self._unevaluated(model):
+                return None
+            return (self.matrix, source, out, o)
+        if task.stage == "publish":
+            todo = [r.variant for r in self.ledger.rows(model) if r.state in DONE]
+            return (out, self.endpoint, self.token, todo, o) if todo else None
+        raise ValueError(f"unknown stage {task.stage}")
+
+    def event(self, task: Task, event: dict[str, Any]) -> None:
+        variant, phase = event.get("variant"), event.get("phase")
+        if task.stage.startswith("quantize") and variant:
+            self.active.setdefault(task.id, {})[variant] = phase
+            if phase == "done":
+                self._record_build(task.model, variant, None)
+            elif phase == "failed":
+                self._record_build(task.model, variant, event.get("error") or "failed", task.log)
+        elif task.stage == "publish" and variant and phase == "published":
+            self.ledger.advance(task.model, variant, "published", commit_oid=event["commit"])
+        if self.observer:
+            self.observer.event(task, event)
+
+    def result(self, task: Task, result: Any) -> None:
+        model = task.model
+        if task.stage == "prepare":
+            self.sources[model] = result
+        elif task.stage.startswith("quantize"):
+            recorded = self.active.pop(task.id, {})
+            for variant, error in result.items():
+                if recorded.get(variant) not in ("done", "failed"):
+                    self._record_build(model, variant, error, task.log if error else None)
+            self._retry_failed(task, list(result))
+        elif task.stage == "evaluate":
+            for variant, evaluation in result.items():
+                path = self.out(model) / variant / MANIFEST
+                if path.is_file() and self.ledger.get(model, variant).state in DONE:
+                    self.ledger.advance(model, variant, "evaluated", manifest_sha256=sha256_file(path),
+                                        metrics=_metrics(evaluation),
+                                        timings={"evaluate_seconds": evaluation.get("seconds", 0)})
+        elif task.stage == "publish":
+            for record in result:
+                self.ledger.advance(model, record["variant"], "published", commit_oid=record["commit"])
+                self.repos.setdefault(model, set()).add(record["repo"])
+        if self.observer:
+            self.observer.stage(task, "done", None)
+
+    def error(self, task: Task, error: dict[str, Any]) -> None:
+        model = task.model
+        line = f"{error['type']}: {error['message']}".strip().splitlines()[0][:300]
+        if NO_SPACE in line:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.work))
+        if task.stage == "prepare" or task.stage.startswith("quantize"):
+            methods = {"prepare": ("gptq", "awq", "gguf"), "quantize-gpu": ("gptq", "awq"),
+                       "quantize-gguf": ("gguf",)}[task.stage]
+            recorded = self.active.pop(task.id, {})
+            for row in self.ledger.rows(model):
+                if row.method in methods and row.state not in DONE and recorded.get(row.variant) != "failed":
+                    self._record_build(model, row.variant, f"{task.stage} failed: {line}", task.log)
+        else:
+            self.stage_errors.append(f"{model}: {task.stage} failed: {line} (log: {task.log})")
+        log.error("%s of %s failed: %s (log: %s)", task.stage, model, line, task.log)
+        if self.observer:
+            self.observer.stage(task, "failed", line)
+
+    def lost(self, task: Task, reason: str, retry: bool) -> None:
+        model = task.model
+        if task.stage.startswith("quantize"):
+            phases = self.active.pop(task.id, {})
+            self._reconcile(model, list(phases))  # variants finished before the worker died count
+            for variant, phase in phases.items():
+                if phase not in ("done", "failed", "queued") and self.ledger.get(model, variant).state not in DONE:
+                    self.ledger.interrupt(model, variant, f"worker lost during {phase}: {reason}", task.log)
+        if not retry:
+            self.stage_errors.append(f"{model}: {task.stage}: the worker was lost {self.scheduler.max_lost + 1} times "
+                                     f"({reason}); re-run to try again (log: {task.log})")
+        if self.observer:
+            self.observer.stage(task, "lost", reason)
+
+    # helpers
+
+    def _count_stopped(self, model: str) -> None:
+        """Variants a killed run was building: one interruption each (not an attempt)."""
+        groups = {"quantize-gpu": ("gptq", "awq"), "quantize-gguf": ("gguf",)}
+        for stopped_model, stage, log_file in self.ledger.interrupted_stages:
+            if stopped_model == model and stage in groups:
+                for row in self.ledger.rows(model):
+                    if row.method in groups[stage] and row.state not in DONE:
+                        self.ledger.interrupt(model, row.variant, f"the run was stopped during {stage}", log_file)
+
+    def _retry_failed(self, task: Task, variants: list[str]) -> None:
+        """Failed variants with attempts left are built again in this run, before evaluation and publishing."""
+        again = [v for v in variants if self.ledger.get(task.model, v).state == "failed"
+                 and self.ledger.get(task.model, v).attempts < self.options.max_attempts]
+        if not again:
+            return
+        s = self.scheduler
+        retry = s.add(Task(s.new_id(), task.model, task.stage, task.fn, (), task.resources, task.log, [],
+                           workdir=task.workdir))
+        for other, status in s.tasks(task.model):
+            if other.stage in ("evaluate", "publish") and status == "waiting":
+                s.also_after(other.id, retry.id)
+        log.info("%s: %s failed; building again (attempt %d of %d)", task.model, ", ".join(again),
+                 self.ledger.get(task.model, again[0]).attempts + 1, self.options.max_attempts)
+
+    def _unevaluated(self, model: str) -> bool:
+        for row in self.ledger.rows(model):
+            path = self.out(model) / row.variant / MANIFEST
+            if row.state in DONE and path.is_file() and not json.loads(path.read_text()).get("evaluation"):
+                return True
+        return False
+
+    def _reconcile(self, model: str, variants: list[str]) -> None:
+        """Trust the files, checked by hash: a finished directory counts, a changed or missing one is rebuilt."""
+        from quantpub.publish import local_files
+
+        out = self.out(model)
+        for variant in variants:
+            row = self.ledger.get(model, variant)
+            manifest_path = out / variant / MANIFEST
+            ok = False
+            if manifest_path.is_file():
+                manifest = {**json.loads(manifest_path.read_text()), "dir": out / variant}
+                try:
+                    local_files(manifest, None)
+                    ok = True
+                except QuantpubError as exc:
+                    log.warning("%s: %s; rebuilding it", variant, exc)
+                    shutil.rmtree(out / variant)
+            if ok and row.state in ("planned", "failed"):
+                self._record_build(model, variant, None)
+            elif ok and row.state in DONE and row.manifest_sha256 != sha256_file(manifest_path):
+                self._record_build(model, variant, None)  # evaluated since: the manifest changed, not the files
+            elif not ok and row.state in DONE:
+                log.warning("%s: the ledger says %s but its files are gone; rebuilding it", variant, row.state)
+                self.ledger.advance(model, variant, "planned")
+
+    def _record_build(self, model: str, variant: str, error: str | None, log_file: str | None = None) -> None:
+        if error:
+            if NO_SPACE in error:  # the machine's problem, not the variant's: no attempt used, the run stops
+                self.ledger.interrupt(model, variant, error, log_file)
+                raise OSError(errno.ENOSPC, "No space left on device", str(self.work))
+            self.ledger.fail(model, variant, error, log_file)
+            if self.observer:
+                final = self.ledger.get(model, variant).attempts >= self.options.max_attempts
+                self.observer.failed(model, variant, error, log_file, final)
+            return
+        path = self.out(model) / variant / MANIFEST
+        manifest = json.loads(path.read_text())
+        timings = {k: manifest[k] for k in ("quantize_seconds", "convert_seconds") if k in manifest}
+        state = "evaluated" if manifest.get("evaluation") else "validated"
+        self.ledger.advance(model, variant, state, size=manifest["size"], manifest_sha256=sha256_file(path),
+                            tools=manifest["tools"], timings=timings, metrics=_metrics(manifest.get("evaluation")))
+
+    def summary(self, seconds: float) -> Summary:
+        rows = self.ledger.rows()
+        namespace = self.options.namespace
+        repos = sorted({r.repo if not namespace else f"{namespace}/{r.repo.split('/', 1)[1]}"
+                        for r in rows if r.state == "published" and r.model in self.plans})
+        return Summary(endpoint=self.endpoint, ledger=str(self.ledger.path), work=str(self.work), run_id=self.run_id,
+                       repos=repos, failed=[f"{r.model} {r.variant}" for r in rows
+                                            if r.model in self.plans and r.state == "failed"],
+                       stage_errors=self.stage_errors, seconds=seconds)
+
+
+def _metrics(evaluation: dict[str, Any] | None) -> dict[str, Any]:
+    """What the ledger keeps of an evaluation: the numbers, not the windows' description."""
+    if not evaluation:
+        return {}
+    return {k: v for k, v in evaluation.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
