@@ -180,6 +180,7 @@ def test_streamed_build_is_byte_identical_to_the_whole_model_build(tiny_models, 
     import subprocess
     import sys
 
+    import torch
     from safetensors.torch import load_file
 
     variants = "  variants: [{bits: 4, group_size: 32}]\nawq:\n  targets: [{bits: 4, group_size: 32}]\n"
@@ -200,7 +201,7 @@ def test_streamed_build_is_byte_identical_to_the_whole_model_build(tiny_models, 
         for name in ("streamed", "shared"):
             other = load_file(built[name] / variant / "model.safetensors")
             assert other.keys() == whole.keys()
-            assert all(torch_equal(whole[k], other[k]) for k in whole), (name, variant)
+            assert all(torch.equal(whole[k], other[k]) for k in whole), (name, variant)
             assert (built[name] / variant / "config.json").read_bytes() == \
                 (built["whole"] / variant / "config.json").read_bytes()
             manifest = json.loads((built[name] / variant / MANIFEST).read_text())
@@ -208,9 +209,3 @@ def test_streamed_build_is_byte_identical_to_the_whole_model_build(tiny_models, 
             if variant.startswith("gptq"):
                 assert manifest["gptq_mode"] == "exact"
         assert json.loads((built["whole"] / variant / MANIFEST).read_text())["streamed"] is False
-
-
-def torch_equal(a, b) -> bool:
-    import torch
-
-    return torch.equal(a, b)

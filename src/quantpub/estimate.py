@@ -75,7 +75,7 @@ def layerwise_quantize_memory(
     holds the whole model in ``dtype_bytes`` while blocks move through the accelerator.
     """
     linears = facts.block_linears()
-    block = sum(l.in_features * l.out_features * l.count for l in linears) * dtype_bytes
+    block = _block_bytes(facts, dtype_bytes)
     acts = 2 * n_samples * seq_len * facts.hidden_size * dtype_bytes
     mlp = 3 * seq_len * facts.intermediate_size * dtype_bytes * facts.experts_per_token
     if method == "gptq":
@@ -85,6 +85,11 @@ def layerwise_quantize_memory(
     device = block + acts + mlp + extra
     host = facts.total_params * dtype_bytes + GIB
     return device, host
+
+
+def _block_bytes(facts: ModelFacts, dtype_bytes: int) -> int:
+    """One decoder block's linear weights in ``dtype_bytes``."""
+    return sum(l.in_features * l.out_features * l.count for l in facts.block_linears()) * dtype_bytes
 
 
 def streamed_host_memory(facts: ModelFacts, *, dtype_bytes: int, cpu_work: int | None) -> int:
@@ -101,8 +106,7 @@ def streamed_host_memory(facts: ModelFacts, *, dtype_bytes: int, cpu_work: int |
     context (1 GiB, not measured). Checkpoint pages the kernel maps in are page cache, which it
     drops under pressure.
     """
-    linears = facts.block_linears()
-    block = sum(l.in_features * l.out_features * l.count for l in linears) * dtype_bytes
+    block = _block_bytes(facts, dtype_bytes)
     held = (GIB if cpu_work is None else LIBRARIES) + facts.unquantized_params * dtype_bytes + 2 * block
     if cpu_work is None:
         return held + GIB

@@ -39,7 +39,8 @@ def quantize_config(v: GptqVariant):
         # AutoGPTQ semantics unless asked: without act order, g_idx is the plain i // group_size.
         # Group-aware reordering also keeps g_idx plain (desc_act false), so vLLM accepts it.
         act_group_aware=v.act_order == GROUP_AWARE,
-        # Disk offload doubles the time and writes its temp path into the config.
+        # Loaded whole; a streamed session (models larger than memory) turns disk offload on in
+        # ModelSession.load, and the temp path it writes into the config is replaced afterwards.
         offload_to_disk=False,
     )
 
