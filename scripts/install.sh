@@ -8,10 +8,14 @@ python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet torch==2.13.0
-# llama-cpp-python has no wheel for this platform on PyPI: pip builds it (~5 min on 2 cores with the
-# multimodal library switched off, which quantpub does not use) and caches the wheel for next time.
-CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
-    .venv/bin/python -m pip install --quiet -e '.[test]'
+# llama-cpp-python has no wheel for this platform on PyPI: scripts/llama-wheel.sh builds a portable one
+# (not for this machine's CPU: see there) once and caches it; the venv gets that build, never pip's.
+wheel=$(bash scripts/llama-wheel.sh .venv/bin/python)
+if [ "$(cat .venv/.quantpub-llama-wheel 2>/dev/null)" != "$wheel" ]; then
+    .venv/bin/python -m pip install --quiet --no-deps --force-reinstall "$wheel"
+    echo "$wheel" > .venv/.quantpub-llama-wheel
+fi
+.venv/bin/python -m pip install --quiet -e '.[test]'
 # llama.cpp's HF->GGUF converter ships only in the llama-cpp-python sdist: fetch and cache it now.
 .venv/bin/quantpub doctor --fetch
 # git-lfs and headless chromium for the hub's git and browser tests (Debian packages).
