@@ -21,7 +21,8 @@ from huggingface_hub import ModelCard
 from conftest import FIXTURES, MATRICES
 from quantpub.card import quality, read_source, render
 from quantpub.card.prompt import detect
-from quantpub.plan import gb, make_plan
+from quantpub.formatting import gb
+from quantpub.plan import make_plan
 from quantpub.worker import _parameters
 
 SEEDS = FIXTURES / "seeds"

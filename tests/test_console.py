@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import SMALL_MATRIX
-from quantpub.console import PlainConsole, fmt_metric, summary_lines, summary_table
+from quantpub.console import PlainConsole, summary_lines, summary_table
+from quantpub.formatting import metric as fmt_metric
 from quantpub.executors import Resources, Task
 from quantpub.ledger import Row
 

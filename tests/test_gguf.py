@@ -164,18 +164,33 @@ def test_split_files_load_in_llama_cpp(twelve, corpus, tmp_path):
 
 
 def test_one_failing_type_does_not_stop_the_others(tiny_models, corpus, tmp_path, monkeypatch):
-    real = llamacpp.quantize
+    real = gguf.check_mix  # runs in this process (quantization and validation run in isolated workers)
 
-    def broken(source, dest, variant, **kw):
-        if variant.type == "Q5_0":
-            raise llamacpp.LlamaCppError("llama_model_quantize(... -> Q5_0) returned 1")
-        return real(source, dest, variant, **kw)
+    def broken(variant, tensors):
+        return ["blk.0.attn_q.weight is F32"] if variant.type == "Q5_0" else real(variant, tensors)
 
-    monkeypatch.setattr(llamacpp, "quantize", broken)
+    monkeypatch.setattr(gguf, "check_mix", broken)
     outcomes = quantize(matrix(tmp_path, ["Q5_0", "Q4_0"]), str(tiny_models("llama")), tmp_path / "o",
                         calibration_file=corpus, device="cpu")
     assert [(o.variant, o.error is None) for o in outcomes] == [("gguf-Q5_0", False), ("gguf-Q4_0", True)]
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [".work", "gguf-Q4_0", "quantpub-run.json"]  # 16-bit kept
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [".work", "gguf-Q4_0", "logs", "quantpub-run.json"]  # 16-bit kept
+
+
+@pytest.mark.parametrize("point", ["quantize:gguf-Q5_0", "validate:gguf-Q5_0:SIGABRT"])
+def test_a_native_crash_costs_one_type(tiny_models, corpus, tmp_path, monkeypatch, point):
+    """A type whose llama.cpp call kills its process fails alone, as crashed, with the signal and its log."""
+    monkeypatch.setenv("QUANTPUB_TEST_CRASH", point)
+    outcomes = quantize(matrix(tmp_path, ["Q5_0", "Q4_0"]), str(tiny_models("llama")), tmp_path / "o",
+                        calibration_file=corpus, device="cpu")
+    crashed, built = outcomes
+    assert built.error is None and (tmp_path / "o" / "gguf-Q4_0" / MANIFEST).is_file()
+    signal = point.split(":")[2] if point.count(":") == 2 else "SIGSEGV"
+    phase = point.split(":")[0]
+    assert crashed.ending == "crashed" and crashed.path is None
+    assert crashed.error.startswith(f"crashed: {signal} during {phase} of gguf-Q5_0 (log: ")
+    log = tmp_path / "o" / "logs" / "quantize-gguf" / "gguf-Q5_0.log"
+    assert str(log) in crashed.error and "Fatal Python error" in log.read_text()
+    assert not (tmp_path / "o" / "gguf-Q5_0").exists() and not list((tmp_path / "o").glob(".partial-*"))
 
 
 def test_gguf_files_publish_to_main(twelve, hub):

@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+from quantpub import machine
 from quantpub.backends import gguf
 
 
@@ -73,7 +74,7 @@ def test_sixteen_bit_type(dtype, expected):
 
 def test_workers_are_bounded_by_jobs_and_cores():
     assert gguf.workers_for(1, 10**6) == 1
-    assert 1 <= gguf.workers_for(100, 10**6) <= gguf.cpu_count()
+    assert 1 <= gguf.workers_for(100, 10**6) <= machine.cpu_count()
     assert gguf.workers_for(100, 10**15) == 1  # a huge model: memory allows one at a time
 
 

@@ -10,12 +10,14 @@ from quantpub.scheduler import Capacity, Scheduler
 
 
 class ScriptedExecutor:
-    """Each submitted task ends on the next poll: lost if listed in ``lose`` (once per listing), else done."""
+    """Each submitted task ends on the next poll: lost if listed in ``lose`` (once per listing), crashed if in
+    ``crash``, else done."""
 
     name = "scripted"
 
-    def __init__(self, lose: list[tuple[str, str]] | None = None):
+    def __init__(self, lose: list[tuple[str, str]] | None = None, crash: list[tuple[str, str]] | None = None):
         self.lose = list(lose or [])
+        self.crash = list(crash or [])
         self.running: list[Task] = []
         self.started: list[tuple[str, str, int | None]] = []  # (model, stage, gpu slot) in start order
         self.concurrent: list[set[tuple[str, str]]] = []
@@ -33,7 +35,12 @@ class ScriptedExecutor:
                                                      "pid": 100 + t.id}))
             if (t.model, t.stage) in self.lose:
                 self.lose.remove((t.model, t.stage))
-                messages.append(Message(t.id, "lost", "worker died"))
+                messages.append(Message(t.id, "lost", {"kind": "killed", "reason": "killed by SIGKILL",
+                                                       "signal": "SIGKILL"}))
+            elif (t.model, t.stage) in self.crash:
+                self.crash.remove((t.model, t.stage))
+                messages.append(Message(t.id, "crashed", {"kind": "crashed", "reason": "crashed: SIGSEGV",
+                                                          "signal": "SIGSEGV"}))
             else:
                 messages.append(Message(t.id, "result", f"{t.model}:{t.stage}"))
         return messages
@@ -48,7 +55,7 @@ class ScriptedExecutor:
 class Recorder:
     def __init__(self, skip: set[tuple[str, str]] = frozenset()):
         self.skip = skip
-        self.results, self.errors, self.lost_calls = [], [], []
+        self.results, self.errors, self.lost_calls, self.crashes = [], [], [], []
 
     def bind(self, task):
         return None if (task.model, task.stage) in self.skip else ("args",)
@@ -64,6 +71,9 @@ class Recorder:
 
     def lost(self, task, reason, retry):
         self.lost_calls.append((task.model, task.stage, retry))
+
+    def crashed(self, task, reason):
+        self.crashes.append((task.model, task.stage, reason))
 
 
 def noop():
@@ -158,9 +168,21 @@ def test_a_lost_worker_is_retried_then_given_up_and_recorded(ledger):
                                       ("B", "quantize-gguf", True)]
     tries = [(r.model, r.attempt, r.state, r.node, r.pid is not None) for r in ledger.stages()
              if r.stage == "quantize-gguf"]
-    assert sorted(tries) == [("A", 1, "lost", "n1", True), ("A", 2, "lost", "n1", True), ("A", 3, "done", "n1", True),
-                             ("B", 1, "lost", "n1", True), ("B", 2, "lost", "n1", True), ("B", 3, "lost", "n1", True)]
+    assert sorted(tries) == [("A", 1, "killed", "n1", True), ("A", 2, "killed", "n1", True),
+                             ("A", 3, "done", "n1", True), ("B", 1, "killed", "n1", True),
+                             ("B", 2, "killed", "n1", True), ("B", 3, "killed", "n1", True)]
     assert ("B", "publish", None) in ex.started  # the model's other work goes on
+
+
+def test_a_crashed_worker_is_not_restarted_and_is_recorded_as_crashed(ledger):
+    """A crash signal is the work's own failure: the scheduler hands it to the driver, never restarts it."""
+    ex, rec = ScriptedExecutor(crash=[("A", "quantize-gguf")]), Recorder()
+    s = make(ledger, ex, rec, Capacity(gpu=1, cpus=4, memory=10, net=2))
+    pipeline(s, "A")
+    s.run()
+    assert rec.crashes == [("A", "quantize-gguf", "crashed: SIGSEGV")] and rec.lost_calls == []
+    assert [(r.state, r.error) for r in ledger.stages() if r.stage == "quantize-gguf"] == [("crashed", "crashed: SIGSEGV")]
+    assert ("A", "publish", None) in ex.started
 
 
 def test_a_task_with_nothing_to_do_is_skipped(ledger):

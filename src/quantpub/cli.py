@@ -283,21 +283,26 @@ def _status(args: argparse.Namespace) -> int:
 
     from quantpub.console import status_view
     from quantpub.ledger import Ledger
+    from quantpub.workdir import run_in_progress
 
     path = Path(args.work) / "ledger.sqlite3"
     if not path.is_file():
         raise QuantpubError(f"{path}: no ledger here; run `quantpub run` first or pass --work")
     ledger = Ledger(path)
     console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 250)
+
+    def view():
+        return status_view(ledger, driver_alive=run_in_progress(path.parent))
+
     try:
         if not args.watch:
-            console.print(status_view(ledger))
+            console.print(view())
             return 0
-        with Live(status_view(ledger), console=console, auto_refresh=False) as live:
+        with Live(view(), console=console, auto_refresh=False) as live:
             try:
                 while True:
                     time.sleep(args.interval)
-                    live.update(status_view(ledger), refresh=True)
+                    live.update(view(), refresh=True)
             except KeyboardInterrupt:
                 pass
     finally:
@@ -322,9 +327,12 @@ def _evaluate(args: argparse.Namespace) -> int:
                        stride=args.stride, windows=args.windows, device=args.device, only=args.only,
                        force=args.force)
     for variant, r in results.items():
-        print(f"{variant}: perplexity {r['perplexity']:.4f} (unquantised {r['reference_perplexity']:.4f}), "
-              f"KLD {r['kld']:.5g} via {r['runtime']}")
-    return 0
+        if "error" in r:
+            print(f"{variant}: {r['ending'].upper()}: {r['error']}")
+        else:
+            print(f"{variant}: perplexity {r['perplexity']:.4f} (unquantised {r['reference_perplexity']:.4f}), "
+                  f"KLD {r['kld']:.5g} via {r['runtime']}")
+    return 1 if any("error" in r for r in results.values()) else 0
 
 
 def _card(args: argparse.Namespace) -> int:

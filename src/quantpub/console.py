@@ -19,30 +19,16 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from quantpub.ledger import DONE, Ledger, Row, busy_fraction
+from quantpub.formatting import metric as fmt_metric, seconds as fmt_seconds, size
+from quantpub.ledger import DONE, FAILED, Ledger, Row, busy_fraction
 
 ACTIVE = ("calibrating", "quantizing", "validating", "converting", "evaluating", "uploading", "downloading",
           "carding")
+ENDED_STYLE = {"failed": "red", "crashed": "red", "interrupted": "yellow"}
 
 
-def fmt_size(n: int | None) -> str:
-    if not n:
-        return "-"
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
-
-
-def fmt_seconds(s: float | None) -> str:
-    if s is None:
-        return "-"
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-def fmt_metric(value: Any, digits: int = 4) -> str:
-    """Enough significant digits to tell variants apart: 0.000123 stays 0.000123, not 0.0000."""
-    if value is None:
-        return "-"
-    return f"{value:.{digits}g}"
+def _size(n: int | None) -> str:
+    return size(n) if n else "-"
 
 
 def _first_line(text: str | None) -> str:
@@ -105,7 +91,21 @@ class View:
         view.step, view.steps, view.stage = event.get("step"), event.get("steps"), task.stage
 
     def stage(self, task, status: str, detail: str | None) -> None:
+        """A stage ended (or was lost): every variant row it carried leaves its progress state for how it ended."""
         self.stages[(task.model, task.stage)] = status
+        if status == "running":
+            return
+        for (model, variant), view in self.variants.items():
+            if model != task.model or view.stage != task.stage or view.phase not in ACTIVE:
+                continue
+            row = self.ledger.get(model, variant) if self.ledger else None
+            if row is not None and row.state in ("failed", "crashed"):
+                view.phase = row.state
+            elif row is not None and row.state in DONE:
+                view.phase = "done"
+            else:  # the stage is gone and this variant did not finish: interrupted, built again or left planned
+                view.phase = "interrupted"
+            view.since, view.step, view.steps = time.time(), None, None
 
     def _learn(self, model: str, variant: str, seconds: float) -> None:
         job = next((j for j in self.plans[model].jobs if j.id == variant), None) if model in self.plans else None
@@ -152,19 +152,21 @@ class PlainConsole(View):
             self.line(f"{short(task.model)}: {task.stage} started{where}")
         elif variant and phase == "done":
             row = self.ledger.get(task.model, variant) if self.ledger else None
-            size = fmt_size(row.size) if row else "-"
+            size = _size(row.size) if row else "-"
             self.line(f"{short(task.model)} {variant}: built and validated ({size})")
 
-    def failed(self, model: str, variant: str, error: str, log: str | None, final: bool) -> None:
-        """A variant failed: one line when it will not be tried again (the retries are in the run's log)."""
+    def failed(self, model: str, variant: str, error: str, log: str | None, final: bool,
+               ending: str = "failed") -> None:
+        """A variant failed, crashed or was interrupted: one line when it will not be tried again in this run
+        (the retries are in the run's log)."""
         if final:
-            self.line(f"{short(model)} {variant}: FAILED: {_first_line(error)} (log: {log})", force=True)
+            self.line(f"{short(model)} {variant}: {ending.upper()}: {_first_line(error)} (log: {log})", force=True)
 
     def stage(self, task, status: str, detail: str | None) -> None:
         super().stage(task, status, detail)
         if status == "done" and task.stage in ("evaluate", "publish"):
             self.line(f"{short(task.model)}: {task.stage} done")
-        elif status in ("failed", "lost"):
+        elif status in ("failed", "lost", "crashed"):
             self.line(f"{short(task.model)}: {task.stage} {status}: {detail} (log: {task.log})", force=True)
 
     def tick(self) -> None:
@@ -193,12 +195,14 @@ class LiveConsole(View):
 
     def stage(self, task, status: str, detail: str | None) -> None:
         super().stage(task, status, detail)
-        if status in ("failed", "lost"):
+        if status in ("failed", "lost", "crashed"):
             self.live.console.print(f"[red]{short(task.model)}: {task.stage} {status}: {detail}[/] (log: {task.log})")
 
-    def failed(self, model: str, variant: str, error: str, log: str | None, final: bool) -> None:
+    def failed(self, model: str, variant: str, error: str, log: str | None, final: bool,
+               ending: str = "failed") -> None:
         if final:
-            self.live.console.print(f"[red]{short(model)} {variant}: FAILED:[/] {_first_line(error)} (log: {log})")
+            self.live.console.print(f"[red]{short(model)} {variant}: {ending.upper()}:[/] {_first_line(error)} "
+                                    f"(log: {log})")
 
     def tick(self) -> None:
         if time.time() - self._last < 0.25 or self.ledger is None:
@@ -212,11 +216,11 @@ class LiveConsole(View):
 
     def _totals(self, rows: list[Row]) -> Text:
         models = list(self.plans)
-        finished = [m for m in models if all(r.state in ("published", "failed") for r in rows if r.model == m)]
+        finished = [m for m in models if all(r.state in ("published", *FAILED) for r in rows if r.model == m)]
         flying = {m for (m, _), s in self.stages.items() if s == "running"}
         built = sum(r.state in DONE for r in rows)
         published = sum(r.state == "published" for r in rows)
-        failed = sum(r.state == "failed" for r in rows)
+        failed = sum(r.state in FAILED for r in rows)
         eta = self.eta(rows)
         return Text.from_markup(
             f"[bold]quantpub run[/]  models {len(finished)}/{len(models)} done, {len(flying)} in flight   "
@@ -230,7 +234,7 @@ class LiveConsole(View):
             table.add_column(name, no_wrap=True)
         running = {m for (m, _), s in self.stages.items() if s == "running"}
         shown = [m for m in self.plans if m in running] or [m for m in self.plans if any(
-            r.model == m and r.state not in ("published", "failed") for r in rows)][:1] or list(self.plans)[-1:]
+            r.model == m and r.state not in ("published", *FAILED) for r in rows)][:1] or list(self.plans)[-1:]
         for model in shown:
             busy = [stage for (m, stage), status in self.stages.items() if m == model and status == "running"]
             table.add_row(Text(short(model), style="bold"), "", Text(", ".join(busy), style="dim"))
@@ -245,17 +249,19 @@ class LiveConsole(View):
     def _cells(self, r: Row) -> tuple:
         view = self.variants.get((r.model, r.variant))
         active = view is not None and view.phase in ACTIVE
-        if r.state == "failed":
-            stage, style = "failed", "red"
+        if r.state in FAILED:
+            stage, style = r.state, "red"
         elif active:
             stage, style = view.progress(), "yellow"
         elif r.state in DONE:  # the ledger hears of evaluations when the stage ends; the view, as each ends
             stage, style = ("evaluated" if view is not None and view.phase == "evaluated" and r.state == "validated"
                             else r.state), "green"
+        elif view is not None and view.phase in ENDED_STYLE:
+            stage, style = view.phase, ENDED_STYLE[view.phase]
         else:
             stage, style = "queued", "dim"
         eta = view.eta() if active else None
-        return ("  " + r.variant, r.target, Text(stage, style=style), fmt_size(r.size),
+        return ("  " + r.variant, r.target, Text(stage, style=style), _size(r.size),
                 fmt_seconds(time.time() - view.since) if active else "", fmt_seconds(eta) if eta is not None else "")
 
     def finish(self) -> None:
@@ -276,10 +282,10 @@ def summary_table(rows: list[Row], endpoint: str | None = None, namespace: str |
         table.add_column(name, no_wrap=True)
     for r in rows:
         metrics = r.metrics or {}
-        state = Text(r.state, style="red" if r.state == "failed" else ("green" if r.state == "published" else ""))
+        state = Text(r.state, style="red" if r.state in FAILED else ("green" if r.state == "published" else ""))
         if r.interruptions:
             state.append(f" ({r.interruptions} interrupted)", style="dim")
-        table.add_row(short(r.model), r.variant, r.target, fmt_size(r.size), fmt_metric(metrics.get("perplexity")),
+        table.add_row(short(r.model), r.variant, r.target, _size(r.size), fmt_metric(metrics.get("perplexity")),
                       fmt_metric(metrics.get("kld"), 3), state, (r.commit_oid or "-")[:10])
     return table
 
@@ -292,9 +298,10 @@ def summary_lines(rows: list[Row], endpoint: str | None, namespace: str | None, 
     for repo in repos:
         lines.append(f"open {endpoint.rstrip('/')}/{repo}" if endpoint else f"published {repo}")
     for r in rows:
-        if r.state == "failed":
-            reason = (r.error or "").strip().splitlines()[0][:200] if r.error else "unknown"
-            lines.append(f"FAILED {short(r.model)} {r.variant}: {reason}" + (f" (log: {r.log})" if r.log else ""))
+        if r.state in FAILED:
+            reason = (r.error or "").strip().splitlines()[0][:300] if r.error else "unknown"
+            log = f" (log: {r.log})" if r.log and r.log not in reason else ""
+            lines.append(f"{r.state.upper()} {short(r.model)} {r.variant}: {reason}{log}")
     lines += [f"FAILED {e}" for e in stage_errors]
     counts: dict[str, int] = {}
     for r in rows:
@@ -303,20 +310,36 @@ def summary_lines(rows: list[Row], endpoint: str | None, namespace: str | None, 
     return lines
 
 
-def status_view(ledger: Ledger) -> Group:
-    """``quantpub status``: the summary table, the stages running now, and the totals."""
+ENDED_STAGES = ("crashed", "killed", "lost", "interrupted", "failed")
+
+
+def status_view(ledger: Ledger, driver_alive: bool = True) -> Group:
+    """``quantpub status``: the summary table, the last run's stages running now (or, when its driver is
+    gone, interrupted) and those that ended without a result, and the totals."""
     rows = ledger.rows()
     parts: list[Any] = [summary_table(rows)]
     run = ledger.last_run()
-    running = [s for s in ledger.stages(run) if s.state == "running"] if run else []
+    stages = ledger.stages(run) if run else []
+    running = [s for s in stages if s.state == "running"]
     if running:
-        stages = Table(box=None, pad_edge=False, show_edge=False, title="running", title_justify="left")
+        title = "running" if driver_alive else "interrupted (driver gone): the run was stopped; run it again to resume"
+        table = Table(box=None, pad_edge=False, show_edge=False, title=title, title_justify="left")
         for name in ("model", "stage", "node", "GPU", "pid", "for", "log"):
-            stages.add_column(name, no_wrap=True)
+            table.add_column(name, no_wrap=True)
         for s in running:
-            stages.add_row(short(s.model), s.stage, s.node or "-", s.gpu or "-", str(s.pid or "-"),
-                           fmt_seconds(time.time() - s.started), s.log or "")
-        parts.append(stages)
+            table.add_row(short(s.model), s.stage, s.node or "-", s.gpu or "-", str(s.pid or "-"),
+                          fmt_seconds(time.time() - s.started) if driver_alive else "-", s.log or "")
+        parts.append(table)
+    ended = [s for s in stages if s.state in ENDED_STAGES]
+    if ended:
+        table = Table(box=None, pad_edge=False, show_edge=False, title="stages that ended without a result",
+                      title_justify="left")
+        for name in ("model", "stage", "try", "ended", "why", "log"):
+            table.add_column(name, no_wrap=name != "why")
+        for s in ended:
+            table.add_row(short(s.model), s.stage, str(s.attempt), Text(s.state, style="red"),
+                          _first_line(s.error) if s.error else "-", s.log or "")
+        parts.append(table)
     parts += [Text(line) for line in summary_lines(rows, None, None, [])]
     if run:
         start, end = ledger.run_span(run)

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from quantpub import naming, stages
+from quantpub import isolate, machine, naming, stages
 from quantpub.artifacts import MANIFEST, sha256_file
 from quantpub.errors import QuantpubError
 from quantpub.executors import Resources, Task
-from quantpub.ledger import DONE, Ledger
+from quantpub.ledger import DONE, FAILED, Ledger
 from quantpub.plan import Plan
 from quantpub.scheduler import Scheduler
 from quantpub.stages import RunOptions
@@ -29,6 +29,7 @@ from quantpub.workdir import remove_partials, work_id
 log = logging.getLogger(__name__)
 
 GIB = 1 << 30
+ENDED = ("failed", "crashed", "interrupted")  # progress phases that end a variant's try
 NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device", as OSError words it
 
 
@@ -109,7 +110,7 @@ class Driver:
             groups.append(task("quantize-gpu", stages.quantize, Resources(gpu=1, cpus=1, memory=memory), [prepare]))
         if gguf_jobs:
             groups.append(task("quantize-gguf", stages.quantize, Resources(
-                cpus=min(4, estimate.cores()), memory=estimate.group_host_memory(plan, gguf_jobs, device)), [prepare]))
+                cpus=min(4, machine.cpu_count()), memory=estimate.group_host_memory(plan, gguf_jobs, device)), [prepare]))
         evaluate = task("evaluate", stages.evaluate, Resources(
             gpu=1, cpus=1, memory=estimate.evaluation_host_memory(plan, device)), groups)
         task("publish", stages.publish, Resources(net=1, cpus=0, memory=GIB // 4), [*groups, evaluate])
@@ -181,8 +182,10 @@ class Driver:
             self.active.setdefault(task.id, {})[variant] = phase
             if phase == "done":
                 self._record_build(task.model, variant, None)
-            elif phase == "failed":
-                self._record_build(task.model, variant, event.get("error") or "failed", task.log)
+            elif phase in ENDED:
+                self._record_build(task.model, variant, event.get("error") or phase, task.log, phase)
+        elif task.stage == "evaluate" and variant and phase in ENDED:
+            self._record_build(task.model, variant, event.get("error") or phase, task.log, phase)
         elif task.stage == "publish" and variant and phase == "published":
             self.ledger.advance(task.model, variant, "published", commit_oid=event["commit"])
         if self.observer:
@@ -194,12 +197,17 @@ class Driver:
             self.sources[model] = result
         elif task.stage.startswith("quantize"):
             recorded = self.active.pop(task.id, {})
-            for variant, error in result.items():
-                if recorded.get(variant) not in ("done", "failed"):
-                    self._record_build(model, variant, error, task.log if error else None)
-            self._retry_failed(task, list(result))
+            for variant, ended in result.items():
+                if recorded.get(variant) not in ("done", *ENDED):
+                    self._record_build(model, variant, ended and ended["error"], task.log if ended else None,
+                                       ended["ending"] if ended else "failed")
+            self._retry(task, [v for v, ended in result.items() if ended and ended["ending"] != "crashed"])
         elif task.stage == "evaluate":
             for variant, evaluation in result.items():
+                if "error" in evaluation:
+                    if self.ledger.get(model, variant).state in DONE:  # the event did not reach us
+                        self._record_build(model, variant, evaluation["error"], task.log, evaluation["ending"])
+                    continue
                 path = self.out(model) / variant / MANIFEST
                 if path.is_file() and self.ledger.get(model, variant).state in DONE:
                     self.ledger.advance(model, variant, "evaluated", manifest_sha256=sha256_file(path),
@@ -222,13 +230,39 @@ class Driver:
                        "quantize-gguf": ("gguf",)}[task.stage]
             recorded = self.active.pop(task.id, {})
             for row in self.ledger.rows(model):
-                if row.method in methods and row.state not in DONE and recorded.get(row.variant) != "failed":
+                if row.method in methods and row.state not in DONE and recorded.get(row.variant) not in ENDED:
                     self._record_build(model, row.variant, f"{task.stage} failed: {line}", task.log)
         else:
             self.stage_errors.append(f"{model}: {task.stage} failed: {line} (log: {task.log})")
         log.error("%s of %s failed: %s (log: %s)", task.stage, model, line, task.log)
         if self.observer:
             self.observer.stage(task, "failed", line)
+
+    def crashed(self, task: Task, reason: str) -> None:
+        """The stage's own process was killed by a crash signal (native code in a step it shares, like the
+        conversion or the calibration pass): the variants it was working on fail with that crash, once;
+        the ones it had not started are built again by a new task."""
+        model = task.model
+        last = next((line.strip() for line in reversed(isolate.tail(Path(task.log)).splitlines()) if line.strip()), "")
+        if task.stage.startswith("quantize"):
+            phases = self.active.pop(task.id, {})
+            self._reconcile(model, list(phases))  # variants finished before the crash count
+            waiting = []
+            for variant, phase in phases.items():
+                if phase in ("done", *ENDED) or self.ledger.get(model, variant).state in DONE:
+                    continue
+                if phase == "queued":
+                    waiting.append(variant)
+                    continue
+                error = f"{reason} during {task.stage} ({phase}) of {variant} (log: {task.log})" + \
+                    (f": {last[:200]}" if last else "")
+                self._record_build(model, variant, error, task.log, "crashed")
+            self._retry(task, waiting)
+        else:
+            self.stage_errors.append(f"{model}: {task.stage} {reason} (log: {task.log})" + (f": {last[:200]}" if last else ""))
+        log.error("%s of %s %s (log: %s)", task.stage, model, reason, task.log)
+        if self.observer:
+            self.observer.stage(task, "crashed", reason)
 
     def lost(self, task: Task, reason: str, retry: bool) -> None:
         model = task.model
@@ -255,9 +289,11 @@ class Driver:
                     if row.method in groups[stage] and row.state not in DONE:
                         self.ledger.interrupt(model, row.variant, f"the run was stopped during {stage}", log_file)
 
-    def _retry_failed(self, task: Task, variants: list[str]) -> None:
-        """Failed variants with attempts left are built again in this run, before evaluation and publishing."""
-        again = [v for v in variants if self.ledger.get(task.model, v).state == "failed"
+    def _retry(self, task: Task, variants: list[str]) -> None:
+        """Build ``variants`` again in this run, before evaluation and publishing, where they have attempts left
+        (failed ones, interrupted ones, ones a crashed task never started). A crashed variant waits for a
+        re-run: native crashes repeat."""
+        again = [v for v in variants if self.ledger.get(task.model, v).state not in (*DONE, "crashed")
                  and self.ledger.get(task.model, v).attempts < self.options.max_attempts]
         if not again:
             return
@@ -294,7 +330,9 @@ class Driver:
                 except QuantpubError as exc:
                     log.warning("%s: %s; rebuilding it", variant, exc)
                     shutil.rmtree(out / variant)
-            if ok and row.state in ("planned", "failed"):
+            # a crash in evaluation left good files: a re-run evaluates them again while attempts are left
+            if ok and (row.state in ("planned", "failed") or
+                       row.state == "crashed" and row.attempts < self.options.max_attempts):
                 self._record_build(model, variant, None)
             elif ok and row.state in DONE and row.manifest_sha256 != sha256_file(manifest_path):
                 self._record_build(model, variant, None)  # evaluated since: the manifest changed, not the files
@@ -302,15 +340,27 @@ class Driver:
                 log.warning("%s: the ledger says %s but its files are gone; rebuilding it", variant, row.state)
                 self.ledger.advance(model, variant, "planned")
 
-    def _record_build(self, model: str, variant: str, error: str | None, log_file: str | None = None) -> None:
+    def _record_build(self, model: str, variant: str, error: str | None, log_file: str | None = None,
+                      ending: str = "failed") -> None:
+        """A variant's build (or evaluation) ended: built (no ``error``), or ``ending`` failed / crashed /
+        interrupted with ``error``. A crash identical to the variant's last one stops its retries."""
         if error:
-            if NO_SPACE in error:  # the machine's problem, not the variant's: no attempt used, the run stops
+            if NO_SPACE in error or ending == "interrupted":  # not the variant's fault: no attempt used
                 self.ledger.interrupt(model, variant, error, log_file)
-                raise OSError(errno.ENOSPC, "No space left on device", str(self.work))
-            self.ledger.fail(model, variant, error, log_file)
+                if NO_SPACE in error:  # the machine's problem: the run stops
+                    raise OSError(errno.ENOSPC, "No space left on device", str(self.work))
+                if self.observer:
+                    self.observer.failed(model, variant, error, log_file, False, ending)
+                return
+            row = self.ledger.get(model, variant)
+            again = ending == "crashed" and row.state == "crashed" and _signature(row.error) == _signature(error)
+            self.ledger.fail(model, variant, error, log_file, state="crashed" if ending == "crashed" else "failed",
+                             attempts_at_least=self.options.max_attempts if again else 0)
+            if again:
+                log.warning("%s: the same crash as last time (%s); not retrying it again", variant, _signature(error))
             if self.observer:
-                final = self.ledger.get(model, variant).attempts >= self.options.max_attempts
-                self.observer.failed(model, variant, error, log_file, final)
+                final = self.ledger.get(model, variant).attempts >= self.options.max_attempts or ending == "crashed"
+                self.observer.failed(model, variant, error, log_file, final, ending)
             return
         path = self.out(model) / variant / MANIFEST
         manifest = json.loads(path.read_text())
@@ -326,8 +376,13 @@ class Driver:
                         for r in rows if r.state == "published" and r.model in self.plans})
         return Summary(endpoint=self.endpoint, ledger=str(self.ledger.path), work=str(self.work), run_id=self.run_id,
                        repos=repos, failed=[f"{r.model} {r.variant}" for r in rows
-                                            if r.model in self.plans and r.state == "failed"],
+                                            if r.model in self.plans and r.state in FAILED],
                        stage_errors=self.stage_errors, seconds=seconds)
+
+
+def _signature(error: str | None) -> str:
+    """What makes two crashes of a variant the same crash: the message without its log path and last lines."""
+    return (error or "").split(" (log: ", 1)[0]
 
 
 def _metrics(evaluation: dict[str, Any] | None) -> dict[str, Any]:

@@ -118,13 +118,6 @@ def gguf_memory(facts: ModelFacts) -> int:
     return 3 * facts.largest_tensor_params * FP32 + GIB
 
 
-def cores() -> int:
-    """Cores this process may use (affinity and cgroup limits respected)."""
-    from quantpub.backends.gguf import cpu_count
-
-    return cpu_count()
-
-
 def group_host_memory(plan, jobs, device: str, *, stream: bool = False) -> int:
     """Peak host bytes of one quantize group (its worker process) for ``jobs`` of ``plan``.
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from quantpub import progress
+from quantpub import isolate, progress
 from quantpub.artifacts import MANIFEST, RUN_RECORD, write_text_atomic
 from quantpub.errors import CalibrationError, QuantpubError
 from quantpub.matrix import EvaluationSpec
@@ -205,14 +205,46 @@ def _memory(peak: dict[str, Any], runtime: str, device: str, data: HeldOut) -> d
     return {**peak, "context": data.context, "runtime": runtime, "device": device}
 
 
+def _reference(model_dir: Path, data: HeldOut, device: str, cache: Path) -> None:
+    """Score the unquantised model on ``data`` and cache its log-probabilities (float16) at ``cache``."""
+    started = time.monotonic()
+    source = _load_hf(model_dir, device, None)
+    reference = np.stack([lp.astype(np.float16) for lp in hf_logprobs(source, data)])
+    del source
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache.with_name(f"{cache.stem}.{os.getpid()}.partial.npy")
+    np.save(partial, reference)
+    os.replace(partial, cache)
+    log.info("evaluate: unquantised model scored in %.1fs", time.monotonic() - started)
+
+
+def measure(variant_dir: Path, manifest: dict, data: HeldOut, cache: Path, device: str) -> tuple[dict, str, dict]:
+    """One variant's statistics against the cached reference in the runtime its users use, that runtime, and
+    the peak memory of loading it and running one window (runs in an isolated worker: it loads native kernels)."""
+    from quantpub.machine import cpu_count
+
+    reference = np.load(cache, mmap_mode="r")
+    if manifest["method"] == "gguf":
+        first = variant_dir / sorted(n for n in manifest["files"] if n.endswith(".gguf"))[0]
+        memory = gguf_memory(first, data, cpu_count())
+        return score(gguf_logprobs(first, data, cpu_count()), data, reference), "llama.cpp", memory
+    loaded, memory = hf_measured(variant_dir, data, device, manifest)
+    return score(hf_logprobs(loaded, data), data, reference), "transformers", memory
+
+
 def evaluate(out: str | Path, *, model: str | None = None, eval_file: str | Path | None = None,
              context: int = 512, stride: int | None = None, windows: int = 8, device: str = "cpu",
              only: list[str] | None = None, force: bool = False,
              spec: EvaluationSpec | None = None) -> dict[str, dict[str, Any]]:
-    """Evaluate every finished variant under ``out`` that has no evaluation yet (all with ``force``)."""
+    """Evaluate every finished variant under ``out`` that has no evaluation yet (all with ``force``).
+
+    Each variant is loaded in an isolated worker process (``isolate``): a variant whose load or
+    forward crashes gets ``{"error": ..., "ending": "crashed"}`` instead of statistics and the
+    others go on; a crash while scoring the unquantised model gives every variant that error.
+    Logs: ``OUT/logs/evaluate/<variant>.log``.
+    """
     from transformers import AutoTokenizer
 
-    from quantpub.backends.gguf import cpu_count
     from quantpub.worker import _local_model
 
     out = Path(out)
@@ -224,49 +256,44 @@ def evaluate(out: str | Path, *, model: str | None = None, eval_file: str | Path
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     data = held_out(tokenizer, eval_file=eval_file, context=context, stride=stride or context, windows=windows,
                     spec=spec)
-    cache = out / ".eval" / f"reference-{data.key()}.npy"
-    if cache.is_file():
-        reference = np.load(cache)
-    else:
-        started = time.monotonic()
-        source = _load_hf(model_dir, device, None)
-        reference = np.stack([lp.astype(np.float16) for lp in hf_logprobs(source, data)])
-        del source
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        np.save(cache.with_suffix(".partial.npy"), reference)
-        os.replace(cache.with_suffix(".partial.npy"), cache)
-        log.info("evaluate: unquantised model scored in %.1fs", time.monotonic() - started)
-    ref = score((_log_softmax(r.astype(np.float64)) for r in reference), data, None)
-    info = {"dataset": data.dataset, "dataset_name": data.dataset_name, "split": data.split, "tokens": data.tokens,
-            "windows": len(data.windows), "windows_sha256": data.digest(), "context": data.context,
-            "stride": data.stride, "reference_perplexity": ref["perplexity"],
-            "reference_perplexity_stderr": ref["perplexity_stderr"]}
-    results = {}
+    todo = []
     for manifest_path in sorted(out.glob(f"*/{MANIFEST}")):
         if manifest_path.parent.name.startswith("."):
             continue
         manifest = json.loads(manifest_path.read_text())
-        variant = manifest["variant"]
-        if (only and variant not in only) or (manifest.get("evaluation") and not force):
+        if (only and manifest["variant"] not in only) or (manifest.get("evaluation") and not force):
             continue
-        started = time.monotonic()
-        progress.report(variant, "evaluating")
-        if manifest["method"] == "gguf":
-            first = manifest_path.parent / sorted(n for n in manifest["files"] if n.endswith(".gguf"))[0]
-            memory = gguf_memory(first, data, cpu_count())
-            stats = score(gguf_logprobs(first, data, cpu_count()), data, reference)
-            runtime = "llama.cpp"
-        else:
-            loaded, memory = hf_measured(manifest_path.parent, data, device, manifest)
-            stats = score(hf_logprobs(loaded, data), data, reference)
-            del loaded
-            runtime = "transformers"
-        result = {**stats, **info, "runtime": runtime, "memory": memory,
-                  "seconds": round(time.monotonic() - started, 2)}
-        manifest["evaluation"] = result
-        write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
-        results[variant] = result
-        progress.report(variant, "evaluated")
-        log.info("evaluate: %s perplexity %.4f (unquantised %.4f), KLD %.6f, same top %.1f%%", variant,
-                 result["perplexity"], ref["perplexity"], result["kld"], 100 * result["top1_agreement"])
+        todo.append((manifest_path, manifest))
+    cache = out / ".eval" / f"reference-{data.key()}.npy"
+    results: dict[str, dict[str, Any]] = {}
+    with isolate.Isolated(out / "logs" / "evaluate", 1, preload=("transformers",)) as pool:
+        if not cache.is_file():
+            try:
+                pool.call("reference", "reference", _reference, model_dir, data, device, cache)
+            except isolate.Ended as exc:
+                return {m["variant"]: {"error": str(exc), "ending": exc.kind} for _, m in todo}
+        ref = score((_log_softmax(r.astype(np.float64)) for r in np.load(cache)), data, None)
+        info = {"dataset": data.dataset, "dataset_name": data.dataset_name, "split": data.split,
+                "tokens": data.tokens, "windows": len(data.windows), "windows_sha256": data.digest(),
+                "context": data.context, "stride": data.stride, "reference_perplexity": ref["perplexity"],
+                "reference_perplexity_stderr": ref["perplexity_stderr"]}
+        for manifest_path, manifest in todo:
+            variant = manifest["variant"]
+            started = time.monotonic()
+            progress.report(variant, "evaluating")
+            try:
+                stats, runtime, memory = pool.call(variant, "evaluate", measure, manifest_path.parent, manifest, data,
+                                                   cache, device)
+            except isolate.Ended as exc:
+                results[variant] = {"error": str(exc), "ending": exc.kind}
+                progress.report(variant, exc.kind, error=str(exc))
+                continue
+            result = {**stats, **info, "runtime": runtime, "memory": memory,
+                      "seconds": round(time.monotonic() - started, 2)}
+            manifest["evaluation"] = result
+            write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
+            results[variant] = result
+            progress.report(variant, "evaluated")
+            log.info("evaluate: %s perplexity %.4f (unquantised %.4f), KLD %.6f, same top %.1f%%", variant,
+                     result["perplexity"], ref["perplexity"], result["kld"], 100 * result["top1_agreement"])
     return results

@@ -6,7 +6,6 @@ interrupted run converts again only if it had not finished converting.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -16,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from quantpub import calibration, naming, progress
+from quantpub import calibration, isolate, machine, naming, progress
 from quantpub.backends import gguf, llamacpp
 from quantpub.errors import QuantizeError
 from quantpub.plan import Job, Plan
@@ -28,18 +27,22 @@ HUB = "https://huggingface.co"  # where general.repo_url points: the repo's addr
 
 def build_gguf_set(plan: Plan, jobs: list[Job], model_dir: Path, out: Path, model: str, *, tokenizer,
                    text: str, text_source: str, calib: calibration.CalibrationSet | None, device: str,
-                   split_max_bytes: int = gguf.HUB_FILE_LIMIT, write_manifest) -> list:
-    """Build ``jobs`` (all GGUF, not built yet) from ``model_dir``; returns one Outcome per job."""
+                   split_max_bytes: int = gguf.HUB_FILE_LIMIT, write_manifest, log_dir: Path) -> list:
+    """Build ``jobs`` (all GGUF, not built yet) from ``model_dir``; returns one Outcome per job.
+
+    The conversion is a subprocess; the importance matrix, the 16-bit reference and every type's
+    quantization and validation run in ``isolate.Isolated`` workers, so a crash in llama.cpp or
+    torch costs the variants that needed that step and nothing else. Per-variant logs go to ``log_dir``.
+    """
     from quantpub.worker import Outcome
 
     work = out / ".work"
     work.mkdir(parents=True, exist_ok=True)
-    config = json.loads((model_dir / "config.json").read_text())
-    outtype = gguf.sixteen_bit_type(config)
+    outtype = gguf.sixteen_bit_type({"torch_dtype": plan.facts.torch_dtype})
     name = plan.facts.name
     base = work / f"{name}.{outtype.upper()}.gguf"
     timings: dict[str, float] = {}
-    cores = gguf.cpu_count()
+    cores = machine.cpu_count()
     for job in jobs:
         progress.report(job.id, "converting")
     if not base.is_file():
@@ -47,43 +50,60 @@ def build_gguf_set(plan: Plan, jobs: list[Job], model_dir: Path, out: Path, mode
         timings["convert_seconds"] = round(llamacpp.convert(model_dir, base, outtype, general_metadata(plan, jobs)), 2)
         log.info("GGUF: converted in %.1fs -> %s (%.1f MB)", timings["convert_seconds"], base,
                  base.stat().st_size / 1e6)
-    imatrix, imatrix_record, imatrix_file = None, None, None
-    if calib is not None and any(j.variant.params.takes_imatrix() for j in jobs):
-        started = time.monotonic()
-        matrix = _imatrix(model_dir, calib, plan.facts.num_layers, device)
-        imatrix_file = work / naming.imatrix_filename(name)
-        matrix.write(imatrix_file, datasets=[_describe(calib)], chunk_size=calib.seq_len)
-        imatrix = matrix.values()
-        imatrix_record = {**matrix.record, "seconds": round(time.monotonic() - started, 2), "file": imatrix_file.name,
-                          "format": "llama.cpp GGUF imatrix", "datasets": [_describe(calib)]}
-        log.info("GGUF: importance matrix for %d tensors from %d samples in %.1fs -> %s", imatrix_record["tensors"],
-                 imatrix_record["samples"], imatrix_record["seconds"], imatrix_file.name)
-    reference = gguf.evaluate(base, text, VALIDATION_TOKENS, cores)
-    kv = imatrix_metadata(imatrix, calib, imatrix_file) if imatrix is not None else {}
-    expect = _expectations(tokenizer, plan, {**general_metadata(plan, jobs), **kv})
     workers = gguf.workers_for(len(jobs), base.stat().st_size)
     threads = max(1, cores // workers)
-    log.info("GGUF: quantizing %d types, %d at a time with %d threads each", len(jobs), workers, threads)
-    context = dict(base=base, out=out, model=model, outtype=outtype, imatrix=imatrix, imatrix_record=imatrix_record,
-                   imatrix_file=imatrix_file, kv=kv, calib=calib, reference=reference, expect=expect, text=text,
-                   text_source=text_source, threads=threads, split_max_bytes=split_max_bytes,
-                   timings=timings, write_manifest=write_manifest, device=device)
-
-    def run(job: Job):
-        progress.report(job.id, "quantizing")
+    failed: dict[str, Outcome] = {}
+    with isolate.Isolated(log_dir, workers, preload=("llama_cpp",)) as pool:
+        imatrix, imatrix_record, imatrix_file = None, None, None
+        if calib is not None and any(j.variant.params.takes_imatrix() for j in jobs):
+            started = time.monotonic()
+            try:
+                matrix = pool.call("imatrix", "imatrix", _imatrix, model_dir, calib, plan.facts.num_layers, device)
+            except isolate.Ended as exc:  # only the types that take it fail; the others go on
+                failed.update({j.id: Outcome.ended(j.id, exc) for j in jobs if j.variant.params.takes_imatrix()})
+            else:
+                imatrix_file = work / naming.imatrix_filename(name)
+                matrix.write(imatrix_file, datasets=[_describe(calib)], chunk_size=calib.seq_len)
+                imatrix = matrix.values()
+                imatrix_record = {**matrix.record, "seconds": round(time.monotonic() - started, 2),
+                                  "file": imatrix_file.name, "format": "llama.cpp GGUF imatrix",
+                                  "datasets": [_describe(calib)]}
+                log.info("GGUF: importance matrix for %d tensors from %d samples in %.1fs -> %s",
+                         imatrix_record["tensors"], imatrix_record["samples"], imatrix_record["seconds"],
+                         imatrix_file.name)
         try:
-            outcome = Outcome(job.id, _build_one(job, **context))
-        except Exception as exc:  # noqa: BLE001 - one type's failure must not stop the others
-            log.error("%s: failed: %s", job.id, exc)
-            progress.report(job.id, "failed", error=f"{type(exc).__name__}: {exc}")
-            return Outcome(job.id, None, error=f"{type(exc).__name__}: {exc}")
-        progress.report(job.id, "done")
-        return outcome
+            reference = pool.call(outtype.upper(), "reference", gguf.evaluate, base, text, VALIDATION_TOKENS, cores)
+        except isolate.Ended as exc:  # nothing can be judged without it: every type fails, once, with this reason
+            return [failed.get(j.id) or Outcome.ended(j.id, exc) for j in jobs]
+        kv = imatrix_metadata(imatrix, calib, imatrix_file) if imatrix is not None else {}
+        expect = _expectations(tokenizer, plan, {**general_metadata(plan, jobs), **kv})
+        todo = [j for j in jobs if j.id not in failed]
+        log.info("GGUF: quantizing %d types, %d at a time with %d threads each", len(todo), workers, threads)
+        context = dict(base=base, out=out, model=model, outtype=outtype, imatrix=imatrix,
+                       imatrix_record=imatrix_record, imatrix_file=imatrix_file, kv=kv, calib=calib,
+                       reference=reference, expect=expect, text=text, text_source=text_source, threads=threads,
+                       split_max_bytes=split_max_bytes, timings=timings, write_manifest=write_manifest,
+                       device=device, pool=pool)
 
-    started = time.monotonic()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gguf") as pool:
-        outcomes = list(pool.map(run, jobs))
-    log.info("GGUF: %d types in %.1fs", len(jobs), time.monotonic() - started)
+        def run(job: Job):
+            progress.report(job.id, "quantizing")
+            try:
+                outcome = Outcome(job.id, _build_one(job, **context))
+            except isolate.Ended as exc:
+                outcome = Outcome.ended(job.id, exc)
+            except Exception as exc:  # noqa: BLE001 - one type's failure must not stop the others
+                log.error("%s: failed: %s", job.id, exc)
+                outcome = Outcome(job.id, None, error=f"{type(exc).__name__}: {exc}")
+            progress.report(job.id, outcome.phase, **({"error": outcome.error} if outcome.error else {}))
+            return outcome
+
+        started = time.monotonic()
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gguf") as threads_pool:
+            built = {o.variant: o for o in threads_pool.map(run, todo)}
+    log.info("GGUF: %d types in %.1fs", len(todo), time.monotonic() - started)
+    outcomes = [failed.get(j.id) or built[j.id] for j in jobs]
+    for o in failed.values():
+        progress.report(o.variant, o.phase, error=o.error)
     if all(o.error is None for o in outcomes):
         shutil.rmtree(work, ignore_errors=True)
     return outcomes
@@ -91,7 +111,7 @@ def build_gguf_set(plan: Plan, jobs: list[Job], model_dir: Path, out: Path, mode
 
 def _build_one(job: Job, *, base: Path, out: Path, model: str, outtype: str, imatrix, imatrix_record,
                imatrix_file: Path | None, kv: dict, calib, reference, expect, text: str, text_source: str, threads: int,
-               split_max_bytes: int, timings: dict, write_manifest, device: str) -> Path:
+               split_max_bytes: int, timings: dict, write_manifest, device: str, pool: isolate.Isolated) -> Path:
     variant = job.variant.params
     final = out / job.id
     partial = out / f".partial-{job.id}-{os.getpid()}"
@@ -103,7 +123,8 @@ def _build_one(job: Job, *, base: Path, out: Path, model: str, outtype: str, ima
             imatrix, imatrix_record, imatrix_file, kv = None, None, None, {}
             expect = replace(expect, metadata={k: v for k, v in expect.metadata.items()
                                                if not k.startswith("quantize.imatrix.")})
-        seconds = llamacpp.quantize(base, target, variant, imatrix=imatrix, threads=threads, kv=kv)
+        seconds = pool.call(job.id, "quantize", llamacpp.quantize, base, target, variant, imatrix=imatrix,
+                            threads=threads, kv=kv)
         files = gguf.split(target, split_max_bytes) if target.stat().st_size > split_max_bytes else [target]
         meta, tensors = gguf.read(files)
         problems = gguf.check_mix(variant, tensors) + gguf.check_metadata(meta, variant.type, expect)
@@ -112,7 +133,7 @@ def _build_one(job: Job, *, base: Path, out: Path, model: str, outtype: str, ima
         if problems:
             raise QuantizeError(job.id, model, "; ".join(problems))
         progress.report(job.id, "validating")
-        result = gguf.evaluate(files[0], text, VALIDATION_TOKENS, threads)
+        result = pool.call(job.id, "validate", gguf.evaluate, files[0], text, VALIDATION_TOKENS, threads)
         broken = gguf.garbage(result, reference)
         if broken:
             raise QuantizeError(job.id, model, broken)
@@ -129,7 +150,7 @@ def _build_one(job: Job, *, base: Path, out: Path, model: str, outtype: str, ima
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)
-    except Exception:
+    except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     log.info("%s: built and validated (%.2fs quantize, perplexity %.1f vs %.1f for %s) -> %s", job.id, seconds,

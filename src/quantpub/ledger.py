@@ -1,9 +1,10 @@
 """The run ledger: SQLite state of every (model, variant) and of every stage a run started.
 
 Variants move forward only: planned -> validated -> evaluated -> carded -> published; a build
-may end in failed (with the error, its log file and the attempt count). ``attempts`` counts
-failures of the variant itself; a kill or a lost worker is an ``interruption`` and never uses
-up an attempt. Stages (prepare, quantize groups, evaluate, publish) are recorded per try with
+may end in failed (an exception: the error, its log file and the attempt count) or crashed (native
+code killed its process: the signal, the phase and the log). ``attempts`` counts failures and
+crashes of the variant itself; a kill from outside or a lost worker is an ``interruption`` and
+never uses up an attempt. Stages (prepare, quantize groups, evaluate, publish) are recorded per try with
 start and end time and where they ran (node, GPU, pid), so utilisation can be computed from
 the ledger alone. The ledger lives in the work dir; only the driver writes it. Every write is
 one SQLite transaction (WAL, synchronous=FULL): a kill or a full disk never leaves it half-written.
@@ -19,9 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-STATES = ("planned", "validated", "evaluated", "carded", "published", "failed")
+STATES = ("planned", "validated", "evaluated", "carded", "published", "failed", "crashed")
 DONE = ("validated", "evaluated", "carded", "published")
-STAGE_STATES = ("running", "done", "failed", "lost", "interrupted")
+FAILED = ("failed", "crashed")  # the variant's own failure: an attempt used
+# how a stage try ended: done, failed (raised), crashed (a crash signal), killed (from outside), lost (no signal
+# known: the node or worker vanished), interrupted (the driver stopped or died while it ran)
+STAGE_STATES = ("running", "done", "failed", "crashed", "killed", "lost", "interrupted")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS variants (
     model TEXT NOT NULL, variant TEXT NOT NULL, method TEXT NOT NULL, repo TEXT NOT NULL, target TEXT NOT NULL,
@@ -134,15 +138,20 @@ class Ledger:
                 value = json.dumps(value)
             sets.append(f"{key}=?")
             values.append(value)
-        if state != "failed":
+        if state not in FAILED:
             sets += ["error=NULL", "log=NULL"]
         self.db.execute(f"UPDATE variants SET {', '.join(sets)} WHERE model=? AND variant=?",
                         (*values, model, variant))
 
-    def fail(self, model: str, variant: str, error: str, log: str | None = None) -> None:
-        """A failure of the variant itself: it uses up one attempt."""
-        self.db.execute("UPDATE variants SET state='failed', error=?, log=?, attempts=attempts+1, updated=? "
-                        "WHERE model=? AND variant=?", (error[-2000:], log, time.time(), model, variant))
+    def fail(self, model: str, variant: str, error: str, log: str | None = None, *, state: str = "failed",
+             attempts_at_least: int = 0) -> None:
+        """A failure (``state`` failed) or crash (``crashed``) of the variant itself: it uses up one attempt,
+        and with ``attempts_at_least`` at least that many (a repeated identical crash uses up all of them)."""
+        if state not in FAILED:
+            raise ValueError(f"not a failure state: {state!r}")
+        self.db.execute("UPDATE variants SET state=?, error=?, log=?, attempts=max(attempts+1, ?), updated=? "
+                        "WHERE model=? AND variant=?",
+                        (state, error[-2000:], log, attempts_at_least, time.time(), model, variant))
 
     def interrupt(self, model: str, variant: str, reason: str, log: str | None = None) -> None:
         """The variant's worker was killed or lost while building it: not an attempt."""
@@ -203,6 +212,11 @@ class Ledger:
         """When a run started, and when it ended (now, if it has not)."""
         started, ended = self.db.execute("SELECT started, ended FROM runs WHERE id=?", (run,)).fetchone()
         return started, ended or time.time()
+
+    def run_driver(self, run: int) -> tuple[int, str, float | None]:
+        """(pid, host, ended) of the driver of ``run``."""
+        pid, host, ended = self.db.execute("SELECT pid, host, ended FROM runs WHERE id=?", (run,)).fetchone()
+        return pid, host, ended
 
     def last_run(self) -> int | None:
         r = self.db.execute("SELECT max(id) FROM runs").fetchone()

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from quantpub import estimate, naming
+from quantpub.formatting import gb
 from quantpub.backends import BACKENDS
 from quantpub.matrix import AwqTarget, GptqVariant, Matrix, VariantSpec, load_matrix
 from quantpub.quants import GgufVariant
@@ -212,8 +213,3 @@ def render(plan: Plan) -> str:
     lines += [f"note: {n}" for n in plan.notes]
     lines += [f"problem: {p}" for p in plan.problems]
     return "\n".join(lines)
-
-
-def gb(n: int) -> str:
-    """Bytes as the Hub and TheBloke's tables show them: decimal gigabytes, 2 decimals."""
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"

@@ -110,7 +110,7 @@ def local_ids(models: list[str]) -> list[str]:
 
 def make_executor(options: RunOptions, work: Path):
     """The executor and what the scheduler may hand out on it."""
-    from quantpub.backends.gguf import cpu_count
+    from quantpub.machine import cpu_count, total_memory
 
     cores = cpu_count()
     if options.executor == "ray":
@@ -123,7 +123,7 @@ def make_executor(options: RunOptions, work: Path):
     from quantpub.executors.local import LocalExecutor
 
     slots = _gpu_slots(options)
-    memory = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.9)
+    memory = int(total_memory() * 0.9)
     return LocalExecutor(slots, verbose=options.verbose), Capacity(gpu=len(slots), cpus=cores + len(slots),
                                                                    memory=memory, net=2)
 

@@ -4,9 +4,11 @@ Tasks declare their resources (a GPU slot, cores, host memory, a network slot) a
 tasks they come after. The scheduler starts every ready task that fits, in the order that
 finishes models soonest (later stages of earlier models first), keeps at most ``window`` models
 in flight (downloads and disk stay bounded on a queue of hundreds), and hands messages back to
-the run: progress events, results, errors. A task whose worker was lost (killed, crashed, its
+the run: progress events, results, errors. A task whose worker was lost (killed from outside, its
 node gone) is started again, at most ``max_lost`` times; that is recorded, not counted as a
-failure of its variants. Every start and end goes into the ledger with where it ran.
+failure of its variants. A task whose worker crashed (a crash signal: native code failed in it)
+is not started again: the driver fails what it was working on and re-plans the rest. Every start
+and end goes into the ledger with where it ran and how it ended.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class Handlers(Protocol):
     def event(self, task: Task, event: dict[str, Any]) -> None: ...
     def result(self, task: Task, result: Any) -> None: ...
     def error(self, task: Task, error: dict[str, Any]) -> None: ...
+    def crashed(self, task: Task, reason: str) -> None: ...
     def lost(self, task: Task, reason: str, retry: bool) -> None: ...
 
 
@@ -219,15 +222,21 @@ class Scheduler:
             error = message.payload
             self.ledger.stage_ended(entry.stage_row, "failed", f"{error['type']}: {error['message']}")
             self.handlers.error(task, error)
+        elif message.kind == "crashed":
+            self._release(entry)
+            entry.status = "failed"
+            self.ledger.stage_ended(entry.stage_row, "crashed", message.payload["reason"])
+            self.handlers.crashed(task, message.payload["reason"])
         elif message.kind == "lost":
             self._release(entry)
-            self.ledger.stage_ended(entry.stage_row, "lost", message.payload)
+            ending = message.payload
+            self.ledger.stage_ended(entry.stage_row, ending["kind"], ending["reason"])
             entry.lost += 1
             retry = entry.lost <= self.max_lost
             entry.status = "waiting" if retry else "failed"
-            log.warning("%s of %s: %s%s", task.stage, task.model, message.payload,
+            log.warning("%s of %s: %s%s", task.stage, task.model, ending["reason"],
                         "; starting it again" if retry else f"; lost {entry.lost} times, giving up")
-            self.handlers.lost(task, message.payload, retry)
+            self.handlers.lost(task, ending["reason"], retry)
 
     def _release(self, entry: _Entry) -> None:
         if entry.gpu_index is not None:

@@ -59,8 +59,9 @@ def prepare(model: str, work: str) -> str:
 
 
 def quantize(matrix: str, model: str, source: str, out: str, variants: list[str],
-             options: RunOptions, stream: bool = False) -> dict[str, str | None]:
-    """Build ``variants`` (one group); returns each variant's error, None when it was built and validated.
+             options: RunOptions, stream: bool = False) -> dict[str, dict[str, str] | None]:
+    """Build ``variants`` (one group); returns for each variant None when it was built and validated, else
+    ``{"error": ..., "ending": "failed" | "crashed" | "interrupted"}``.
 
     ``stream``: the driver found that the model does not fit this stage's memory whole.
     """
@@ -69,7 +70,7 @@ def quantize(matrix: str, model: str, source: str, out: str, variants: list[str]
     outcomes = build(matrix, model, out, only=variants, calibration_file=options.calibration_file,
                      device=options.device, n_samples=options.n_samples, seq_len=options.seq_len, source=source,
                      stream=stream)
-    return {o.variant: o.error for o in outcomes}
+    return {o.variant: None if o.error is None else {"error": o.error, "ending": o.ending} for o in outcomes}
 
 
 def evaluate(matrix: str, source: str, out: str, options: RunOptions) -> dict[str, dict[str, Any]]:

@@ -60,6 +60,24 @@ class WorkLock:
             self.fd = None
 
 
+def run_in_progress(work: str | Path) -> bool:
+    """Whether a quantpub run holds ``work``'s lock now (its driver is alive; a killed driver's lock is free)."""
+    path = Path(work) / LOCK
+    if path.resolve() in WorkLock._held:
+        return True
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the shared lock, if it was taken
+    return False
+
+
 def _read_holder(fd: int) -> str:
     try:
         info = json.loads(os.pread(fd, 4096, 0) or b"{}")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from quantpub import __version__, calibration, progress
+from quantpub import __version__, calibration, isolate, progress
 from quantpub.artifacts import MANIFEST, RUN_RECORD, sha256_file, write_text_atomic
 from quantpub.moe import expert_coverage
 from quantpub.errors import PlanError, QuantizeError, QuantpubError
@@ -26,15 +26,30 @@ from quantpub.quants import GgufVariant
 
 log = logging.getLogger(__name__)
 WORKER_METHODS = ("gptq", "awq", "gguf")
-OFFLOAD = ".offload"  # a streamed load's quantized layers, under the output dir (deleted after each variant)
+OFFLOAD = ".offload"
+VALIDATION_LIBRARIES = ("gptqmodel", "optimum.gptq", "transformers")  # what loading a GPTQ/AWQ variant imports  # a streamed load's quantized layers, under the output dir (deleted after each variant)
 
 
 @dataclass(frozen=True)
 class Outcome:
+    """How building one variant ended: built (``path``), skipped (already built), or ``error`` with its
+    ``ending``: ``failed`` (an exception), ``crashed`` (native code killed its process) or
+    ``interrupted`` (its process was killed from outside)."""
+
     variant: str
     path: Path | None
     skipped: bool = False
     error: str | None = None
+    ending: str = "failed"
+
+    @classmethod
+    def ended(cls, variant: str, exc: isolate.Ended) -> Outcome:
+        return cls(variant, None, error=str(exc), ending=exc.kind)
+
+    @property
+    def phase(self) -> str:
+        """The progress phase this outcome reports: done, or how it ended."""
+        return "done" if self.error is None else self.ending
 
 
 def resolve_device(device: str) -> str:
@@ -87,8 +102,6 @@ def quantize(matrix_path: str | Path, model: str, out: str | Path, *, only: list
     Raises:
         MatrixError, ModelError, PlanError, CalibrationError: before any model is loaded.
     """
-    import torch
-
     from quantpub.memory import release_large_blocks_on_free
 
     release_large_blocks_on_free()  # freed layers and models go back to the system, not to the heap
@@ -112,41 +125,58 @@ def quantize(matrix_path: str | Path, model: str, out: str | Path, *, only: list
     gpu_jobs = [j for j in todo if j.method in ("gptq", "awq")]
     gguf_jobs = [j for j in todo if j.method == "gguf"]
     if gpu_jobs:
-        from quantpub.backends.gptqmodel_session import ModelSession
-
-        session = ModelSession(model_dir, device, torch.float32 if device == "cpu" else torch.float16, stream=stream,
-                               scratch=out / OFFLOAD)
-        calibrations = _calibrations(gpu_jobs, session.tokenizer, calibration_file)  # before the model loads
-        mode = plan.matrix.gptq.mode if plan.matrix.gptq else "exact"
-        if stream and mode == "shared":
-            log.warning("gptq.mode: shared holds the whole model in memory; streamed layer by layer, the GPTQ "
-                        "variants are built in exact mode")
-            mode = "exact"
-        shared = [j for j in gpu_jobs if j.method == "gptq" and mode == "shared"]
-        if shared:
-            outcomes += _build_shared(session, shared, calibrations, out, model, expert_min_tokens=plan.facts.hidden_size)
-        one_by_one = [j for j in gpu_jobs if j not in shared]
-        for i, job in enumerate(one_by_one, 1):
-            log.info("[%d/%d] %s: quantizing (%s)", i, len(one_by_one), job.id, job.describe())
-            progress.report(job.id, "quantizing")
-            try:
-                path = build_variant(session, job, calibrations[_calib_key(job)], out, model,
-                                     expert_min_tokens=plan.facts.hidden_size)
-                outcomes.append(Outcome(job.id, path))
-                progress.report(job.id, "done")
-            except Exception as exc:  # noqa: BLE001 - one variant's failure must not stop the others
-                log.error("%s: failed: %s: %s", job.id, type(exc).__name__, exc)
-                outcomes.append(Outcome(job.id, None, error=f"{type(exc).__name__}: {exc}"))
-                progress.report(job.id, "failed", error=f"{type(exc).__name__}: {exc}")
-        del session
-        shutil.rmtree(out / OFFLOAD, ignore_errors=True)  # a failed streamed variant's offloaded layers
+        # each built variant is loaded back (validation, runtime probes) in a process of its own: a crash in a
+        # kernel costs that variant; the process imports its libraries while the model loads and calibrates
+        with isolate.Isolated(out / "logs" / "quantize-gpu", 1, preload=VALIDATION_LIBRARIES) as pool:
+            outcomes += _build_gpu_group(plan, gpu_jobs, model_dir, out, model, device, calibration_file, stream, pool)
     if gguf_jobs:
         outcomes += _gguf(plan, gguf_jobs, model_dir, out, model, calibration_file, gguf_device(device))
     order = {j.id: i for i, j in enumerate(jobs)}
     return sorted(outcomes, key=lambda o: order[o.variant])
 
 
-def _build_shared(session, jobs: list[Job], calibrations: dict, out: Path, model: str, *,
+def _build_gpu_group(plan: Plan, jobs: list[Job], model_dir: Path, out: Path, model: str, device: str,
+                     calibration_file, stream: bool, pool: isolate.Isolated) -> list[Outcome]:
+    """The GPTQ and AWQ variants: one model session, the shared GPTQ pass or one build per variant."""
+    import torch
+
+    from quantpub.backends.gptqmodel_session import ModelSession
+
+    session = ModelSession(model_dir, device, torch.float32 if device == "cpu" else torch.float16, stream=stream,
+                           scratch=out / OFFLOAD)
+    calibrations = _calibrations(jobs, session.tokenizer, calibration_file)  # before the model loads
+    mode = plan.matrix.gptq.mode if plan.matrix.gptq else "exact"
+    if stream and mode == "shared":
+        log.warning("gptq.mode: shared holds the whole model in memory; streamed layer by layer, the GPTQ "
+                    "variants are built in exact mode")
+        mode = "exact"
+    outcomes: list[Outcome] = []
+    shared = [j for j in jobs if j.method == "gptq" and mode == "shared"]
+    if shared:
+        outcomes += _build_shared(session, shared, calibrations, out, model, pool,
+                                  expert_min_tokens=plan.facts.hidden_size)
+    one_by_one = [j for j in jobs if j not in shared]
+    for i, job in enumerate(one_by_one, 1):
+        log.info("[%d/%d] %s: quantizing (%s)", i, len(one_by_one), job.id, job.describe())
+        progress.report(job.id, "quantizing")
+        try:
+            path = build_variant(session, job, calibrations[_calib_key(job)], out, model, pool,
+                                 expert_min_tokens=plan.facts.hidden_size)
+            outcomes.append(Outcome(job.id, path))
+            progress.report(job.id, "done")
+        except isolate.Ended as exc:
+            outcomes.append(Outcome.ended(job.id, exc))
+            progress.report(job.id, exc.kind, error=str(exc))
+        except Exception as exc:  # noqa: BLE001 - one variant's failure must not stop the others
+            log.error("%s: failed: %s: %s", job.id, type(exc).__name__, exc)
+            outcomes.append(Outcome(job.id, None, error=f"{type(exc).__name__}: {exc}"))
+            progress.report(job.id, "failed", error=f"{type(exc).__name__}: {exc}")
+    del session
+    shutil.rmtree(out / OFFLOAD, ignore_errors=True)  # a failed streamed variant's offloaded layers
+    return outcomes
+
+
+def _build_shared(session, jobs: list[Job], calibrations: dict, out: Path, model: str, pool: isolate.Isolated, *,
                   expert_min_tokens: int) -> list[Outcome]:
     """The GPTQ variants in shared mode: one pass per distinct calibration, each variant finished as it is written."""
     from concurrent.futures import ThreadPoolExecutor
@@ -168,7 +198,7 @@ def _build_shared(session, jobs: list[Job], calibrations: dict, out: Path, model
 
             def finish(t: Target, calib=calib, started=started, n=len(group)) -> Path:
                 return finish_variant(session, by_id[t.id], calib, t.out, out, model, time.monotonic() - started,
-                                      t.quant_log, expert_min_tokens=expert_min_tokens,
+                                      t.quant_log, pool, expert_min_tokens=expert_min_tokens,
                                       extra={"gptq_mode": "shared", "variants_in_pass": n})
             for t in targets:
                 progress.report(t.id, "quantizing")
@@ -184,6 +214,10 @@ def _build_shared(session, jobs: list[Job], calibrations: dict, out: Path, model
                         raise QuantizeError(t.id, model, error)
                     outcomes.append(Outcome(t.id, futures[t.id].result()))
                     progress.report(t.id, "done")
+                except isolate.Ended as exc:
+                    shutil.rmtree(t.out, ignore_errors=True)
+                    outcomes.append(Outcome.ended(t.id, exc))
+                    progress.report(t.id, exc.kind, error=str(exc))
                 except Exception as exc:  # noqa: BLE001 - one variant's failure must not stop the others
                     shutil.rmtree(t.out, ignore_errors=True)
                     if t.error is None:  # a solve or packing error was logged when it happened
@@ -209,7 +243,7 @@ def _gguf(plan: Plan, jobs: list[Job], model_dir: Path, out: Path, model: str, c
     try:
         return build_gguf_set(plan, jobs, model_dir, out, model, tokenizer=tokenizer, text=held_out,
                               text_source=f"{source} (second half)", calib=calib, device=device,
-                              write_manifest=_write_manifest)
+                              write_manifest=_write_manifest, log_dir=out / "logs" / "quantize-gguf")
     except Exception as exc:  # noqa: BLE001 - conversion or imatrix failed: every GGUF variant fails, others stand
         log.error("GGUF: %s: %s", type(exc).__name__, exc)
         return [Outcome(j.id, None, error=f"{type(exc).__name__}: {exc}") for j in jobs]
@@ -254,8 +288,8 @@ def _partial_dir(out: Path, variant: str) -> Path:
     return partial
 
 
-def build_variant(session, job: Job, calib: calibration.CalibrationSet, out: Path, model: str, *,
-                  expert_min_tokens: int) -> Path:
+def build_variant(session, job: Job, calib: calibration.CalibrationSet, out: Path, model: str,
+                  pool: isolate.Isolated, *, expert_min_tokens: int) -> Path:
     """One variant on its own (AWQ, or GPTQ in exact mode): quantize, then ``finish_variant``."""
     from quantpub.backends import awq, gptq
     from quantpub.memory import trim_heap
@@ -274,17 +308,19 @@ def build_variant(session, job: Job, calib: calibration.CalibrationSet, out: Pat
         raise QuantizeError(job.id, model, f"{type(exc).__name__}: {exc}") from exc
     trim_heap()  # the quantized model is gone: what validation loads should not sit on top of it
     extra = {"gptq_mode": "exact"} if job.method == "gptq" else None
-    return finish_variant(session, job, calib, partial, out, model, time.monotonic() - started, quant_log,
+    return finish_variant(session, job, calib, partial, out, model, time.monotonic() - started, quant_log, pool,
                           expert_min_tokens=expert_min_tokens, extra=extra)
 
 
 def finish_variant(session, job: Job, calib: calibration.CalibrationSet, partial: Path, out: Path, model: str,
-                   quantized_s: float, quant_log: Any, *, expert_min_tokens: int,
+                   quantized_s: float, quant_log: Any, pool: isolate.Isolated, *, expert_min_tokens: int,
                    extra: dict[str, Any] | None = None) -> Path:
-    """Validate the variant saved in ``partial``, write its manifest and move it to ``out/<id>``.
+    """Validate the variant saved in ``partial`` (loaded in ``pool``'s process), write its manifest and move
+    it to ``out/<id>``.
 
     Raises:
         QuantizeError: validation failed; ``partial`` is removed.
+        isolate.Ended: the process that loaded it crashed or was killed; ``partial`` is removed.
     """
     from quantpub.backends.conform import conform_to_source
     from quantpub.compat import check_variant
@@ -300,13 +336,17 @@ def finish_variant(session, job: Job, calib: calibration.CalibrationSet, partial
         (partial / "quant_log.csv").unlink(missing_ok=True)
         conform_to_source(partial, session.model_dir)  # the source's config/tokenizer files, AutoGPTQ's tensors
         progress.report(job.id, "validating")
-        validation = validate(partial, job.variant.params, session.device, list(calib.samples[0]))
-        compat = check_variant(partial, job.method, list(calib.samples[0]))  # before the manifest: it records these
+        prompt = list(calib.samples[0])
+        validation = pool.call(job.id, "validate", validate, partial, job.variant.params, session.device, prompt)
+        compat = pool.call(job.id, "compat", check_variant, partial, job.method, prompt)  # the manifest records these
         _write_manifest(partial, job, calib, model, session.device, quantized_s, validation, experts,
                         {**(extra or {}), "streamed": session.stream, "compat": compat})
         if final.exists():  # a directory without our manifest (finished ones were skipped): replace it
             shutil.rmtree(final)
         os.replace(partial, final)
+    except isolate.Ended:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     except Exception as exc:
         shutil.rmtree(partial, ignore_errors=True)
         raise QuantizeError(job.id, model, f"{type(exc).__name__}: {exc}") from exc

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from quantpub import machine
 from quantpub.backends import llamacpp
 from quantpub.quants import GgufVariant
 
@@ -377,15 +377,11 @@ def garbage(result: dict[str, Any], reference: dict[str, Any] | None) -> str | N
     return None
 
 
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def workers_for(n_jobs: int, source_bytes: int) -> int:
     """Parallel quantizations: one per core, as many as memory allows (each holds ~2 tensors in f32)."""
-    cores = cpu_count()
+    cores = machine.cpu_count()
     try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        available = machine.available_memory()
     except (ValueError, OSError):
         available = 8 << 30
     per_job = (1 << 30) + source_bytes // 4  # buffers + page cache of the 16-bit file shared; generous

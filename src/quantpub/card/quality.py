@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from quantpub.plan import gb
+from quantpub.formatting import gb
 
 KLD_LIMITS = (0.01, 0.05, 0.1)  # "smallest file whose mean KLD is at most ..."
 MEMORY_BUDGETS_GIB = (8, 12, 16, 24)  # "lowest KLD whose measured memory fits in ..."

@@ -21,7 +21,7 @@ from quantpub.artifacts import CARDS_DIR, MANIFEST, RUN_RECORD, write_text_atomi
 from quantpub.card import provenance, quality
 from quantpub.card.chart import CHART, write_chart
 from quantpub.card.prompt import PromptTemplate, detect
-from quantpub.plan import gb
+from quantpub.formatting import gb
 
 log = logging.getLogger(__name__)
 HUB = "https://huggingface.co"

@@ -35,7 +35,9 @@ class Task:
 
 @dataclass(frozen=True)
 class Message:
-    """From a running task: ``event`` (progress), ``placed`` (where it runs), ``result``, ``error`` or ``lost``."""
+    """From a running task: ``event`` (progress), ``placed`` (where it runs), ``result``, ``error``, or its
+    worker gone without a result: ``crashed`` or ``lost`` (payload ``{"kind", "reason", "signal"}``: kind
+    ``crashed``, ``killed`` from outside, or ``lost`` with no signal known)."""
 
     task: int
     kind: str

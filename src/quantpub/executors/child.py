@@ -7,6 +7,7 @@ writes ``logs/`` into the current directory), and progress events go back to the
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import socket
@@ -33,6 +34,7 @@ def where(gpu_slot: str | None = None) -> dict[str, Any]:
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+TRY_HEADER = "====="  # starts the line each try of a stage writes first into its (appended) log
 
 
 def log_only_to(handler: logging.Handler) -> logging.Logger:
@@ -50,7 +52,8 @@ def capture_output(log_file: str | Path, verbose: bool = False) -> None:
     path = Path(log_file)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = open(path, "a", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115 - lives as long as the process
-    handle.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()} on {socket.gethostname()} =====\n")
+    handle.write(f"\n{TRY_HEADER} {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()} on {socket.gethostname()} "
+                 "=====\n")
     if not verbose:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -93,6 +96,7 @@ def run_stage(fn: Callable[..., Any], args: tuple, send: Callable[[str, Any], No
 
         check_shared(*workdir)
     capture_output(log_file, verbose)
+    faulthandler.enable(all_threads=True)  # a crash signal writes its name and the stacks into the log
     send("placed", where(gpu_slot))
     progress.install(lambda event: send("event", event), model=model, stage=stage)
     logging.getLogger("quantpub").info("stage %s of %s starts", stage, model)

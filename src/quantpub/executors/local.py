@@ -2,8 +2,11 @@
 
 Each stage gets its own process (spawned, so no state leaks from the driver), so the death of
 one (a kill, the OOM killer, a crash in C code) loses only that stage: the driver sees the
-process gone without a result and reports it ``lost``. Results, errors and progress events
-come back over one queue. GPU slots are given to a stage through ``CUDA_VISIBLE_DEVICES``.
+process gone without a result and reports how it ended from its exit status: ``crashed`` (a
+crash signal), or ``lost`` as killed from outside (with "probably out of memory" when the cgroup's
+OOM-kill count rose or the process tree's sampled peak came near the machine's memory). Results,
+errors and progress events come back over one queue. GPU slots are given to a stage through
+``CUDA_VISIBLE_DEVICES``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import queue
 import traceback
 from typing import Any
 
+from quantpub import machine
 from quantpub.executors import Message, Task
 
 log = logging.getLogger(__name__)
@@ -54,6 +58,9 @@ class LocalExecutor:
         self.procs: dict[int, Any] = {}
         self.slot_of: dict[int, int] = {}
         self.finished: set[int] = set()
+        self.tasks: dict[int, Task] = {}
+        self.peaks: dict[int, int] = {}  # task id -> the largest resident size of its process tree seen
+        self.oom_before = machine.oom_kills()
 
     def capacity(self) -> dict[str, int]:
         return {"gpu": len(self.gpu_slots)}
@@ -75,19 +82,27 @@ class LocalExecutor:
             else:
                 os.environ["CUDA_VISIBLE_DEVICES"] = env_backup
         self.procs[task.id] = proc
+        self.tasks[task.id] = task
 
     def poll(self, timeout: float) -> list[Message]:
         """Messages from running stages; a process that ended without a result is ``lost``."""
         messages = self._drain(timeout)
         for task_id, proc in list(self.procs.items()):
             if proc.exitcode is None:
+                self.peaks[task_id] = max(self.peaks.get(task_id, 0), machine.tree_rss(proc.pid))
                 continue
             messages += self._drain(0.2)  # what it sent just before it ended
             proc.join()
             del self.procs[task_id]
+            task = self.tasks.pop(task_id)
+            peak = self.peaks.pop(task_id, None)
             if task_id not in self.finished:
-                messages.append(Message(task_id, "lost", f"the worker process (pid {proc.pid}) ended with exit code "
-                                                         f"{proc.exitcode} before finishing"))
+                end = machine.ending(proc.exitcode, peak=peak, oom_before=self.oom_before,
+                                     estimate=task.resources.memory or None)
+                self.oom_before = machine.oom_kills()
+                reason = f"{end.reason} (worker pid {proc.pid})" if end.kind != "crashed" else end.reason
+                messages.append(Message(task_id, "crashed" if end.kind == "crashed" else "lost",
+                                        {"kind": end.kind, "reason": reason, "signal": end.signal}))
         return messages
 
     def _drain(self, timeout: float) -> list[Message]:

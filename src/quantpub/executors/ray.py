@@ -3,7 +3,8 @@
 Each stage is one task declaring its resources (``num_gpus``, ``num_cpus``, ``memory`` from the
 plan), run in a fresh worker process (``max_calls=1``: the memory and GPU of a finished stage are
 given back). Ray places it; the driver keeps the ledger. A task whose worker or node dies comes
-back ``lost`` and the scheduler starts it again (bounded), wherever Ray finds room. Progress
+back ``lost`` and the scheduler starts it again (bounded), wherever Ray finds room; one whose
+process died of a crash signal (which faulthandler names in the stage's log) comes back ``crashed``. Progress
 events travel through a Ray queue actor. Files are exchanged through the work dir, which every
 node must see at the same path (a shared filesystem); results are small and come back through Ray.
 """
@@ -12,10 +13,13 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from quantpub.errors import QuantpubError
 from quantpub.executors import Message, Task
+from quantpub.executors.child import TRY_HEADER
+from quantpub.isolate import crash_in_log
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +78,7 @@ class RayExecutor:
         self.ray = ray
         self.events = Queue(actor_options={"num_cpus": 0})
         self.refs: dict[Any, int] = {}
+        self.logs: dict[int, str] = {}
         self.remote = ray.remote(max_calls=1)(_ray_worker)
         self.has_gpus = self.cluster_gpus() > 0
 
@@ -103,6 +108,7 @@ class RayExecutor:
         ref = self.remote.options(**options).remote(task.id, task.fn, task.args, self.events, task.log, task.model,
                                                     task.stage, self.verbose, task.workdir)
         self.refs[ref] = task.id
+        self.logs[task.id] = task.log
 
     def poll(self, timeout: float) -> list[Message]:
         from ray.exceptions import RayError, RayTaskError
@@ -124,7 +130,13 @@ class RayExecutor:
                 messages.append(Message(task_id, "error", {"type": type(cause).__name__, "message": str(cause),
                                                            "traceback": str(exc)}))
             except RayError as exc:  # the worker process or its node died, or the object was lost
-                messages.append(Message(task_id, "lost", f"{type(exc).__name__}: {str(exc).splitlines()[0]}"))
+                crash = crash_in_log(Path(self.logs[task_id]), since=TRY_HEADER)
+                if crash:
+                    messages.append(Message(task_id, "crashed", {"kind": "crashed", "reason": f"crashed: {crash}",
+                                                                 "signal": crash}))
+                else:
+                    messages.append(Message(task_id, "lost", {"kind": "lost", "signal": None, "reason":
+                                                              f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}))
         return messages
 
     def _drain(self) -> list[Message]:
