@@ -300,7 +300,7 @@ def summary_lines(rows: list[Row], endpoint: str | None, namespace: str | None, 
     for r in rows:
         if r.state in FAILED:
             reason = (r.error or "").strip().splitlines()[0][:300] if r.error else "unknown"
-            log = f" (log: {r.log})" if r.log and r.log not in reason else ""
+            log = f" (log: {r.log})" if r.log and "(log: " not in reason else ""
             lines.append(f"{r.state.upper()} {short(r.model)} {r.variant}: {reason}{log}")
     lines += [f"FAILED {e}" for e in stage_errors]
     counts: dict[str, int] = {}

@@ -243,7 +243,7 @@ class Driver:
         conversion or the calibration pass): the variants it was working on fail with that crash, once;
         the ones it had not started are built again by a new task."""
         model = task.model
-        last = next((line.strip() for line in reversed(isolate.tail(Path(task.log)).splitlines()) if line.strip()), "")
+        last = isolate.last_words(isolate.tail(Path(task.log)))
         if task.stage.startswith("quantize"):
             phases = self.active.pop(task.id, {})
             self._reconcile(model, list(phases))  # variants finished before the crash count

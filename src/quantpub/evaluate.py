@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from quantpub import isolate, progress
-from quantpub.artifacts import MANIFEST, RUN_RECORD, write_text_atomic
+from quantpub.artifacts import MANIFEST, RUN_RECORD, remember, write_text_atomic
 from quantpub.errors import CalibrationError, QuantpubError
 from quantpub.matrix import EvaluationSpec
 from quantpub.memory import peak_memory
@@ -171,10 +171,10 @@ def hf_measured(model_dir: Path, data: HeldOut, device: str, manifest: dict | No
 
 def gguf_logprobs(first_file: Path, data: HeldOut, threads: int):
     """Log-probabilities of every window through llama.cpp (``logits_all=True``)."""
-    from llama_cpp import Llama
+    from quantpub.backends.llamacpp import load
 
-    llm = Llama(model_path=str(first_file), n_ctx=data.context, n_batch=data.context, logits_all=True,
-                n_threads=threads, verbose=False)
+    llm = load(first_file, n_ctx=data.context, n_batch=data.context, logits_all=True, n_threads=threads,
+               verbose=False)
     try:
         for window in data.windows:
             llm.reset()
@@ -187,11 +187,11 @@ def gguf_logprobs(first_file: Path, data: HeldOut, threads: int):
 def gguf_memory(first_file: Path, data: HeldOut, threads: int) -> dict[str, Any]:
     """Peak RAM of loading the file in llama.cpp (no GPU offload) and evaluating one window, as a
     user's generation would (logits of the last position only)."""
-    from llama_cpp import Llama
+    from quantpub.backends.llamacpp import load
 
     with peak_memory("cpu") as peak:
-        llm = Llama(model_path=str(first_file), n_ctx=data.context, n_batch=data.context, n_gpu_layers=0,
-                    n_threads=threads, verbose=False)
+        llm = load(first_file, n_ctx=data.context, n_batch=data.context, n_gpu_layers=0, n_threads=threads,
+                   verbose=False)
         try:
             llm.eval(data.windows[0])
         finally:
@@ -292,6 +292,7 @@ def evaluate(out: str | Path, *, model: str | None = None, eval_file: str | Path
                       "seconds": round(time.monotonic() - started, 2)}
             manifest["evaluation"] = result
             write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
+            remember(out, manifest)
             results[variant] = result
             progress.report(variant, "evaluated")
             log.info("evaluate: %s perplexity %.4f (unquantised %.4f), KLD %.6f, same top %.1f%%", variant,

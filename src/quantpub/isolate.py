@@ -34,7 +34,7 @@ from quantpub.errors import QuantpubError
 
 log = logging.getLogger(__name__)
 TEST_CRASH = "QUANTPUB_TEST_CRASH"
-TAIL_LINES = 12
+TAIL_LINES = 40
 T = TypeVar("T")
 
 
@@ -45,9 +45,9 @@ class Ended(QuantpubError):
 
     def __init__(self, variant: str, phase: str, reason: str, log_file: Path | None, tail: str = ""):
         self.variant, self.phase, self.reason, self.log_file, self.tail = variant, phase, reason, log_file, tail
-        last = next((line for line in reversed(tail.splitlines()) if line.strip()), "")
+        last = last_words(tail)
         super().__init__(f"{reason} during {phase} of {variant}" + (f" (log: {log_file})" if log_file else "")
-                         + (f": {last.strip()[:200]}" if last else ""))
+                         + (f": {last}" if last else ""))
 
     def __reduce__(self):
         return type(self), (self.variant, self.phase, self.reason, self.log_file, self.tail)
@@ -79,6 +79,26 @@ def maybe_crash(phase: str, variant: str) -> None:
             logging.getLogger(__name__).error("%s=%s: killing this process with %s", TEST_CRASH, entry, signum.name)
             logging.shutdown()
             os.kill(os.getpid(), signum)
+
+
+def last_words(text: str) -> str:
+    """The line of a log's tail that says most about how it ended: faulthandler's fatal error with the
+    innermost Python frame (``Fatal Python error: Segmentation fault in decode (_internals.py:321)``), else
+    the last line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("Fatal Python error: "):
+            after = lines[i + 1:]
+            current = next((j for j, line in enumerate(after) if line.startswith("Current thread")), 0)
+            frame = next((line for line in after[current:] if line.startswith("File ")), "")
+            where = ""
+            if frame:  # File "/path/x.py", line 81 in maybe_crash
+                path, _, rest = frame.removeprefix('File "').partition('", line ')
+                number, _, function = rest.partition(" in ")
+                where = f" in {function} ({Path(path).name}:{number})"
+            return (lines[i] + where)[:300]
+    meaningful = [line for line in lines if not line.startswith("Extension modules:")]
+    return meaningful[-1][:300] if meaningful else ""
 
 
 def tail(path: Path | None, lines: int = TAIL_LINES) -> str:

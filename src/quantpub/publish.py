@@ -246,10 +246,14 @@ def _commit(api, manifest: dict, repo: str, branch: str, head: str, ops: list, r
     changed = sum(isinstance(o, CommitOperationAdd) for o in ops)
     log.info("%s: publishing to %s@%s: %d files added or changed, %d deleted", variant, repo, branch,
              changed, len(stale))
+    own = {*manifest["files"], manifest_path_in_repo(manifest)}
+    if not stale and not any(o.path_in_repo in own for o in ops):  # the variant is as published: only its card moved
+        message = f"Card: update ({', '.join(sorted(o.path_in_repo for o in ops))}; {variant}'s files unchanged)"
+    else:
+        message = (f"{variant}: {'add' if not remote.keys() - {'.gitattributes'} else 'update'} "
+                   f"({manifest['method']}, built by quantpub {manifest['tools']['quantpub']})")
     commit = retry(lambda: api.create_commit(
-        repo, operations=ops, revision=branch, parent_commit=head,
-        commit_message=f"{variant}: {'add' if not remote.keys() - {'.gitattributes'} else 'update'} "
-                       f"({manifest['method']}, built by quantpub {manifest['tools']['quantpub']})",
+        repo, operations=ops, revision=branch, parent_commit=head, commit_message=message,
         commit_description=_description(manifest)), f"commit {variant} to {repo}@{branch}")
     return Published(variant, repo, branch, commit.oid, changed=True)
 

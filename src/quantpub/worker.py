@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from quantpub import __version__, calibration, isolate, progress
-from quantpub.artifacts import MANIFEST, RUN_RECORD, sha256_file, write_text_atomic
+from quantpub.artifacts import MANIFEST, RUN_RECORD, recall, remember, sha256_file, write_text_atomic
 from quantpub.moe import expert_coverage
 from quantpub.errors import PlanError, QuantizeError, QuantpubError
 from quantpub.plan import Job, Plan, make_plan
@@ -27,6 +27,7 @@ from quantpub.quants import GgufVariant
 log = logging.getLogger(__name__)
 WORKER_METHODS = ("gptq", "awq", "gguf")
 OFFLOAD = ".offload"
+SAME_BUILD = ("variant", "method", "branch", "repo", "parameters", "model")  # a record must agree on these too
 VALIDATION_LIBRARIES = ("gptqmodel", "optimum.gptq", "transformers")  # what loading a GPTQ/AWQ variant imports  # a streamed load's quantized layers, under the output dir (deleted after each variant)
 
 
@@ -381,7 +382,12 @@ def _write_manifest(path: Path, job: Job, calib, model: str, device: str, second
 
         manifest["tools"]["gptqmodel"] = gptqmodel.__version__
         manifest["tools"]["optimum"] = optimum.version.__version__
+    recorded = recall(path.parent, job.id, files)
+    if recorded is not None and {k: recorded.get(k) for k in SAME_BUILD} == {k: manifest[k] for k in SAME_BUILD}:
+        log.info("%s: rebuilt byte for byte; keeping what was recorded for these files", job.id)
+        manifest = recorded
     (path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    remember(path.parent, manifest)
 
 
 def _write_run_record(out: Path, plan: Plan, model: str) -> None:

@@ -341,10 +341,8 @@ def split(path: Path, max_bytes: int) -> list[Path]:
 # evaluation through llama.cpp
 def evaluate(first_file: Path, text: str, n_tokens: int, threads: int) -> dict[str, Any]:
     """Load with llama.cpp, evaluate ``n_tokens`` of ``text``: perplexity and logit sanity."""
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(first_file), n_ctx=n_tokens + 8, n_batch=n_tokens + 8, logits_all=True,
-                n_threads=threads, verbose=False)
+    llm = llamacpp.load(first_file, n_ctx=n_tokens + 8, n_batch=n_tokens + 8, logits_all=True, n_threads=threads,
+                        verbose=False)
     try:
         tokens = llm.tokenize(text.encode(), add_bos=True)[:n_tokens]
         if len(tokens) < 16:

@@ -59,6 +59,78 @@ def commit() -> str:
     return (func() or b"unknown").decode()
 
 
+# ggml's names for the CPU features a build was compiled for (``llama_print_system_info``) -> Linux's cpuinfo flags
+CPU_FLAGS = {"SSE3": "pni", "SSSE3": "ssse3", "AVX": "avx", "AVX2": "avx2", "F16C": "f16c", "FMA": "fma",
+             "BMI2": "bmi2", "AVX_VNNI": "avx_vnni", "AVX512": "avx512f", "AVX512_VBMI": "avx512vbmi",
+             "AVX512_VNNI": "avx512_vnni", "AVX512_BF16": "avx512_bf16", "AMX_INT8": "amx_int8", "NEON": "asimd",
+             "SVE": "sve", "DOTPROD": "asimddp", "MATMUL_INT8": "i8mm"}
+
+
+def system_info() -> dict[str, str]:
+    """What the loaded llama.cpp library was compiled for: ``{"AVX2": "1", "REPACK": "1", ...}`` (its CPU
+    backend's part of ``llama_print_system_info``)."""
+    import llama_cpp
+
+    text = llama_cpp.llama_print_system_info().decode(errors="replace")
+    found = {}
+    for part in text.split("|"):
+        key, eq, value = part.rpartition("=")
+        if eq:
+            found[key.split(":")[-1].strip()] = value.strip()
+    return found
+
+
+def build_cpu_features() -> list[str]:
+    """The CPU features the loaded library's code uses unconditionally (a CPU without one gets SIGILL)."""
+    return [k for k, v in system_info().items() if k in CPU_FLAGS and v == "1"]
+
+
+def missing_cpu_features() -> list[str]:
+    """Features the library was built for that this CPU lacks (empty where the CPU's flags cannot be read)."""
+    from quantpub.machine import cpu_flags
+
+    flags = cpu_flags()
+    return [f for f in build_cpu_features() if flags and CPU_FLAGS[f] not in flags]
+
+
+def extra_buffer_types() -> bool:
+    """Whether quantpub's loads let llama.cpp use its extra weight buffer types.
+
+    They are the AMX buffer (built only with AMX, i.e. ``-march=native`` on a Sapphire Rapids or
+    later Xeon: ``ggml-cpu/amx``; llama.cpp issue 20824 is its SIGSEGV in ``llama_decode`` for
+    quantized files) and the repack buffer (Q4_0/IQ4_NL rows interleaved for AVX2/NEON). The
+    portable build has no AMX code, so the repack buffer stays on; a library built with AMX gets
+    ``use_extra_bufts=False`` (which turns off both).
+    """
+    return system_info().get("AMX_INT8") != "1"
+
+
+def load(path: Path, **kwargs):
+    """``llama_cpp.Llama(model_path=path, **kwargs)``, with extra buffer types as ``extra_buffer_types`` says.
+
+    ``Llama`` takes its model parameters from ``llama_model_default_params()`` and has no argument
+    for ``use_extra_bufts``, so the defaults are adjusted for the load when the build has AMX.
+    """
+    import llama_cpp
+    from llama_cpp import Llama
+
+    if extra_buffer_types():
+        return Llama(model_path=str(path), **kwargs)
+    lib = llama_cpp.llama_cpp
+    defaults = lib.llama_model_default_params
+
+    def without_extra_bufts():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    lib.llama_model_default_params = without_extra_bufts
+    try:
+        return Llama(model_path=str(path), **kwargs)
+    finally:
+        lib.llama_model_default_params = defaults
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("QUANTPUB_CACHE") or Path.home() / ".cache" / "quantpub")
 
@@ -214,10 +286,24 @@ def doctor(fetch: bool = False) -> dict[str, str]:
             report[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             report[dist] = "not installed"
+    from quantpub import machine
+
+    flags = machine.cpu_flags()
+    report["cpu"] = f"{machine.cpu_model()}, {machine.cpu_count()} cores"
+    report["cpu features"] = " ".join(sorted(f for f in flags if f in set(CPU_FLAGS.values()) | {"amx_tile", "amx_bf16"}))
     try:
         import llama_cpp
 
         report["llama_cpp library"] = str(Path(llama_cpp.__file__).parent / "lib")
+        built = build_cpu_features()
+        missing = missing_cpu_features()
+        libs = sorted(p.name for p in (Path(llama_cpp.__file__).parent / "lib").glob("libggml-cpu*.so"))
+        report["llama.cpp CPU backend"] = (f"{', '.join(libs) or 'built into libggml'}, compiled for "
+                                          f"{' '.join(built) or 'the baseline'}")
+        report["llama.cpp on this CPU"] = (f"MISSING {' '.join(missing)}: it would die with SIGILL; rebuild the wheel "
+                                          "here (scripts/llama-wheel.sh)" if missing else "every feature it needs is here")
+        report["extra buffer types"] = ("on (repack; no AMX code in this build)" if extra_buffer_types() else
+                                       "off: this build has AMX (llama.cpp issue 20824), loads pass use_extra_bufts=False")
         report["llama.cpp converter"] = str(converter_dir(fetch=fetch))
     except QuantpubError as exc:
         report["llama.cpp converter"] = f"missing: {exc}"

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from quantpub.formatting import gb
+from quantpub.formatting import column_unit, gb, size
 
 KLD_LIMITS = (0.01, 0.05, 0.1)  # "smallest file whose mean KLD is at most ..."
 MEMORY_BUDGETS_GIB = (8, 12, 16, 24)  # "lowest KLD whose measured memory fits in ..."
@@ -121,14 +121,21 @@ def percent(value: float | None, err: float | None = None, signed: bool = False)
     return text + (f" ± {100 * err:.2g}%" if err is not None and math.isfinite(err) else "")
 
 
-def memory_cell(evaluation: dict[str, Any] | None) -> str:
+def memory_cell(evaluation: dict[str, Any] | None, unit: tuple[str, float] | None = None) -> str:
+    """Measured memory in ``unit`` (a column's one unit: ``memory_unit``), as ``48.4 MB RAM``."""
     m = (evaluation or {}).get("memory") or {}
-    return f"{gb(m['bytes'])} {m['kind']}" if m.get("bytes") is not None else "-"
+    return f"{size(m['bytes'], unit)} {m['kind']}" if m.get("bytes") is not None else "-"
+
+
+def memory_unit(pts: list[Point]) -> tuple[str, float]:
+    """One unit for every memory cell of a card, so a column never mixes 48.4 MB and 0.11 GB."""
+    return column_unit(p.memory for p in pts)
 
 
 def table(pts: list[Point], kld_digits: int, ppl_digits: int) -> list[dict[str, str]]:
     """The comparison table's cells, formatted so that no two different measurements print alike."""
     stat_digits = {k: significant([p.evaluation.get(k) for p in pts]) for k in ("kld_median", "kld_p99", "kld_max")}
+    unit = memory_unit(pts)
     rows = []
     for p in pts:
         ev = p.evaluation
@@ -138,16 +145,16 @@ def table(pts: list[Point], kld_digits: int, ppl_digits: int) -> list[dict[str, 
             "kld": pm(p.kld, ev.get("kld_stderr"), kld_digits),
             **{k: fmt(ev.get(k), d) for k, d in stat_digits.items()},
             "top1": percent(ev.get("top1_agreement")), "delta_p": percent(ev.get("delta_p"), signed=True),
-            "memory": memory_cell(ev),
+            "memory": memory_cell(ev, unit),
         })
     return rows
 
 
-def pick_cell(p: Point | None, show: str, kld_digits: int) -> str:
+def pick_cell(p: Point | None, show: str, kld_digits: int, unit: tuple[str, float] | None = None) -> str:
     if p is None:
         return "none this close" if show == "kld" else "none measured fits"
     kld = f"KLD {fmt(p.kld, kld_digits)}"
-    extra = kld if show == "kld" else f"{memory_cell(p.evaluation)}, {kld}"
+    extra = kld if show == "kld" else f"{memory_cell(p.evaluation, unit)}, {kld}"
     return f"[{p.label}]({p.url}) ({p.kind}, {gb(p.size)}, {extra})"
 
 
@@ -186,8 +193,11 @@ def context(family: list[dict], kind: str, hub: str) -> dict[str, Any] | None:
         "memory_context": next((p.evaluation["memory"]["context"] for p in pts if p.memory is not None), None),
         "kld_picks": [{"limit": f"{r['limit']:g}", "any": pick_cell(r["any"], "kld", kld_digits),
                        "own": pick_cell(r["own"], "kld", kld_digits)} for r in chosen["kld"]],
-        "memory_picks": _merge_budgets([{"budget": r["budget"], "any": pick_cell(r["any"], "memory", kld_digits),
-                                         "own": pick_cell(r["own"], "memory", kld_digits)} for r in chosen["memory"]]),
+        "memory_unit": memory_unit(pts),
+        "memory_picks": _merge_budgets([{"budget": r["budget"],
+                                         "any": pick_cell(r["any"], "memory", kld_digits, memory_unit(pts)),
+                                         "own": pick_cell(r["own"], "memory", kld_digits, memory_unit(pts))}
+                                        for r in chosen["memory"]]),
     }
 
 

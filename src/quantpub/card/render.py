@@ -122,7 +122,7 @@ def _measured(m: dict, q: dict[str, Any] | None) -> dict[str, Any]:
     if not ev or q is None:
         return {"eval": None, "ppl": "-", "kld": "-", "memory": "-", "rank": None}
     return {"eval": ev, "ppl": quality.fmt(ev["perplexity"], q["ppl_digits"]), "kld": quality.fmt(ev["kld"], q["kld_digits"]),
-            "memory": quality.memory_cell(ev), "rank": q["ranks"].get(m["variant"])}
+            "memory": quality.memory_cell(ev, q["memory_unit"]), "rank": q["ranks"].get(m["variant"])}
 
 
 def gptq_rows(manifests: list[dict], model_type: str, hub: str, repo: str, q=None) -> list[dict[str, Any]]:
