@@ -21,7 +21,7 @@ from huggingface_hub import ModelCard
 from conftest import FIXTURES, MATRICES
 from quantpub.card import quality, read_source, render
 from quantpub.card.prompt import detect
-from quantpub.formatting import gb
+from quantpub.formatting import column_unit, gb, size as format_size
 from quantpub.plan import make_plan
 from quantpub.worker import _parameters
 
@@ -288,12 +288,15 @@ def test_every_number_in_the_comparison_table_is_a_manifest_field(tmp_path):
     text = render_family(tmp_path, manifests)["AWQ"]
     rows = table_rows(section(text, "quantpub-quality"))[1:]
     klds = []
+    units = {row[-1].split()[1] for row in rows}
+    assert len(units) == 1, f"the memory column mixes units: {units}"
+    unit = column_unit(m["evaluation"]["memory"]["bytes"] for m in manifests)
     for kind, link, size, ppl, kld, median, p99, kmax, top1, delta_p, memory in rows:
         label = link.split("]")[0][1:]
         m = next(x for x in manifests if x["method"].upper() == kind and
                  (x.get("branch") == label or label in x["files"]))
         ev = m["evaluation"]
-        assert size == gb(m["size"]) and memory == f"{gb(ev['memory']['bytes'])} RAM"
+        assert size == gb(m["size"]) and memory == f"{format_size(ev['memory']['bytes'], unit)} RAM"
         for cell, field in ((ppl, "perplexity"), (kld, "kld")):
             value, err = cell.split(" ± ")
             assert rounded(value, ev[field]) and rounded(err, ev[f"{field}_stderr"])
