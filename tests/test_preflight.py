@@ -147,7 +147,7 @@ def test_group_size_that_does_not_divide_a_layer(capfd, empty_cwd, inputs, corpu
     root, _ = inputs
     model = build_tiny_model(tmp_path / "inputs" / "tiny-320", "llama", hidden_size=320, intermediate_size=640,
                              text=corpus.read_text())
-    refused(capfd, empty_cwd, run_args(root, model, corpus), "variant gptq-4bit-128g-actorder_False",
+    refused(capfd, empty_cwd, run_args(root, model, corpus), "variant gptq-4bit-128g-actorder_False:",
             "group size 128 does not divide the layer input size 320")
 
 

@@ -1,7 +1,8 @@
 """Command line: parse arguments, call one stage function, turn errors into one line.
 
-Exit codes: 0 success, 2 a problem with the input (matrix, model, data, target, work dir), 1
-anything else (a variant or stage failed, a full disk).
+Exit codes (``errors.EXIT_*``, README "Exit codes"): 0 done, 1 some variants or stages failed,
+2 a problem with the input, 3 the hub failed while publishing, 4 a problem of this machine
+(disk full, permissions, a lock held by another process), 70 a bug.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 
 from quantpub import __version__
-from quantpub.errors import PlanError, QuantpubError
+from quantpub.errors import (EXIT_BUG, EXIT_FAILED, EXIT_HUB, EXIT_MACHINE, EXIT_OK, PlanError, QuantpubError)
 
 DEFAULT_MATRIX = "thebloke"
 log = logging.getLogger("quantpub")
@@ -65,7 +66,7 @@ def _hub_serve(args: argparse.Namespace) -> int:
         serve(HubConfig(Path(args.data_dir), users=users, log_requests=True), host=args.host, port=args.port)
     except HubLockedError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_MACHINE
     return 0
 
 
@@ -77,7 +78,7 @@ def _hub_gc(args: argparse.Namespace) -> int:
         print(collect(args.data_dir, delete=args.delete, min_age=args.min_age_hours * 3600))
     except HubLockedError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_MACHINE
     return 0
 
 
@@ -133,7 +134,9 @@ def _run(args: argparse.Namespace) -> int:
     _print_summary(work, list(checked.plans), summary, args.publish_to, options.namespace)
     if example and args.publish_to is None and not args.quiet:
         _load_example_back(work, models[0], summary)
-    return 0 if summary.ok else 1
+    if summary.ok:
+        return EXIT_OK
+    return EXIT_HUB if summary.only_publishing_failed else EXIT_FAILED
 
 
 def _print_summary(work: Path, models: list[str], summary, publish_to: str | None, namespace: str | None) -> None:
@@ -350,7 +353,8 @@ def _doctor(args: argparse.Namespace) -> int:
     width = max(map(len, report))
     for key, value in report.items():
         print(f"{key:<{width}}  {value}")
-    return 1 if "missing" in report.get("llama.cpp converter", "") else 0
+    broken = "missing" in report.get("llama.cpp converter", "") or "MISSING" in report.get("llama.cpp on this CPU", "")
+    return EXIT_MACHINE if broken else EXIT_OK
 
 
 def _compat_venvs(args: argparse.Namespace) -> int:
@@ -503,8 +507,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PATH_OPTIONS = ("work", "out", "dir", "data_dir", "users", "calibration_file", "eval_file", "models_file")
+
+
+def _absolute(args: argparse.Namespace) -> argparse.Namespace:
+    """Every path the user gave, relative to the directory the command was started in: stages, servers and
+    subprocesses run in directories of their own (a stage in its log folder, git in the hub's data dir)."""
+    for name in PATH_OPTIONS:
+        if getattr(args, name, None) is not None:
+            setattr(args, name, os.path.abspath(getattr(args, name)))
+    for name in ("matrix", "matrix_name"):
+        value = getattr(args, name, None)
+        if value is not None and Path(value).is_file():
+            setattr(args, name, os.path.abspath(value))
+    model = getattr(args, "model", None)
+    if isinstance(model, list):
+        args.model = [os.path.abspath(m) if Path(m).is_dir() else m for m in model]
+    elif model is not None and Path(model).is_dir():
+        args.model = os.path.abspath(model)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _absolute(build_parser().parse_args(argv))
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.WARNING if quiet or args.command == "run" else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -517,25 +542,29 @@ def main(argv: list[str] | None = None) -> int:
 
         for problem in exc.problems if isinstance(exc, PreflightError) else [str(exc)]:
             print(f"error: {problem}", file=_terminal or sys.stderr)
-        return 2
+        return exc.exit_code
     except (OSError, sqlite3.OperationalError) as exc:
         message = _system_error(exc)
-        if message is None or args.debug:
-            _report_bug()
+        if args.debug:
             raise
+        if message is None:
+            return _report_bug()
         print(f"error: {message}", file=_terminal or sys.stderr)
-        return 1
-    except Exception:
-        _report_bug()
-        raise
+        return EXIT_MACHINE
+    except Exception:  # noqa: BLE001 - a bug: its traceback, and the code that says so
+        if args.debug:
+            raise
+        return _report_bug()
 
 
-def _report_bug() -> None:
-    """A bug's traceback reaches the terminal even when fd 2 is the run's log (it is in the log as well)."""
-    if _terminal is not None:
-        import traceback
+def _report_bug() -> int:
+    """A bug's traceback, on the terminal even when fd 2 is the run's log (and in the log as well)."""
+    import traceback
 
-        traceback.print_exc(file=_terminal)
+    for stream in {sys.stderr, _terminal or sys.stderr}:
+        traceback.print_exc(file=stream)
+    print("error: this is a bug in quantpub; please report it with the traceback above", file=_terminal or sys.stderr)
+    return EXIT_BUG
 
 
 def _system_error(exc: BaseException) -> str | None:

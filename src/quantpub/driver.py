@@ -43,10 +43,16 @@ class Summary:
     failed: list[str] = field(default_factory=list)          # "model variant" of failed variants
     stage_errors: list[str] = field(default_factory=list)    # one line per stage that failed (with its log)
     seconds: float = 0.0
+    publish_errors: int = 0  # how many of the stage errors are publish stages' (the hub failed)
 
     @property
     def ok(self) -> bool:
         return not self.failed and not self.stage_errors
+
+    @property
+    def only_publishing_failed(self) -> bool:
+        """Every variant was built; what failed was the hub (a re-run publishes what is left)."""
+        return not self.failed and len(self.stage_errors) == self.publish_errors > 0
 
 
 class Driver:
@@ -62,6 +68,7 @@ class Driver:
         self.streamed: dict[str, bool] = {}  # model -> its GPTQ/AWQ group streams layers from the checkpoint
         self.active: dict[int, dict[str, str]] = {}  # task id -> variant -> last phase
         self.stage_errors: list[str] = []
+        self.publish_errors = 0
         self.repos: dict[str, set[str]] = {}
         self.workdir = (str(work), work_id(work))
 
@@ -234,6 +241,7 @@ class Driver:
                     self._record_build(model, row.variant, f"{task.stage} failed: {line}", task.log)
         else:
             self.stage_errors.append(f"{model}: {task.stage} failed: {line} (log: {task.log})")
+            self.publish_errors += task.stage == "publish"
         log.error("%s of %s failed: %s (log: %s)", task.stage, model, line, task.log)
         if self.observer:
             self.observer.stage(task, "failed", line)
@@ -377,7 +385,7 @@ class Driver:
         return Summary(endpoint=self.endpoint, ledger=str(self.ledger.path), work=str(self.work), run_id=self.run_id,
                        repos=repos, failed=[f"{r.model} {r.variant}" for r in rows
                                             if r.model in self.plans and r.state in FAILED],
-                       stage_errors=self.stage_errors, seconds=seconds)
+                       stage_errors=self.stage_errors, seconds=seconds, publish_errors=self.publish_errors)
 
 
 def _signature(error: str | None) -> str:

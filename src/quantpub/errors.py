@@ -1,14 +1,30 @@
 """Typed errors. Each carries enough context (file, key, variant) for one clear line.
 
-The CLI turns a ``QuantpubError`` into ``error: <message>`` and exit code 2; anything
-else is a bug and keeps its traceback.
+The CLI turns a ``QuantpubError`` into ``error: <message>`` and its ``exit_code``; anything
+else is a bug and keeps its traceback (exit code 70).
 """
 
 from __future__ import annotations
 
+# exit codes of every quantpub command (README "Exit codes")
+EXIT_OK = 0          # everything asked for was done (a run: every variant built and published)
+EXIT_FAILED = 1      # the command ran to its end but some variants failed or crashed, or a stage failed
+EXIT_INPUT = 2       # a problem with the input (matrix, model, data, options): nothing was built
+EXIT_HUB = 3         # the hub refused, went away or could not be reached while publishing or downloading
+EXIT_MACHINE = 4     # this machine: disk full, no permission, work dir or hub data dir in use, a tool missing
+EXIT_BUG = 70        # a bug in quantpub (the traceback is printed; please report it)
+
 
 class QuantpubError(Exception):
     """Base for every error a user can fix by changing their input."""
+
+    exit_code = EXIT_INPUT
+
+
+class MachineError(QuantpubError):
+    """A problem of this machine, not of the input: a lock held by another process, a tool not installed."""
+
+    exit_code = EXIT_MACHINE
 
 
 class MatrixError(QuantpubError):
@@ -57,8 +73,9 @@ class QuantizeError(QuantpubError):
 
 
 class PublishError(QuantpubError):
-    """A variant that cannot be published: bad input, changed files, or a hub error."""
+    """A variant that cannot be published: bad input, changed files, or (``hub=True``) the hub's error."""
 
-    def __init__(self, repo: str, branch: str | None, message: str):
+    def __init__(self, repo: str, branch: str | None, message: str, *, hub: bool = False):
         self.repo, self.branch = repo, branch
+        self.exit_code = EXIT_HUB if hub else EXIT_INPUT
         super().__init__(f"{repo}@{branch}: {message}" if branch else f"{repo}: {message}")

@@ -108,9 +108,12 @@ def make_plan(matrix_path: str | Path, model: str, *, device: Device = "cuda",
     problems: list[str] = []
 
     unsupported = sorted({s.method for s in specs if facts.model_type not in BACKENDS[s.method].model_types})
-    for method in unsupported:
-        supported = ", ".join(sorted(BACKENDS[method].model_types))
-        problems.append(f"{method}: model_type {facts.model_type!r} is not supported (supported: {supported})")
+    if unsupported:  # one line for the model, whatever the number of sections that cannot take it
+        supported = sorted(set.intersection(*(set(BACKENDS[m].model_types) for m in unsupported)))
+        problems.append(f"model_type {facts.model_type!r} ({', '.join(facts.architectures) or 'no architectures'}) "
+                        f"is not supported by the {', '.join(unsupported)} section{'s' * (len(unsupported) > 1)} of "
+                        f"the matrix (they support {', '.join(supported)}); quantize a model of a supported "
+                        "architecture, or remove those sections from the matrix")
 
     jobs = []
     for spec in specs:

@@ -202,17 +202,17 @@ def _hub_source_problems(model: str) -> list[str]:
 
 def check_group_sizes(model: str, plan: Plan) -> list[str]:
     """A GPTQ group size must divide the input size of every layer it quantizes."""
-    problems = []
     inputs = sorted({lin.in_features for lin in plan.facts.block_linears()})
+    refused: dict[tuple[int, int], list[str]] = {}  # (group size, an input it does not divide) -> variants
     for job in plan.jobs:
         p = job.variant.params
         if isinstance(p, GptqVariant) and p.group_size is not None:
             bad = [n for n in inputs if n % p.group_size]
             if bad:
-                problems.append(f"model {model}: variant {job.id}: group size {p.group_size} does not divide the "
-                                f"layer input size {bad[0]}; use a group size that divides "
-                                f"{', '.join(map(str, inputs))} (or none) for this model")
-    return problems
+                refused.setdefault((p.group_size, bad[0]), []).append(job.id)
+    return [f"model {model}: variant{'s' * (len(ids) > 1)} {', '.join(ids)}: group size {group} does not divide the "
+            f"layer input size {size}; use a group size that divides {', '.join(map(str, inputs))} (or none) for "
+            "this model" for (group, size), ids in refused.items()]
 
 
 # calibration and evaluation text
@@ -395,7 +395,9 @@ def read_models_file(path: str | Path) -> list[str]:
     except (OSError, UnicodeDecodeError) as exc:
         raise QuantpubError(f"--models-file {path}: cannot read it ({exc})") from None
     models = [line.split("#", 1)[0].strip() for line in lines]
-    models = [m for m in models if m]
+    # a checkpoint directory named relative to the file (or else to the current directory), hub ids as written
+    models = [str((path.parent / m).resolve()) if (path.parent / m).is_dir() else
+              os.path.abspath(m) if Path(m).is_dir() else m for m in models if m]
     if not models:
         raise QuantpubError(f"--models-file {path}: names no model (one hub id or path per line)")
     return models

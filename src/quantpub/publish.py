@@ -194,7 +194,7 @@ def publish(out: str | Path, *, endpoint: str | None = None, token: str | None =
             raise
         except Exception as exc:
             raise PublishError(target, manifest.get("branch") or "main",
-                               f"{manifest['variant']}: {type(exc).__name__}: {exc}") from exc
+                               f"{manifest['variant']}: {type(exc).__name__}: {exc}", hub=True) from exc
     return results
 
 

@@ -10,7 +10,7 @@ import socket
 import time
 from pathlib import Path
 
-from quantpub.errors import QuantpubError
+from quantpub.errors import MachineError, QuantpubError
 
 LOCK = "run.lock"
 WORK_ID = ".quantpub-work-id"
@@ -43,7 +43,7 @@ class WorkLock:
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
-            raise QuantpubError(f"--work {self.path.parent}: in use by another quantpub run ({holder}); wait for it "
+            raise MachineError(f"--work {self.path.parent}: in use by another quantpub run ({holder}); wait for it "
                                 "to finish, or use another --work") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
