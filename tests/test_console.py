@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,28 @@ def test_live_view_in_a_real_terminal(tmp_path, tiny_models, corpus):
     assert any(re.search(r"gguf-Q8_0\s+tiny-llama\.Q8_0\.gguf\s+\S", f) for f in live)
     assert re.search(r"variants 4/4 built, 4 published", final), final
     assert re.search(r"gptq-4bit-128g-actorder_False\s+main\s+[\d.]+ MB\s+[\d.]+\s+[\d.e-]+\s+published", final)
+
+
+def test_rows_of_a_stage_that_ended_show_how_it_ended_not_its_last_progress(tmp_path):
+    """A stage lost or crashed mid-work: every variant row it carried leaves 'quantizing' / 'validating'."""
+    from rich.console import Console
+
+    from quantpub.console import LiveConsole
+    from quantpub.ledger import Ledger
+
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    for variant in ("gguf-Q4_K_M", "gguf-Q8_0", "gguf-Q2_K"):
+        ledger.plan("/m/tiny", variant, "gguf", "ns/tiny-GGUF", f"tiny.{variant[5:]}.gguf")
+    view = LiveConsole(Console(file=io.StringIO(), width=200, color_system=None))
+    view.plans, view.ledger = {"/m/tiny": types.SimpleNamespace(jobs=[])}, ledger
+    task = Task(3, "/m/tiny", "quantize-gguf", print, (), Resources(), "/w/logs/quantize-gguf.log")
+    view.event(task, {"phase": "placed", "variant": None})
+    view.event(task, {"variant": "gguf-Q4_K_M", "phase": "validating"})
+    view.event(task, {"variant": "gguf-Q8_0", "phase": "quantizing", "step": 3, "steps": 8})
+    view.event(task, {"variant": "gguf-Q2_K", "phase": "converting"})
+    ledger.fail("/m/tiny", "gguf-Q4_K_M", "crashed: SIGSEGV during quantize-gguf (validating)", state="crashed")
+    view.stage(task, "crashed", "crashed: SIGSEGV")
+    cells = {r.variant: str(view._cells(r)[2]) for r in ledger.rows()}
+    assert cells == {"gguf-Q4_K_M": "crashed", "gguf-Q8_0": "interrupted", "gguf-Q2_K": "interrupted"}
+    assert not any(phase in render(view.render()) for phase in ("validating", "quantizing", "converting"))
+    ledger.close()

@@ -240,3 +240,16 @@ def test_a_full_disk_is_one_line_and_the_rerun_recovers(inputs, tmp_path, small_
     filler.unlink()
     finish(inputs, work)
     assert_published_once(work)
+
+
+def test_status_after_a_killed_driver_says_it_is_gone(inputs, tmp_path, local_hub_online):
+    """The ledger still says "running" (nobody was left to say otherwise); status sees the lock is free."""
+    work = tmp_path / "work"
+    proc = start(inputs, work)
+    wait_for(proc, lambda: running(work, "quantize-gpu"), "quantization")
+    kill_run(proc)
+    done = subprocess.run([sys.executable, "-m", "quantpub", "status", "--work", str(work)], env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "interrupted (driver gone)" in done.stdout and "quantize-gpu" in done.stdout
+    assert not any(line.strip() == "running" for line in done.stdout.splitlines())

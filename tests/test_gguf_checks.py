@@ -83,3 +83,34 @@ def test_majority_rule_skipped_when_few_rows_are_256_aligned():
     rows = [(f"blk.{i}.w{j}.weight", "IQ4_NL", (576, 576)) for i in range(4) for j in range(6)]
     rows += [(f"blk.{i}.ffn_down.weight", "Q3_K", (1536, 576)) for i in range(4)]
     assert gguf.check_mix("Q2_K", rows) == []
+
+
+@pytest.mark.slow
+def test_a_build_with_amx_loads_without_extra_buffer_types(tiny_models, tmp_path, monkeypatch):
+    """llama.cpp's AMX buffer type crashes quantized evaluation (issue 20824): a library built with AMX
+    gets use_extra_bufts=False on every quantpub load; the portable build keeps them (repack)."""
+    from quantpub.backends import llamacpp
+
+    assert llamacpp.system_info().get("AMX_INT8") != "1"  # the installed build is portable
+    base = tmp_path / "tiny.F16.gguf"
+    llamacpp.convert(tiny_models("llama"), base, "f16")
+    kept = llamacpp.load(base, n_ctx=32, verbose=False)
+    assert kept.model_params.use_extra_bufts is True
+    kept.close()
+    monkeypatch.setattr(llamacpp, "system_info", lambda: {"AMX_INT8": "1", "AVX512": "1"})
+    off = llamacpp.load(base, n_ctx=32, verbose=False)
+    assert off.model_params.use_extra_bufts is False
+    off.close()
+    import llama_cpp
+
+    assert llama_cpp.llama_model_default_params().use_extra_bufts is True  # the defaults are put back
+
+
+def test_doctor_names_the_cpu_and_what_llama_cpp_was_built_for():
+    from quantpub.backends import llamacpp
+
+    report = llamacpp.doctor()
+    assert "avx2" in report["cpu features"] or "asimd" in report["cpu features"]
+    assert report["llama.cpp on this CPU"] == "every feature it needs is here"
+    assert "AVX512" not in report["llama.cpp CPU backend"] and "AMX" not in report["llama.cpp CPU backend"]
+    assert report["extra buffer types"].startswith("on")

@@ -301,6 +301,7 @@ def build_variant(session, job: Job, calib: calibration.CalibrationSet, out: Pat
         backend = gptq if job.method == "gptq" else awq
         layers = progress.watch_decoder_layers(job.id)
         try:
+            isolate.maybe_crash("quantize", job.id)  # the calibration pass runs here, in the stage's own process
             quant_log = backend.quantize(session, job.variant.params, calib, partial)
         finally:
             layers.remove()
