@@ -12,11 +12,11 @@ from urllib.parse import parse_qs
 import yaml
 from starlette.responses import JSONResponse, Response
 
-from quantpub.hub.app import PREFIX, Ctx, Router, blocking, repo_type, require_write
-from quantpub.hub.auth import whoami
+from quantpub.hub.auth import require_write, visible_blob, whoami
 from quantpub.hub.bodies import body_chunks, parse, read_body, read_model
 from quantpub.hub.errors import HubError
 from quantpub.hub.names import COMMIT_RE, check_name, check_namespace, check_path
+from quantpub.hub.routing import PREFIX, Ctx, Router, blocking, repo_type
 from quantpub.hub.schemas import (Branch, CreateRepo, DeleteRepo, FileOp, Header, LfsOp, Line, PathOp,
                                   Paths, Preupload, Settings, Tag, Yaml)
 from quantpub.hub.store import LFS_SUFFIXES, LFS_THRESHOLD, REPO_TYPES, FileEntry, Repo, git_blob_oid, lfs_pointer
@@ -293,8 +293,6 @@ async def _lines(ctx: Ctx):
 
 async def commit(ctx: Ctx) -> Response:
     """ndjson: a header, then files (base64), LFS files (by sha256) and deletions; streamed, one line at a time."""
-    from quantpub.hub.lfs import visible_blob
-
     type_ = repo_type(ctx, api=True)
     if type_ not in REPO_TYPES:
         raise HubError(400, f"unknown repo type {type_!r}")

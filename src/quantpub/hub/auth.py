@@ -32,7 +32,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from quantpub.hub.names import check_namespace
+from quantpub.hub.errors import HubError, not_found
+from quantpub.hub.names import SHA256_RE, check_namespace
+from quantpub.hub.store import REPO_TYPES, Repo, Store
 
 Role = Literal["read", "write"]
 USERS_FILE = "users.yaml"
@@ -134,6 +136,44 @@ class Users:
         if not ranked or ranked[0][1].role != "write":
             raise ValueError(f"{self.source}: no user has a write token")
         return ranked[0][0]
+
+
+def require_write(caller: Caller, namespace: str) -> None:
+    """401 without a token, 403 for a read token or a namespace the caller may not write."""
+    if caller.name is None:
+        raise HubError(401, "a write token is required: pass token= or set HF_TOKEN")
+    if caller.role != "write":
+        raise HubError(403, f"the token of {caller.name} is a read token; writing needs a write token")
+    if not caller.can_write(namespace):
+        raise HubError(403, f"{caller.name} cannot write to namespace {namespace!r}: only to their own "
+                            "namespace and organisations where they are a write member")
+
+
+def open_repo(store: Store, caller: Caller, type_: str, namespace: str, name: str, *, write: bool = False) -> Repo:
+    """The repo if ``caller`` may see it (else 404, as the Hub), and write to it when ``write``."""
+    if type_ not in REPO_TYPES:
+        raise HubError(400, f"unknown repo type {type_!r}")
+    repo = store.get_repo(type_, namespace, name)
+    if repo is None or not caller.can_read(repo.namespace, repo.private):
+        if write and caller.name is None:
+            raise HubError(401, "a write token is required: pass token= or set HF_TOKEN")
+        raise not_found(f"{namespace}/{name}")
+    if write:
+        require_write(caller, repo.namespace)
+    return repo
+
+
+def visible_blob(store: Store, caller: Caller, sha256: str, size: int) -> bool:
+    """Stored completely, and referenced by a repo the caller can read, or uploaded by the caller.
+
+    What makes the LFS batch API answer "already stored", and a commit accept an LFS file: a
+    sha256 alone (from a published manifest, say) gets no one another user's private bytes.
+    """
+    if not SHA256_RE.fullmatch(sha256) or not store.has_blob(sha256, size):
+        return False
+    if caller.name is not None and store.uploaded_by(sha256, caller.name):
+        return True
+    return any(caller.can_read(ns, private) for ns, private in store.blob_owners(sha256))
 
 
 def whoami(caller: Caller) -> dict:

@@ -17,13 +17,12 @@ from typing import Literal
 from pydantic import Field
 from starlette.responses import FileResponse, JSONResponse, Response
 
-from quantpub.hub.app import Ctx, Router, blocking, repo_type
-from quantpub.hub.auth import Caller
+from quantpub.hub.auth import visible_blob
 from quantpub.hub.bodies import body_chunks, read_body, read_model
 from quantpub.hub.errors import HubError
 from quantpub.hub.names import SHA256_RE
+from quantpub.hub.routing import Ctx, Router, blocking, repo_type
 from quantpub.hub.schemas import _Body
-from quantpub.hub.store import Store
 
 URL_TTL = 24 * 3600
 LFS_JSON = "application/vnd.git-lfs+json"
@@ -46,15 +45,6 @@ def register(r: Router) -> None:
     r.add("PUT", "lfs/upload/{oid}", upload)
     r.add("POST", "lfs/verify/{oid}", verify)
     r.add("GET", "lfs/download/{oid}", download)
-
-
-def visible_blob(store: Store, caller: Caller, sha256: str, size: int) -> bool:
-    """Stored completely, and referenced by a repo the caller can read, or uploaded by the caller."""
-    if not SHA256_RE.fullmatch(sha256) or not store.has_blob(sha256, size):
-        return False
-    if caller.name is not None and store.uploaded_by(sha256, caller.name):
-        return True
-    return any(caller.can_read(ns, private) for ns, private in store.blob_owners(sha256))
 
 
 def _sign(ctx: Ctx, *fields: object) -> str:

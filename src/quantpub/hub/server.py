@@ -25,6 +25,7 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from quantpub.hub.app import create_app
 from quantpub.hub.auth import Users, load_or_create_users
 
 log = logging.getLogger(__name__)
@@ -105,8 +106,6 @@ class HubServer:
     """A running hub: ``url``, ``config``, ``store``; ``shutdown()`` then ``server_close()``."""
 
     def __init__(self, config: HubConfig, host: str = "127.0.0.1", port: int = 0):
-        from quantpub.hub.app import create_app
-
         self.config = config
         self.app = create_app(config)  # takes the data dir's lock, brings git mirrors in step
         self.store = self.app.state.hub.store

@@ -19,10 +19,10 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markdown_it import MarkdownIt
 from starlette.responses import FileResponse, HTMLResponse, Response
 
-from quantpub.hub import git
-from quantpub.hub.app import Ctx, Router, blocking, repo_type
 from quantpub.hub.api import listing, stamp
 from quantpub.hub.errors import HubError
+from quantpub.hub.git import http_backend
+from quantpub.hub.routing import Ctx, Router, blocking, repo_type
 
 TEMPLATES = Path(__file__).parent / "web" / "templates"
 CSP = "default-src 'self'; img-src 'self' data: https:; style-src 'self'; script-src 'self'; object-src 'none'"
@@ -73,8 +73,8 @@ async def git_fetch(ctx: Ctx) -> Response:
                            headers={"WWW-Authenticate": 'Basic realm="quantpub hub"'}) from None
         raise
     service = ctx.request.url.path.rsplit("/", 2)
-    return await git.http_backend(ctx.request, ctx.hub.mirror, repo,
-                                  "info/refs" if service[-1] == "refs" else service[-1])
+    return await http_backend(ctx.request, ctx.hub.mirror, repo,
+                              "info/refs" if service[-1] == "refs" else service[-1])
 
 
 def page(handler):

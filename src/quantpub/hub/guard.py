@@ -1,0 +1,63 @@
+"""The ASGI middleware in front of every handler: framing, response headers, errors, one log line."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from quantpub.hub.errors import HubError
+from quantpub.hub.routing import error_response
+
+log = logging.getLogger("quantpub.hub.app")
+_UNSAFE_HEADER = re.compile(r"[^\x20-\x7e]")
+
+
+class Guard:
+    """ASGI middleware: the connection is closed after a response whose request body was not read
+    to its end (so leftover bytes are never parsed as a request), response headers never carry
+    control characters, unexpected errors answer 500, one log line per request (no query)."""
+
+    def __init__(self, app, log_requests: bool = False):
+        self.app, self.log_requests = app, log_requests
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        state = {"body_done": not (headers.get(b"transfer-encoding") or headers.get(b"content-length", b"0") != b"0"),
+                 "started": False, "status": 0}
+
+        async def guarded_receive():
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                state["body_done"] = True
+            if message["type"] == "http.disconnect":
+                state["body_done"] = False
+            return message
+
+        async def guarded_send(message):
+            if message["type"] == "http.response.start":
+                clean = [(k, _UNSAFE_HEADER.sub("?", v.decode("latin-1")).encode("latin-1"))
+                         for k, v in message.get("headers", [])]
+                clean.append((b"x-content-type-options", b"nosniff"))
+                if not state["body_done"]:
+                    clean = [(k, v) for k, v in clean if k.lower() != b"connection"] + [(b"connection", b"close")]
+                message = {**message, "headers": clean}
+                state["started"], state["status"] = True, message["status"]
+            await send(message)
+
+        if b"transfer-encoding" in headers and b"content-length" in headers:
+            # RFC 9112 6.1: a smuggling attempt; answer and close rather than pick one framing
+            state["body_done"] = False
+            refusal = HubError(400, "both Transfer-Encoding and Content-Length: send one of them")
+            return await error_response(refusal)(scope, guarded_receive, guarded_send)
+        try:
+            await self.app(scope, guarded_receive, guarded_send)
+        except Exception:  # noqa: BLE001 - answer 500 and keep serving
+            log.exception("internal error on %s %s", scope["method"], scope["path"])
+            if not state["started"]:
+                state["body_done"] = False
+                await error_response(HubError(500, "internal server error"))(scope, guarded_receive, guarded_send)
+        finally:
+            level = logging.INFO if self.log_requests else logging.DEBUG
+            log.log(level, "%s %s -> %s", scope["method"], _UNSAFE_HEADER.sub("?", scope["path"])[:300], state["status"])
