@@ -11,6 +11,7 @@ from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
 from test_hub import raw
+from test_hub_trees import api_and_git_agree  # noqa: F401 - autouse: the API and git serve the same trees
 
 ALICE, BOB, CAROL = "hf_alice_write_token_01", "hf_bob_write_token_0002", "hf_carol_read_token_003"
 USERS = {"users": {"alice": {"tokens": [{"token": ALICE, "role": "write"}]},

@@ -19,6 +19,7 @@ from huggingface_hub import HfApi
 
 from conftest import HUB_TOKEN
 from test_hub import _start_server, raw
+from test_hub_trees import api_and_git_agree  # noqa: F401 - autouse: the API and git serve the same trees
 
 AUTH = {"Authorization": f"Bearer {HUB_TOKEN}"}
 TIMEOUT = 1.0
@@ -290,6 +291,7 @@ def test_refs_follow_git_rules_and_never_shadow(hub):
     # commit ids resolve before names, even against a ref a hub wrote before these rules
     hub.store._db().execute("INSERT INTO refs VALUES ((SELECT id FROM repos WHERE name='r'), 'tag', ?, ?)",
                             (sha[:39] + "0" if sha[-1] != "0" else sha[:39] + "1", sha))
+    hub.app.state.hub.changed(hub.store.get_repo("model", "alice", "r"))  # as the next start-up would
     resp, data = raw(hub, "GET", f"/api/models/alice/r/revision/{sha}")
     assert json.loads(data)["sha"] == sha
     for name in ("x\n", "x\r", "ok/../x", "a" * 97, "-a", "x.git"):

@@ -13,6 +13,7 @@ import pytest
 from huggingface_hub import HfApi
 
 from conftest import FIXTURES, HUB_TOKEN
+from test_hub_trees import api_and_git_agree  # noqa: F401 - autouse: the API and git serve the same trees
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 from quantpub.hub.auth import require_write, visible_blob, whoami
 from quantpub.hub.bodies import body_chunks, parse, read_body, read_model
 from quantpub.hub.errors import HubError
-from quantpub.hub.names import COMMIT_RE, check_name, check_namespace, check_path
+from quantpub.hub.names import COMMIT_RE, attributes_problem, check_name, check_namespace, check_path
 from quantpub.hub.routing import PREFIX, Ctx, Router, blocking, repo_type
 from quantpub.hub.schemas import (Branch, CreateRepo, DeleteRepo, FileOp, Header, LfsOp, Line, PathOp,
                                   Paths, Preupload, Settings, Tag, Yaml)
@@ -291,6 +291,14 @@ async def _lines(ctx: Ctx):
     yield bytes(buf)
 
 
+def _check_git_file(path: str, data: bytes | None) -> None:
+    """400 for a path or a .gitattributes file that the git mirror could not serve as the API does."""
+    check_path(path)
+    problem = attributes_problem(path, data)
+    if problem:
+        raise HubError(400, f"{path}: {problem}")
+
+
 async def commit(ctx: Ctx) -> Response:
     """ndjson: a header, then files (base64), LFS files (by sha256) and deletions; streamed, one line at a time."""
     type_ = repo_type(ctx, api=True)
@@ -312,15 +320,16 @@ async def commit(ctx: Ctx) -> Response:
                 data = base64.b64decode(op.content, validate=True)
             except binascii.Error:
                 raise HubError(400, f"{op.path}: content is not valid base64") from None
+            _check_git_file(op.path, data)
             sha = await blocking(ctx.store.put_blob, [data], len(data))
-            add.append(FileEntry(check_path(op.path), sha, len(data), git_blob_oid(data), False))
+            add.append(FileEntry(op.path, sha, len(data), git_blob_oid(data), False))
         elif line.key == "lfsFile":
             op = parse(LfsOp, line.value, "lfsFile operation")
+            _check_git_file(op.path, None)
             if not await blocking(visible_blob, ctx.store, ctx.caller, op.oid, op.size):
                 raise HubError(422, f"{op.path}: content {op.oid} was never uploaded: upload it through the LFS "
                                     "batch API first")
-            add.append(FileEntry(check_path(op.path), op.oid, op.size, git_blob_oid(lfs_pointer(op.oid, op.size)),
-                                 True))
+            add.append(FileEntry(op.path, op.oid, op.size, git_blob_oid(lfs_pointer(op.oid, op.size)), True))
         else:
             path = parse(PathOp, line.value, f"{line.key} operation").path
             (delete if line.key == "deletedFile" else delete_folders).append(path)
