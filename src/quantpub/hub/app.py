@@ -9,7 +9,7 @@ from urllib.parse import unquote
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Mount, Route
+from starlette.routing import Mount, request_response
 from starlette.staticfiles import StaticFiles
 
 from quantpub.hub import api, lfs, web
@@ -53,9 +53,8 @@ def create_app(config) -> Starlette:
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             return error_response(HubError(400, f"malformed request: {exc}"))
 
-    app = Starlette(routes=[Mount("/static", StaticFiles(directory=STATIC), name="static"),
-                            Route("/{path:path}", dispatch, methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"])],
-                    middleware=[])
+    app = Starlette(routes=[Mount("/static", StaticFiles(directory=STATIC), name="static")])
+    app.router.default = request_response(dispatch)  # every other path, also one Starlette's patterns miss ('\n')
     app.state.config, app.state.hub = config, hub
     app.add_middleware(Guard, log_requests=config.log_requests)
     return app

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import logging
-import re
 
 from quantpub.hub.errors import HubError
-from quantpub.hub.routing import error_response
+from quantpub.hub.routing import error_response, header_value
 
 log = logging.getLogger("quantpub.hub.app")
-_UNSAFE_HEADER = re.compile(r"[^\x20-\x7e]")
 
 
 class Guard:
     """ASGI middleware: the connection is closed after a response whose request body was not read
-    to its end (so leftover bytes are never parsed as a request), response headers never carry
-    control characters, unexpected errors answer 500, one log line per request (no query)."""
+    to its end (so leftover bytes are never parsed as a request), response headers carry only
+    what h11 sends (``header_value``), unexpected errors answer 500, one log line per request (no query)."""
 
     def __init__(self, app, log_requests: bool = False):
         self.app, self.log_requests = app, log_requests
@@ -37,8 +35,7 @@ class Guard:
 
         async def guarded_send(message):
             if message["type"] == "http.response.start":
-                clean = [(k, _UNSAFE_HEADER.sub("?", v.decode("latin-1")).encode("latin-1"))
-                         for k, v in message.get("headers", [])]
+                clean = [(k, header_value(v.decode("latin-1"), None).encode()) for k, v in message.get("headers", [])]
                 clean.append((b"x-content-type-options", b"nosniff"))
                 if not state["body_done"]:
                     clean = [(k, v) for k, v in clean if k.lower() != b"connection"] + [(b"connection", b"close")]
@@ -60,4 +57,4 @@ class Guard:
                 await error_response(HubError(500, "internal server error"))(scope, guarded_receive, guarded_send)
         finally:
             level = logging.INFO if self.log_requests else logging.DEBUG
-            log.log(level, "%s %s -> %s", scope["method"], _UNSAFE_HEADER.sub("?", scope["path"])[:300], state["status"])
+            log.log(level, "%s %s -> %s", scope["method"], header_value(scope["path"], 300), state["status"])

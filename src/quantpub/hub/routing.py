@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 PLURAL = {"models": "model", "datasets": "dataset", "spaces": "space"}
-_UNSAFE_HEADER = re.compile(r"[^\x20-\x7e]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 Handler = Callable[["Ctx"], Awaitable[Response]]
 
 
@@ -130,10 +130,19 @@ def _match(pattern: list[str], parts: list[str]) -> dict[str, str] | None:
     return params if len(parts) == len(pattern) else None
 
 
+def header_value(text: str, limit: int | None = 500) -> str:
+    """``text`` as a response header may carry it: control and non-ASCII characters escaped
+    (``\\x0d``, ``\\xe9``, ``\\u202e``), at most ``limit`` characters, no leading or trailing blanks
+    (which h11 refuses to send: the client would get no answer at all)."""
+    escaped = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text).encode("ascii", "backslashreplace").decode()
+    return escaped[:limit].strip(" \t")
+
+
 def error_response(exc: HubError) -> Response:
-    """The Hub's error answer: JSON ``{"error": message}``, ``X-Error-Code`` and ``X-Error-Message``."""
-    headers = dict(exc.headers)
+    """The Hub's error answer: JSON ``{"error": message}``, ``X-Error-Code`` and ``X-Error-Message``
+    (the message, which may quote a caller's name or path, escaped for a header)."""
+    headers = {name: header_value(value) for name, value in exc.headers.items()}
     if exc.code:
         headers["X-Error-Code"] = exc.code
-    headers["X-Error-Message"] = _UNSAFE_HEADER.sub("?", str(exc))[:500]
+    headers["X-Error-Message"] = header_value(str(exc))
     return JSONResponse({"error": str(exc)}, exc.status, headers=headers)
