@@ -56,5 +56,5 @@ def create_app(config) -> Starlette:
     app = Starlette(routes=[Mount("/static", StaticFiles(directory=STATIC), name="static")])
     app.router.default = request_response(dispatch)  # every other path, also one Starlette's patterns miss ('\n')
     app.state.config, app.state.hub = config, hub
-    app.add_middleware(Guard, log_requests=config.log_requests)
+    app.add_middleware(Guard, config=config)
     return app

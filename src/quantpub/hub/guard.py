@@ -1,4 +1,5 @@
-"""The ASGI middleware in front of every handler: framing, response headers, errors, one log line."""
+"""The ASGI middleware in front of every handler: head limits, framing, response headers, errors,
+one log line per request."""
 
 from __future__ import annotations
 
@@ -10,13 +11,31 @@ from quantpub.hub.routing import error_response, header_value
 log = logging.getLogger("quantpub.hub.app")
 
 
-class Guard:
-    """ASGI middleware: the connection is closed after a response whose request body was not read
-    to its end (so leftover bytes are never parsed as a request), response headers carry only
-    what h11 sends (``header_value``), unexpected errors answer 500, one log line per request (no query)."""
+def head_problem(scope, config) -> HubError | None:
+    """414 or 431 when a request's head is over the config's limits (``HubConfig``), else None."""
+    target = len(scope["raw_path"]) + (len(scope["query_string"]) + 1 if scope["query_string"] else 0)
+    if target > config.max_target_bytes:
+        return HubError(414, f"request target of {target} bytes is over the limit of {config.max_target_bytes}: "
+                             "use a shorter URL")
+    fields = scope["headers"]
+    if len(fields) > config.max_headers:
+        return HubError(431, f"{len(fields)} header fields are over the limit of {config.max_headers}")
+    # the head as h11 parsed it: "METHOD target HTTP/1.1", "name: value" lines, the empty line
+    size = len(scope["method"]) + 1 + target + len(" HTTP/1.1\r\n") + sum(len(k) + len(v) + 4 for k, v in fields) + 2
+    if size > config.max_head_bytes:
+        return HubError(431, f"request head of {size} bytes is over the limit of {config.max_head_bytes}: "
+                             "send fewer or shorter headers")
+    return None
 
-    def __init__(self, app, log_requests: bool = False):
-        self.app, self.log_requests = app, log_requests
+
+class Guard:
+    """ASGI middleware: heads over the limits are refused (``head_problem``), the connection is
+    closed after a response whose request body was not read to its end (so leftover bytes are
+    never parsed as a request), response headers carry only what h11 sends (``header_value``),
+    unexpected errors answer 500, one log line per request (no query)."""
+
+    def __init__(self, app, config):
+        self.app, self.config = app, config
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -43,18 +62,21 @@ class Guard:
                 state["started"], state["status"] = True, message["status"]
             await send(message)
 
-        if b"transfer-encoding" in headers and b"content-length" in headers:
-            # RFC 9112 6.1: a smuggling attempt; answer and close rather than pick one framing
-            state["body_done"] = False
-            refusal = HubError(400, "both Transfer-Encoding and Content-Length: send one of them")
-            return await error_response(refusal)(scope, guarded_receive, guarded_send)
         try:
-            await self.app(scope, guarded_receive, guarded_send)
+            refusal = head_problem(scope, self.config)
+            if refusal is None and b"transfer-encoding" in headers and b"content-length" in headers:
+                # RFC 9112 6.1: a smuggling attempt; answer and close rather than pick one framing
+                refusal = HubError(400, "both Transfer-Encoding and Content-Length: send one of them")
+            if refusal is not None:
+                state["body_done"] = False
+                await error_response(refusal)(scope, guarded_receive, guarded_send)
+            else:
+                await self.app(scope, guarded_receive, guarded_send)
         except Exception:  # noqa: BLE001 - answer 500 and keep serving
-            log.exception("internal error on %s %s", scope["method"], scope["path"])
+            log.exception("internal error on %s %s", scope["method"], header_value(scope["path"], 300))
             if not state["started"]:
                 state["body_done"] = False
                 await error_response(HubError(500, "internal server error"))(scope, guarded_receive, guarded_send)
         finally:
-            level = logging.INFO if self.log_requests else logging.DEBUG
+            level = logging.INFO if self.config.log_requests else logging.DEBUG
             log.log(level, "%s %s -> %s", scope["method"], header_value(scope["path"], 300), state["status"])

@@ -15,13 +15,13 @@ import time
 from typing import Literal
 
 from pydantic import Field
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response
 
 from quantpub.hub.auth import visible_blob
 from quantpub.hub.bodies import body_chunks, read_body, read_model
 from quantpub.hub.errors import HubError
 from quantpub.hub.names import SHA256_RE
-from quantpub.hub.routing import Ctx, Router, blocking, repo_type
+from quantpub.hub.routing import BlobResponse, Ctx, Router, blocking, repo_type
 from quantpub.hub.schemas import _Body
 
 URL_TTL = 24 * 3600
@@ -148,4 +148,4 @@ async def download(ctx: Ctx) -> Response:
     path = ctx.store.blob_path(oid)
     if not await blocking(ctx.store.has_blob, oid, size):
         raise HubError(404, f"object {oid} is not stored")
-    return FileResponse(path, media_type="application/octet-stream", headers={"ETag": f'"{oid}"'})
+    return BlobResponse(path, media_type="application/octet-stream", headers={"ETag": f'"{oid}"'})

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable
 
 import anyio
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response
 
 from quantpub.hub.auth import Caller, open_repo
 from quantpub.hub.errors import HubError
@@ -146,3 +146,15 @@ def error_response(exc: HubError) -> Response:
         headers["X-Error-Code"] = exc.code
     headers["X-Error-Message"] = header_value(str(exc))
     return JSONResponse({"error": str(exc)}, exc.status, headers=headers)
+
+
+class BlobResponse(FileResponse):
+    """A stored file, with byte ranges; a Range header in another unit is ignored (the whole file,
+    200), as RFC 9110 14.2 says, where Starlette would answer 400."""
+
+    async def __call__(self, scope, receive, send):
+        def known(value: bytes) -> bool:
+            unit, eq, _ = value.partition(b"=")
+            return bool(eq) and unit.strip().lower() == b"bytes"
+        headers = [(k, v) for k, v in scope["headers"] if k != b"range" or known(v)]
+        await super().__call__({**scope, "headers": headers}, receive, send)

@@ -1,17 +1,15 @@
-"""Serving the hub: uvicorn (h11) with timeouts and a connection cap, one server per data dir.
+"""Serving the hub: uvicorn (h11) with timeouts and connection caps, one server per data dir.
 
 Why uvicorn + Starlette: both are maintained by the same people, widely deployed, and give
 HTTP/1.1 framing (h11: one Content-Length, chunked bodies, no header injection), a
-keep-alive timeout, a header size limit and a connection cap (``limit_concurrency``: past it
-new requests get 503). uvicorn has no deadline for a request's head (encode/uvicorn#157), so
-``_Protocol`` adds one: a client that has not sent a complete request head within
-``header_timeout`` seconds of connecting (or of its first byte on a kept-alive connection) is
-disconnected. Stalled request bodies are cut by the application (``bodies.body_chunks``).
+keep-alive timeout, a buffer limit for incomplete heads and a connection cap
+(``limit_concurrency``: past it new requests get 503). ``protocol.HubProtocol`` adds a deadline
+for request heads; ``guard.Guard`` bounds complete heads. Stalled request bodies are cut by the
+application (``bodies.body_chunks``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 import shutil
@@ -21,12 +19,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h11
 import uvicorn
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from quantpub.hub.app import create_app
 from quantpub.hub.auth import Users, load_or_create_users
+from quantpub.hub.protocol import HubProtocol
 
 log = logging.getLogger(__name__)
 MAX_FILE_SIZE = 50 * 1000 ** 3  # the Hub's per-file limit
@@ -50,6 +47,9 @@ class HubConfig:
     body_timeout: float = 30.0
     keep_alive: int = 5
     max_connections: int = 100
+    max_head_bytes: int = 64 * 1024  # request line and headers: 431 (414 for the request line) past it
+    max_headers: int = 100           # header fields: 431 past it
+    max_target_bytes: int = 16 * 1024  # the request target (path and query): 414 past it
 
     def __post_init__(self):
         self.data_dir = Path(self.data_dir)
@@ -59,47 +59,6 @@ class HubConfig:
             self.git = shutil.which("git") is not None
             if not self.git:
                 log.warning("git is not installed: the hub will not serve git clone")
-
-
-class _Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a deadline for each request head."""
-
-    header_timeout = 10.0
-    _head_timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport):
-        super().connection_made(transport)
-        self._arm()
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self.conn.their_state is h11.IDLE:
-            self._arm()  # still waiting for (the rest of) a request head
-        else:
-            self._disarm()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._disarm()  # idle until the next request: uvicorn's keep-alive timeout applies
-
-    def connection_lost(self, exc):
-        self._disarm()
-        super().connection_lost(exc)
-
-    def _arm(self) -> None:
-        if self._head_timer is None and not self.transport.is_closing():
-            self._head_timer = self.loop.call_later(self.header_timeout, self._head_too_slow)
-
-    def _disarm(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-
-    def _head_too_slow(self) -> None:
-        self._head_timer = None
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            log.info("closing a connection that sent no complete request head in %.0f s", self.header_timeout)
-            self.transport.close()
 
 
 class HubServer:
@@ -113,11 +72,12 @@ class HubServer:
         self.server_address = self.socket.getsockname()[:2]
         self._stopped = threading.Event()
         self._stopped.set()
-        protocol = type("HubProtocol", (_Protocol,), {"header_timeout": config.header_timeout})
+        protocol = type("ServerProtocol", (HubProtocol,), {"header_timeout": config.header_timeout,
+                                                           "max_head_bytes": config.max_head_bytes})
         self._server = uvicorn.Server(uvicorn.Config(
             self.app, http=protocol, lifespan="off", access_log=False, log_config=None, server_header=False,
             timeout_keep_alive=config.keep_alive, limit_concurrency=config.max_connections,
-            h11_max_incomplete_event_size=64 * 1024, timeout_graceful_shutdown=5))
+            h11_max_incomplete_event_size=config.max_head_bytes, timeout_graceful_shutdown=5))
 
     @property
     def url(self) -> str:

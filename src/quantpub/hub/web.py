@@ -17,12 +17,12 @@ import nh3
 import yaml
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markdown_it import MarkdownIt
-from starlette.responses import FileResponse, HTMLResponse, Response
+from starlette.responses import HTMLResponse, Response
 
 from quantpub.hub.api import listing, stamp
 from quantpub.hub.errors import HubError
 from quantpub.hub.git import http_backend
-from quantpub.hub.routing import Ctx, Router, blocking, repo_type
+from quantpub.hub.routing import BlobResponse, Ctx, Router, blocking, repo_type
 
 TEMPLATES = Path(__file__).parent / "web" / "templates"
 CSP = "default-src 'self'; img-src 'self' data: https:; style-src 'self'; script-src 'self'; object-src 'none'"
@@ -59,7 +59,7 @@ async def resolve(ctx: Ctx) -> Response:
         raise HubError(404, f"Entry not found: {path} at {rev}", "EntryNotFound", {"X-Repo-Commit": oid})
     headers = {"X-Repo-Commit": oid, "ETag": f'"{entry.sha256 if entry.lfs else entry.git_oid}"',
                "Content-Disposition": f"inline; filename*=UTF-8''{quote(path.rsplit('/', 1)[-1])}"}
-    return FileResponse(ctx.store.blob_path(entry.sha256), media_type="application/octet-stream", headers=headers)
+    return BlobResponse(ctx.store.blob_path(entry.sha256), media_type="application/octet-stream", headers=headers)
 
 
 async def git_fetch(ctx: Ctx) -> Response:
