@@ -23,8 +23,11 @@ needs a write token and the caller's own namespace, or an organisation where the
 from __future__ import annotations
 
 import base64
+import hashlib
+import logging
 import os
 import secrets
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -36,6 +39,7 @@ from quantpub.hub.errors import HubError, not_found
 from quantpub.hub.names import SHA256_RE, check_namespace
 from quantpub.hub.store import REPO_TYPES, Repo, Store
 
+log = logging.getLogger(__name__)
 Role = Literal["read", "write"]
 USERS_FILE = "users.yaml"
 DEFAULT_USER = "quantpub"
@@ -90,6 +94,7 @@ class Users:
 
     def __init__(self, spec: UsersSpec, source: str = "<memory>"):
         self.spec, self.source = spec, source
+        self.path: Path | None = None  # the file they were read from (reloaded when it changes)
         self._by_token: dict[str, Caller] = {}
         for org in spec.orgs:
             check_namespace(org)
@@ -184,29 +189,75 @@ def whoami(caller: Caller) -> dict:
 
 
 def read_users(path: str | Path) -> Users:
-    """A YAML users file, or a file of ``user:token`` lines (write tokens)."""
+    """A YAML users file, or a file of ``user:token`` lines (write tokens); ValueError saying what is wrong."""
     path = Path(path)
     text = path.read_text()
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError:
-        data = None
+        data, yaml_error = yaml.safe_load(text), None
+    except yaml.YAMLError as exc:
+        data, yaml_error = None, exc
     if isinstance(data, dict):
         try:
-            return Users(UsersSpec.model_validate(data), str(path))
+            users = Users(UsersSpec.model_validate(data), str(path))
         except ValidationError as exc:
             raise ValueError(f"{path}: {exc}") from None
-    tokens = {}
-    for n, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        user, sep, token = line.partition(":")
-        if not sep or not user.strip() or len(token.strip()) < 8:
-            raise ValueError(f"{path}:{n}: expected 'user:token' with a token of at least 8 characters, "
-                             "or a YAML users file (see quantpub hub serve --help)")
-        tokens[token.strip()] = user.strip()
-    return Users.from_tokens(tokens)
+    else:
+        tokens = {}
+        for n, line in enumerate(text.splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            user, sep, token = line.partition(":")
+            if not sep or not user.strip() or len(token.strip()) < 8:
+                if yaml_error is not None:
+                    raise ValueError(f"{path}: not valid YAML: {' '.join(str(yaml_error).split())}") from None
+                raise ValueError(f"{path}:{n}: expected 'user:token' with a token of at least 8 characters, "
+                                 "or a YAML users file (see quantpub hub serve --help)")
+            tokens[token.strip()] = user.strip()
+        users = Users.from_tokens(tokens)
+    users.path = path
+    return users
+
+
+class UsersReloader:
+    """The users file read again when it changes, so that a revoked token stops working within a
+    second or two: polled every ``interval`` seconds, read once it has stayed the same for one poll
+    (an editor's half-written file is not taken), and swapped into ``config.users`` in one
+    assignment. A file that does not read, or has no token left, keeps the previous users and
+    logs one line saying why."""
+
+    def __init__(self, config, path: Path, interval: float = 0.5):
+        self.config, self.path, self.interval = config, Path(path), interval
+        self.loaded = self.seen = self._signature()
+
+    def _signature(self) -> bytes | None:
+        """The file's content digest (a users file is small; an mtime can miss a same-size edit)."""
+        try:
+            return hashlib.sha256(self.path.read_bytes()).digest()
+        except OSError:
+            return None
+
+    def check(self) -> None:
+        """One poll: reload when the file changed and has stayed so since the last poll."""
+        now = self._signature()
+        stable, self.seen = now == self.seen, now
+        if now == self.loaded or not stable:
+            return
+        self.loaded = now
+        try:
+            users = read_users(self.path)
+            if not users._by_token:
+                raise ValueError("no user has a token")
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            log.error("users file %s not reloaded, the previous users stay: %s", self.path, exc)
+            return
+        self.config.users = users
+        log.info("users file %s reloaded: %d users, %d tokens", self.path, len(users.spec.users),
+                 len(users._by_token))
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.wait(self.interval):
+            self.check()
 
 
 def load_or_create_users(data_dir: str | Path, users_file: str | Path | None = None) -> tuple[Users, Path]:

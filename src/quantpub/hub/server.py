@@ -22,7 +22,7 @@ from pathlib import Path
 import uvicorn
 
 from quantpub.hub.app import create_app
-from quantpub.hub.auth import Users, load_or_create_users
+from quantpub.hub.auth import Users, UsersReloader, load_or_create_users
 from quantpub.hub.protocol import HubProtocol
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class HubConfig:
     max_head_bytes: int = 64 * 1024  # request line and headers: 431 (414 for the request line) past it
     max_headers: int = 100           # header fields: 431 past it
     max_target_bytes: int = 16 * 1024  # the request target (path and query): 414 past it
+    users_poll: float = 0.5          # seconds between looks at the users file (when read from one)
 
     def __post_init__(self):
         self.data_dir = Path(self.data_dir)
@@ -86,10 +87,23 @@ class HubServer:
 
     def serve_forever(self) -> None:
         self._stopped.clear()
+        stop = threading.Event()
+        jobs = [threading.Thread(target=job, args=(stop,), name="quantpub-hub-job", daemon=True)
+                for job in self._jobs()]
+        for job in jobs:
+            job.start()
         try:
             self._server.run(sockets=[self.socket])
         finally:
+            stop.set()
+            for job in jobs:
+                job.join(30)
             self._stopped.set()
+
+    def _jobs(self) -> list:
+        """What runs beside serving, each a ``run(stop_event)``: the users file's reloads."""
+        users = self.config.users
+        return [UsersReloader(self.config, users.path, self.config.users_poll).run] if users.path else []
 
     def shutdown(self) -> None:
         """Stop serving and wait until the server has stopped."""
