@@ -107,3 +107,104 @@ def test_unknown_range_units_are_ignored(hub):
         assert resp.status == 206 and data == blob[10:20]
         assert raw(hub, "GET", path, headers={"Range": "bytes=9000-"})[0].status == 416
         assert raw(hub, "GET", path, headers={"Range": "bytes=abc"})[0].status == 400  # a bytes range that is not one
+
+
+def _slow(server, source: str = "127.0.0.1") -> socket.socket:
+    """A connection from ``source`` that sends half a request head and waits."""
+    sock = socket.create_connection(server.server_address, timeout=5, source_address=(source, 0))
+    sock.sendall(b"GET /api/models HTTP/1.1\r\nHost: x\r\n")
+    return sock
+
+
+def _exchange_from(server, source: str, data: bytes) -> bytes:
+    """Send ``data`` from the address ``source``; the bytes received until the server closes."""
+    sock = socket.create_connection(server.server_address, timeout=5, source_address=(source, 0))
+    try:
+        sock.sendall(data)
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+        return out
+    finally:
+        sock.close()
+
+
+def _status_from(server, source: str, extra: bytes = b"") -> int:
+    out = _exchange_from(server, source, _get(extra, b"/api/models"))
+    got = statuses(out)
+    assert len(got) == 1, out[:300]
+    return got[0]
+
+
+def test_one_clients_slow_connections_do_not_keep_everyone_else_at_503(tmp_path, local_hub_online):
+    """100 slow connections from 127.0.0.1 (loopback: 127.0.0.2 is another client on this machine)."""
+    for per_client, others_get in ((0, 503), (5, 200)):  # without the per-client cap, then with it
+        for server in serving_alice_r(tmp_path / f"cap{per_client}", max_connections=30,
+                                      max_client_connections=per_client):
+            held, refused = [], 0
+            try:
+                for _ in range(100):
+                    sock = _slow(server)
+                    held.append(sock)
+                    sock.settimeout(0.3 if per_client else 0.01)
+                    try:
+                        answer = sock.recv(1000)
+                    except socket.timeout:
+                        continue
+                    refused += b" 429 " in answer and b"more than 5 connections at once from 127.0.0.1" in answer
+                # at most 5 held (the setup's client may keep one of them alive), the rest refused at once
+                assert (refused >= 95) if per_client else refused == 0, refused
+                assert _status_from(server, "127.0.0.2") == others_get
+            finally:
+                for sock in held:
+                    sock.close()
+            _until_served(server)
+
+
+def _until_served(server, limit: float = 5.0) -> None:
+    deadline = time.monotonic() + limit
+    while _status_from(server, "127.0.0.3") != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_behind_a_trusted_proxy_the_forwarded_client_is_capped(tmp_path, local_hub_online):
+    proxy, client = "127.0.0.9", b"X-Forwarded-For: 198.51.100.7\r\n"
+    for server in serving_alice_r(tmp_path / "proxied", max_client_connections=3, trusted_proxies=[proxy]):
+        # the proxy's own connections are not capped: it opens 6 for 6 clients
+        held = [socket.create_connection(server.server_address, timeout=5, source_address=(proxy, 0))
+                for _ in range(6)]
+        try:
+            for sock in held[:3]:  # three requests of one client in flight: bodies not sent yet
+                sock.sendall(b"POST /api/validate-yaml HTTP/1.1\r\nHost: x\r\n" + client
+                             + b"Content-Length: 100\r\n\r\n{")
+            time.sleep(0.3)
+            held[3].sendall(_get(client, b"/api/models"))
+            answer = held[3].recv(1000)
+            assert b" 429 " in answer and b"more than 3 requests at once from 198.51.100.7" in answer, answer
+            assert _status_from(server, proxy, b"X-Forwarded-For: 203.0.113.5\r\n") == 200  # another client
+        finally:
+            for sock in held:
+                sock.close()
+        # X-Forwarded-Proto from the proxy is believed (hrefs say https), from anyone else not
+        for source, scheme in ((proxy, b'"url":"https://x/'), ("127.0.0.1", b'"url":"http://x/')):
+            body = json.dumps({"name": f"r-{source[-1]}"}).encode()
+            out = _exchange_from(server, source, b"POST /api/repos/create HTTP/1.1\r\nHost: x\r\n"
+                                 + f"Authorization: Bearer {HUB_TOKEN}\r\nContent-Length: {len(body)}\r\n".encode()
+                                 + b"X-Forwarded-Proto: https\r\nConnection: close\r\n\r\n" + body)
+            assert scheme in out.replace(b" ", b""), (source, out)
+
+
+def test_without_trusted_proxies_forwarded_headers_are_not_believed(hub):
+    """uvicorn would believe X-Forwarded-* from 127.0.0.1 by default; the hub only from configured proxies."""
+    body = json.dumps({"name": "fwd"}).encode()
+    resp, data = raw(hub, "POST", "/api/repos/create", body, {**AUTH, "X-Forwarded-Proto": "https",
+                                                              "X-Forwarded-For": "198.51.100.7"})
+    assert resp.status == 200 and json.loads(data)["url"].startswith("http://"), data
+
+
+def test_a_trusted_proxy_must_be_an_address(tmp_path):
+    from quantpub.hub import HubConfig
+
+    with pytest.raises(ValueError, match="'proxy.example' is not an IP address or network"):
+        HubConfig(tmp_path, trusted_proxies=["proxy.example"])

@@ -4,6 +4,7 @@ one log line per request."""
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 from quantpub.hub.errors import HubError
 from quantpub.hub.routing import error_response, header_value
@@ -36,6 +37,7 @@ class Guard:
 
     def __init__(self, app, config):
         self.app, self.config = app, config
+        self.in_flight: Counter[str] = Counter()  # requests per client (behind a proxy: X-Forwarded-For's)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -62,8 +64,10 @@ class Guard:
                 state["started"], state["status"] = True, message["status"]
             await send(message)
 
+        client = (scope.get("client") or ("",))[0]
+        self.in_flight[client] += 1
         try:
-            refusal = head_problem(scope, self.config)
+            refusal = head_problem(scope, self.config) or self._too_many(client)
             if refusal is None and b"transfer-encoding" in headers and b"content-length" in headers:
                 # RFC 9112 6.1: a smuggling attempt; answer and close rather than pick one framing
                 refusal = HubError(400, "both Transfer-Encoding and Content-Length: send one of them")
@@ -78,5 +82,17 @@ class Guard:
                 state["body_done"] = False
                 await error_response(HubError(500, "internal server error"))(scope, guarded_receive, guarded_send)
         finally:
+            self.in_flight[client] -= 1
+            if not self.in_flight[client]:
+                del self.in_flight[client]
             level = logging.INFO if self.config.log_requests else logging.DEBUG
             log.log(level, "%s %s -> %s", scope["method"], header_value(scope["path"], 300), state["status"])
+
+    def _too_many(self, client: str) -> HubError | None:
+        """429 past ``max_client_connections`` requests at once from one client: a direct client never
+        gets here (its connections are capped), one behind a trusted proxy is told by X-Forwarded-For."""
+        limit = self.config.max_client_connections
+        if limit and self.in_flight[client] > limit:
+            return HubError(429, f"more than {limit} requests at once from {client}: retry when one has finished",
+                            headers={"Retry-After": "1"})
+        return None

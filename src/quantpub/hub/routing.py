@@ -71,7 +71,7 @@ class Ctx:
         if not re.fullmatch(r"[A-Za-z0-9.\-]+(:\d{1,5})?|\[[0-9a-fA-F:.]+\](:\d{1,5})?", host):
             host, port = self.request.scope["server"][:2]
             host = f"{host}:{port}"
-        return f"http://{host}"
+        return f"{self.request.url.scheme}://{host}"  # https behind a trusted proxy that says so
 
     async def repo(self, type_: str, *, write: bool = False) -> Repo:
         return await blocking(self.hub.repo, self.caller, type_, self.params["ns"], self.params["name"], write=write)

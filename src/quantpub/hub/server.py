@@ -11,6 +11,7 @@ application (``bodies.body_chunks``).
 from __future__ import annotations
 
 import logging
+import ipaddress
 import secrets
 import shutil
 import socket
@@ -23,7 +24,7 @@ import uvicorn
 
 from quantpub.hub.app import create_app
 from quantpub.hub.auth import Users, UsersReloader, load_or_create_users
-from quantpub.hub.protocol import HubProtocol
+from quantpub.hub.protocol import ClientConnections, HubProtocol
 
 log = logging.getLogger(__name__)
 MAX_FILE_SIZE = 50 * 1000 ** 3  # the Hub's per-file limit
@@ -46,7 +47,9 @@ class HubConfig:
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     keep_alive: int = 5
-    max_connections: int = 100
+    max_connections: int = 100       # in all: past it, 503
+    max_client_connections: int = 16  # from one client at once (0: no limit): past it, 429
+    trusted_proxies: tuple[str, ...] = ()  # addresses or networks whose X-Forwarded-For/-Proto are believed
     max_head_bytes: int = 64 * 1024  # request line and headers: 431 (414 for the request line) past it
     max_headers: int = 100           # header fields: 431 past it
     max_target_bytes: int = 16 * 1024  # the request target (path and query): 414 past it
@@ -56,6 +59,13 @@ class HubConfig:
         self.data_dir = Path(self.data_dir)
         if self.users is None:
             self.users = Users.from_tokens(self.tokens)
+        self.trusted_proxies = tuple(self.trusted_proxies)
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(f"trusted proxy {proxy!r} is not an IP address or network (e.g. 10.0.0.5, "
+                                 "10.0.0.0/8)") from None
         if self.git is None:
             self.git = shutil.which("git") is not None
             if not self.git:
@@ -73,12 +83,16 @@ class HubServer:
         self.server_address = self.socket.getsockname()[:2]
         self._stopped = threading.Event()
         self._stopped.set()
+        clients = ClientConnections(config.max_client_connections, config.trusted_proxies)
         protocol = type("ServerProtocol", (HubProtocol,), {"header_timeout": config.header_timeout,
-                                                           "max_head_bytes": config.max_head_bytes})
+                                                           "max_head_bytes": config.max_head_bytes,
+                                                           "clients": clients})
         self._server = uvicorn.Server(uvicorn.Config(
             self.app, http=protocol, lifespan="off", access_log=False, log_config=None, server_header=False,
             timeout_keep_alive=config.keep_alive, limit_concurrency=config.max_connections,
-            h11_max_incomplete_event_size=config.max_head_bytes, timeout_graceful_shutdown=5))
+            h11_max_incomplete_event_size=config.max_head_bytes, timeout_graceful_shutdown=5,
+            # X-Forwarded-For and -Proto only from the configured proxies (uvicorn would believe 127.0.0.1)
+            proxy_headers=bool(config.trusted_proxies), forwarded_allow_ips=list(config.trusted_proxies)))
 
     @property
     def url(self) -> str:
