@@ -289,7 +289,7 @@ def test_refs_follow_git_rules_and_never_shadow(hub):
     resp, _ = raw(hub, "POST", "/api/models/alice/r/branch/v1.0", b"{}", AUTH)
     assert resp.status == 409  # a branch may not shadow a tag either
     # commit ids resolve before names, even against a ref a hub wrote before these rules
-    hub.store._db().execute("INSERT INTO refs VALUES ((SELECT id FROM repos WHERE name='r'), 'tag', ?, ?)",
+    hub.store.db().execute("INSERT INTO refs VALUES ((SELECT id FROM repos WHERE name='r'), 'tag', ?, ?)",
                             (sha[:39] + "0" if sha[-1] != "0" else sha[:39] + "1", sha))
     hub.app.state.hub.changed(hub.store.get_repo("model", "alice", "r"))  # as the next start-up would
     resp, data = raw(hub, "GET", f"/api/models/alice/r/revision/{sha}")
@@ -355,7 +355,7 @@ def test_one_server_per_data_dir(patient_hub):
 
 
 def test_gc_reclaims_unreferenced_blobs_dry_run_first(hub, tmp_path):
-    from quantpub.hub.gc import collect
+    from quantpub.hub.gc import collect_offline
 
     api = HfApi(endpoint=hub.url, token=HUB_TOKEN)
     body = b'{"key":"header","value":{"summary":"s","parentCommit":"' + b"0" * 40 + b'"}}\n' + json.dumps(
@@ -367,13 +367,14 @@ def test_gc_reclaims_unreferenced_blobs_dry_run_first(hub, tmp_path):
     data_dir = Path(hub.config.data_dir)
     hub.shutdown()
     hub.server_close()
-    dry = collect(data_dir, min_age=0)
-    assert len(dry.unreferenced) == 2 and dry.bytes == 3000 and not dry.deleted
-    assert "would remove 2 unreferenced blobs" in str(dry) and all(p.exists() for p in dry.unreferenced)
+    dry = collect_offline(data_dir, min_age=0)
+    blobs = [data_dir / "blobs" / sha[:2] / sha for sha in dry.unreferenced]
+    assert len(blobs) == 2 and dry.bytes == 3000 and not dry.deleted
+    assert "would remove 2 unreferenced blobs" in str(dry) and all(p.exists() for p in blobs)
     out = subprocess.run([sys.executable, "-m", "quantpub", "hub", "gc", "--data-dir", str(data_dir),
                           "--min-age-hours", "0", "--delete"], capture_output=True, text=True)
     assert out.returncode == 0 and "removed 2 unreferenced blobs, 0.0 MB" in out.stdout, out
-    assert not any(p.exists() for p in dry.unreferenced)
+    assert not any(p.exists() for p in blobs)
     assert not (data_dir / "git" / "model" / "alice" / "gone.git").exists()
     from quantpub.hub import HubConfig, start_in_thread
 

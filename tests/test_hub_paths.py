@@ -136,7 +136,7 @@ def test_a_stored_path_the_rules_now_refuse_can_still_be_deleted(hub, path):
     api.create_repo("alice/r")
     api.upload_file(path_or_fileobj=b"ok", path_in_repo="ok.txt", repo_id="alice/r")
     store = hub.store
-    db = store._db()
+    db = store.db()
     head = api.repo_info("alice/r").sha
     db.execute("INSERT INTO files SELECT commit_oid, ?, sha256, size, git_oid, lfs FROM files "
                "WHERE commit_oid=? AND path='ok.txt'", (path, head))

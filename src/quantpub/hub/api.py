@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse, Response
 
 from quantpub.hub.auth import require_write, visible_blob, whoami
 from quantpub.hub.bodies import body_chunks, parse, read_body, read_model
-from quantpub.hub.errors import HubError
+from quantpub.hub.errors import HubError, not_stored
 from quantpub.hub.names import COMMIT_RE, attributes_problem, check_name, check_namespace, check_path
 from quantpub.hub.routing import PREFIX, Ctx, Router, blocking, repo_type
 from quantpub.hub.schemas import (Branch, CreateRepo, DeleteRepo, FileOp, Header, LfsOp, Line, PathOp,
@@ -308,39 +308,47 @@ async def commit(ctx: Ctx) -> Response:
     if (ctx.query("create_pr") or "0") not in ("0", "false", "False"):
         raise HubError(400, "pull requests are not supported by this hub")
     header, add, delete, delete_folders = None, [], [], []
-    async for raw in _lines(ctx):
-        if not raw.strip():
-            continue
-        line = parse(Line, raw, "commit line")
-        if line.key == "header":
-            header = parse(Header, line.value, "commit header")
-        elif line.key == "file":
-            op = parse(FileOp, line.value, "file operation")
-            try:
-                data = base64.b64decode(op.content, validate=True)
-            except binascii.Error:
-                raise HubError(400, f"{op.path}: content is not valid base64") from None
-            _check_git_file(op.path, data)
-            sha = await blocking(ctx.store.put_blob, [data], len(data))
-            add.append(FileEntry(op.path, sha, len(data), git_blob_oid(data), False))
-        elif line.key == "lfsFile":
-            op = parse(LfsOp, line.value, "lfsFile operation")
-            _check_git_file(op.path, None)
-            if not await blocking(visible_blob, ctx.store, ctx.caller, op.oid, op.size):
-                raise HubError(422, f"{op.path}: content {op.oid} was never uploaded: upload it through the LFS "
-                                    "batch API first")
-            add.append(FileEntry(op.path, op.oid, op.size, git_blob_oid(lfs_pointer(op.oid, op.size)), True))
-        else:
-            path = parse(PathOp, line.value, f"{line.key} operation").path
-            (delete if line.key == "deletedFile" else delete_folders).append(path)
+    with ctx.store.holds.hold() as hold:  # its blobs are kept from garbage collection until it lands
+        async for raw in _lines(ctx):
+            if not raw.strip():
+                continue
+            line = parse(Line, raw, "commit line")
+            if line.key == "header":
+                header = parse(Header, line.value, "commit header")
+            elif line.key == "file":
+                op = parse(FileOp, line.value, "file operation")
+                try:
+                    data = base64.b64decode(op.content, validate=True)
+                except binascii.Error:
+                    raise HubError(400, f"{op.path}: content is not valid base64") from None
+                _check_git_file(op.path, data)
+                hold(sha := hashlib.sha256(data).hexdigest())
+                await blocking(ctx.store.put_blob, [data], len(data), sha)
+                add.append(FileEntry(op.path, sha, len(data), git_blob_oid(data), False))
+            elif line.key == "lfsFile":
+                op = parse(LfsOp, line.value, "lfsFile operation")
+                _check_git_file(op.path, None)
+                hold(op.oid)
+                if not await blocking(visible_blob, ctx.store, ctx.caller, op.oid, op.size):
+                    raise not_stored(op.path, op.oid)
+                add.append(FileEntry(op.path, op.oid, op.size, git_blob_oid(lfs_pointer(op.oid, op.size)), True))
+            else:
+                path = parse(PathOp, line.value, f"{line.key} operation").path
+                (delete if line.key == "deletedFile" else delete_folders).append(path)
+        oid = await _land(ctx, repo, header, add, delete, delete_folders)
+    await blocking(ctx.hub.changed, repo)
+    return JSONResponse({"commitOid": oid, "commitUrl": f"{ctx.base()}/{PREFIX[repo.type]}{repo.repo_id}/commit/{oid}",
+                         "success": True})
+
+
+async def _land(ctx: Ctx, repo: Repo, header: Header | None, add: list[FileEntry], delete: list[str],
+                delete_folders: list[str]) -> str:
+    """The commit's checks that need the whole body, then the store's commit: the new commit id."""
     if header is None:
         raise HubError(400, "commit without a header line")
     if header.parentCommit is not None and not COMMIT_RE.fullmatch(header.parentCommit):
         raise HubError(400, f"parentCommit {header.parentCommit!r} is not a 40-hex commit id")
-    oid = await blocking(ctx.store.commit, repo, ctx.params["rev"], summary=header.summary,
-                         description=header.description, author=ctx.caller.name, parent=header.parentCommit,
-                         add=add, delete=delete, delete_folders=delete_folders)
-    await blocking(ctx.hub.changed, repo)
-    return JSONResponse({"commitOid": oid, "commitUrl": f"{ctx.base()}/{PREFIX[repo.type]}{repo.repo_id}/commit/{oid}",
-                         "success": True})
+    return await blocking(ctx.store.commit, repo, ctx.params["rev"], summary=header.summary,
+                          description=header.description, author=ctx.caller.name, parent=header.parentCommit,
+                          add=add, delete=delete, delete_folders=delete_folders, quota=ctx.hub.config.quota)
 

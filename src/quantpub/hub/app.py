@@ -12,7 +12,7 @@ from starlette.responses import Response
 from starlette.routing import Mount, request_response
 from starlette.staticfiles import StaticFiles
 
-from quantpub.hub import api, lfs, web
+from quantpub.hub import admin, api, lfs, web
 from quantpub.hub.errors import HubError
 from quantpub.hub.git import GitMirror
 from quantpub.hub.guard import Guard
@@ -31,6 +31,7 @@ def create_app(config) -> Starlette:
     hub = Hub(config, store, mirror)
     router = Router()
     api.register(router)
+    admin.register(router)
     lfs.register(router)
     web.register(router)
 

@@ -21,6 +21,7 @@ from quantpub.hub.auth import visible_blob
 from quantpub.hub.bodies import body_chunks, read_body, read_model
 from quantpub.hub.errors import HubError
 from quantpub.hub.names import SHA256_RE
+from quantpub.hub.quota import check_quota, pending_uploads
 from quantpub.hub.routing import BlobResponse, Ctx, Router, blocking, repo_type
 from quantpub.hub.schemas import _Body
 
@@ -60,6 +61,8 @@ def _signed(ctx: Ctx, action: str, oid: str, size: int, user: str) -> int:
         raise HubError(403, "missing or malformed URL signature") from None
     if not hmac.compare_digest(sig, _sign(ctx, action, oid, size, user, expires)) or expires < time.time():
         raise HubError(403, "invalid or expired URL signature")
+    if user and user not in ctx.hub.config.users.spec.users:
+        raise HubError(403, f"user {user} of this upload URL is no longer in the hub's users file")
     return expires
 
 
@@ -85,8 +88,8 @@ async def batch(ctx: Ctx) -> Response:
             if obj.size > limit:
                 return {**item, "error": {"code": 413, "message": f"{obj.size} bytes exceeds the per-file limit "
                                                                   f"of {limit}; split the file"}}
-            if visible_blob(ctx.store, ctx.caller, obj.oid, obj.size):
-                return item  # already stored, and the caller may see it
+            if visible_blob(ctx.store, ctx.caller, obj.oid, obj.size) and ctx.store.touch_blob(obj.oid):
+                return item  # already stored, the caller may see it, and it is now young for garbage collection
             return {**item, "authenticated": True, "actions": {
                 "upload": {"href": _href(ctx, "upload", obj.oid, obj.size, user), "expires_in": URL_TTL},
                 "verify": {"href": _href(ctx, "verify", obj.oid, obj.size, user), "expires_in": URL_TTL}}}
@@ -97,6 +100,10 @@ async def batch(ctx: Ctx) -> Response:
             "download": {"href": _href(ctx, "download", obj.oid, obj.size), "expires_in": URL_TTL}}}
 
     objects = await blocking(lambda: [answer(o) for o in body.objects])
+    if upload_op and ctx.hub.config.quota is not None:
+        wanted = {o["oid"]: o["size"] for o in objects if "actions" in o}
+        await blocking(lambda: check_quota(ctx.store.db(), ctx.hub.config.quota, repo.namespace, wanted,
+                                           pending_uploads(ctx.store.db(), user)))
     return JSONResponse({"transfer": "basic", "objects": objects, "hash_algo": "sha256"}, media_type=LFS_JSON)
 
 
@@ -129,7 +136,7 @@ async def upload(ctx: Ctx) -> Response:
     finally:
         await blocking(writer.abort)
     if user:
-        await blocking(ctx.store.record_upload, oid, user)
+        await blocking(ctx.store.record_upload, oid, user, size)
     return JSONResponse({})
 
 

@@ -24,6 +24,7 @@ import uvicorn
 
 from quantpub.hub.app import create_app
 from quantpub.hub.auth import Users, UsersReloader, load_or_create_users
+from quantpub.hub.gc import Sweeper
 from quantpub.hub.protocol import ClientConnections, HubProtocol
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,9 @@ class HubConfig:
     max_headers: int = 100           # header fields: 431 past it
     max_target_bytes: int = 16 * 1024  # the request target (path and query): 414 past it
     users_poll: float = 0.5          # seconds between looks at the users file (when read from one)
+    quota: int | None = None         # bytes each namespace may store (history included); None: no quota
+    gc_every: float = 3600.0         # seconds between automatic garbage collections; 0: none
+    gc_min_age: float = 24 * 3600.0  # unreferenced blobs younger than this are kept (uploads awaiting a commit)
 
     def __post_init__(self):
         self.data_dir = Path(self.data_dir)
@@ -81,6 +85,7 @@ class HubServer:
         self.store = self.app.state.hub.store
         self.socket = socket.create_server((host, port), reuse_port=False)
         self.server_address = self.socket.getsockname()[:2]
+        self.store.announce(self.url)
         self._stopped = threading.Event()
         self._stopped.set()
         clients = ClientConnections(config.max_client_connections, config.trusted_proxies)
@@ -115,9 +120,13 @@ class HubServer:
             self._stopped.set()
 
     def _jobs(self) -> list:
-        """What runs beside serving, each a ``run(stop_event)``: the users file's reloads."""
-        users = self.config.users
-        return [UsersReloader(self.config, users.path, self.config.users_poll).run] if users.path else []
+        """What runs beside serving, each a ``run(stop_event)``: the users file's reloads, garbage collection."""
+        jobs = []
+        if self.config.users.path:
+            jobs.append(UsersReloader(self.config, self.config.users.path, self.config.users_poll).run)
+        if self.config.gc_every > 0:
+            jobs.append(Sweeper(self.store, self.config.gc_every, self.config.gc_min_age).run)
+        return jobs
 
     def shutdown(self) -> None:
         """Stop serving and wait until the server has stopped."""
