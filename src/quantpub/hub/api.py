@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import re
 import time
 from urllib.parse import parse_qs
 
@@ -14,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 
 from quantpub.hub.auth import require_write, visible_blob, whoami
 from quantpub.hub.bodies import body_chunks, parse, read_body, read_model
+from quantpub.hub.cards import front_matter
 from quantpub.hub.errors import HubError, not_stored
 from quantpub.hub.names import COMMIT_RE, attributes_problem, check_name, check_namespace, check_path
 from quantpub.hub.routing import PREFIX, Ctx, Router, blocking, repo_type
@@ -55,10 +55,9 @@ async def whoami_v2(ctx: Ctx) -> Response:
 
 
 async def validate_yaml(ctx: Ctx) -> Response:
-    content = (await read_model(ctx.request, Yaml)).content
-    match = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", content, re.S)
+    yaml_text, _ = front_matter((await read_model(ctx.request, Yaml)).content)
     try:
-        meta = yaml.safe_load(match.group(1)) if match else {}
+        meta = yaml.safe_load(yaml_text) if yaml_text else {}
     except yaml.YAMLError as exc:
         return JSONResponse({"errors": [{"message": f"invalid YAML front matter: {exc}"}]}, 400)
     if meta is not None and not isinstance(meta, dict):

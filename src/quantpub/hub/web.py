@@ -3,23 +3,20 @@
 Pages: ``/`` (the repos the caller can see), ``/{ns}/{repo}`` (the rendered card of main,
 tables included, with a branch selector), ``/{ns}/{repo}/tree/{rev}[/{dir}]`` (files with
 sizes and download links, and that revision's card), ``/{ns}/{repo}/commits/{rev}`` and
-``/{ns}/{repo}/commit/{id}``. Cards are Markdown rendered by markdown-it-py and sanitised by
-nh3 (a card is user content); pages run no inline script (a CSP says so).
+``/{ns}/{repo}/commit/{id}``. Cards are rendered by ``cards``; pages run no inline script (a
+CSP says so).
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from urllib.parse import quote
 
-import nh3
-import yaml
 from jinja2 import Environment, FileSystemLoader, select_autoescape
-from markdown_it import MarkdownIt
 from starlette.responses import HTMLResponse, Response
 
 from quantpub.hub.api import listing, stamp
+from quantpub.hub.cards import Card, render_card
 from quantpub.hub.errors import HubError
 from quantpub.hub.git import http_backend
 from quantpub.hub.routing import BlobResponse, Ctx, Router, blocking, repo_type
@@ -27,8 +24,6 @@ from quantpub.hub.routing import BlobResponse, Ctx, Router, blocking, repo_type
 TEMPLATES = Path(__file__).parent / "web" / "templates"
 CSP = "default-src 'self'; img-src 'self' data: https:; style-src 'self'; script-src 'self'; object-src 'none'"
 _env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]))
-_md = MarkdownIt("commonmark", {"html": True, "linkify": False}).enable(["table", "strikethrough"])
-_FRONT = re.compile(r"^---\s*\n(.*?)\n---\s*(?:\n|$)", re.S)
 
 
 def register(r: Router) -> None:
@@ -87,19 +82,6 @@ def page(handler):
     return wrapped
 
 
-def render_card(text: str) -> tuple[dict, str]:
-    """A card's front matter (dict) and its body as sanitised HTML."""
-    meta, match = {}, _FRONT.match(text)
-    if match:
-        try:
-            loaded = yaml.safe_load(match.group(1))
-            meta = loaded if isinstance(loaded, dict) else {}
-        except yaml.YAMLError:
-            meta = {}
-        text = text[match.end():]
-    return meta, nh3.clean(_md.render(text), link_rel="noopener nofollow")
-
-
 def human(size: int) -> str:
     for unit in ("B", "kB", "MB", "GB"):
         if size < 1000 or unit == "GB":
@@ -128,11 +110,10 @@ def _repo_view(ctx: Ctx, repo, rev: str) -> dict:
     oid = store.resolve(repo, rev)
     files = store.files(oid)
     readme = files.get("README.md")
-    meta, card = render_card(store.blob_path(readme.sha256).read_text(errors="replace")) if readme else ({}, "")
+    card = render_card(store.blob_path(readme.sha256).read_text(errors="replace")) if readme else Card()
     return {"repo": repo, "rev": rev, "oid": oid, "commit": store.commit_info(oid), "files": files,
             "branches": [n for n, _ in store.refs(repo, "branch")], "tags": [n for n, _ in store.refs(repo, "tag")],
-            "meta": {k: v for k, v in meta.items() if isinstance(v, (str, int, float, list))}, "card": card,
-            "base": ctx.base(), "git": ctx.hub.mirror is not None}
+            "card": card, "base": ctx.base(), "git": ctx.hub.mirror is not None}
 
 
 @page
