@@ -20,6 +20,7 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from conftest import HUB_TOKEN
 from test_hub import _start_server, raw
+from test_hub_hostile import alice_r_hub
 from test_hub_trees import api_and_git_agree  # noqa: F401 - autouse: the API and git serve the same trees
 
 AUTH = {"Authorization": f"Bearer {HUB_TOKEN}"}
@@ -107,13 +108,10 @@ def _backdate(server, data: bytes, seconds: float = 3600) -> None:
 def test_a_blob_that_a_commit_takes_while_gc_runs_is_kept(tmp_path, local_hub_online):
     """The interleaving itself: GC has listed an old upload as garbage and waits for the store's lock
     (held here, as a commit holds it), a commit naming the upload lands, then GC goes on."""
-    from quantpub.hub import HubConfig, start_in_thread
     from quantpub.hub.gc import collect
     from quantpub.hub.store import FileEntry, git_blob_oid, lfs_pointer
 
-    server, _ = start_in_thread(HubConfig(tmp_path / "hub", tokens={HUB_TOKEN: "alice"}, gc_every=0))
-    try:
-        HfApi(endpoint=server.url, token=HUB_TOKEN).create_repo("alice/r")
+    with alice_r_hub(tmp_path / "hub", gc_every=0) as server:
         late, junk = os.urandom(3000), os.urandom(1000)
         for data in (late, junk):
             assert upload_lfs(server, "alice/r", data) == 200
@@ -133,9 +131,6 @@ def test_a_blob_that_a_commit_takes_while_gc_runs_is_kept(tmp_path, local_hub_on
         assert reports[0].kept_committed == 1 and reports[0].unreferenced == [hashlib.sha256(junk).hexdigest()]
         resp, body = raw(server, "GET", "/alice/r/resolve/main/late.bin")
         assert resp.status == 200 and body == late
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.mark.slow
@@ -144,13 +139,10 @@ def test_gc_racing_uploads_and_commits_loses_no_committed_file(tmp_path, local_h
     commit, LFS files uploaded just before their commit, and LFS files uploaded "an hour ago" (older
     than GC's minimum age: candidates until their commit lands). Every commit that lands keeps its
     files; one whose old upload GC took first is refused (422), never left naming a missing blob."""
-    from quantpub.hub import HubConfig, Users, start_in_thread
+    from quantpub.hub import Users
 
-    server, _ = start_in_thread(HubConfig(tmp_path / "hub", users=Users.from_tokens({HUB_TOKEN: "alice"}, admin=True),
-                                          gc_every=0))
-    try:
+    with alice_r_hub(tmp_path / "hub", users=Users.from_tokens({HUB_TOKEN: "alice"}, admin=True), gc_every=0) as server:
         api = HfApi(endpoint=server.url, token=HUB_TOKEN)
-        api.create_repo("alice/r")
         body = _commit_body([_file(f"many/{n}.txt", os.urandom(64)) for n in range(300)])  # GC's scans take a while
         assert raw(server, "POST", "/api/models/alice/r/commit/main", body, AUTH)[0].status == 200
         orphans = [os.urandom(500 + i) for i in range(300)]  # uploads never committed: GC's work
@@ -210,19 +202,11 @@ def test_gc_racing_uploads_and_commits_loses_no_committed_file(tmp_path, local_h
         final = json.loads(raw(server, "POST", "/api/admin/gc", b'{"delete": true, "min_age": 0}', AUTH)[1])
         assert removed + len(final["unreferenced"]) == len(orphans) + len(refused)
         assert _blobs(Path(server.config.data_dir)) == _referenced(server)  # nothing orphaned, nothing missing
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_the_automatic_sweep_removes_old_orphans_only(tmp_path, local_hub_online):
-    from quantpub.hub import HubConfig, start_in_thread
-
-    server, _ = start_in_thread(HubConfig(tmp_path / "hub", tokens={HUB_TOKEN: "alice"}, gc_every=0.2,
-                                          gc_min_age=2.0))
-    try:
+    with alice_r_hub(tmp_path / "hub", gc_every=0.2, gc_min_age=2.0) as server:
         api = HfApi(endpoint=server.url, token=HUB_TOKEN)
-        api.create_repo("alice/r")
         kept = os.urandom(4000)
         api.upload_file(path_or_fileobj=kept, path_in_repo="w.safetensors", repo_id="alice/r")
         orphan = os.urandom(3000)
@@ -236,19 +220,12 @@ def test_the_automatic_sweep_removes_old_orphans_only(tmp_path, local_hub_online
             time.sleep(0.05)
         assert time.time() - born >= 2.0, "collected before it was old enough"
         assert raw(server, "GET", "/alice/r/resolve/main/w.safetensors")[1] == kept
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_storage_quota_per_namespace(tmp_path, local_hub_online):
-    from quantpub.hub import HubConfig, start_in_thread
-
     bob = "hf_bob_write_token_0002"
-    server, _ = start_in_thread(HubConfig(tmp_path / "hub", tokens={HUB_TOKEN: "alice", bob: "bob"}, quota=20_000))
-    try:
+    with alice_r_hub(tmp_path / "hub", tokens={HUB_TOKEN: "alice", bob: "bob"}, quota=20_000) as server:
         api = HfApi(endpoint=server.url, token=HUB_TOKEN)
-        api.create_repo("alice/r")
         first = os.urandom(9000)
         api.upload_file(path_or_fileobj=first, path_in_repo="a.safetensors", repo_id="alice/r")
         api.upload_file(path_or_fileobj=first, path_in_repo="copy.safetensors", repo_id="alice/r")  # stored once
@@ -275,6 +252,3 @@ def test_storage_quota_per_namespace(tmp_path, local_hub_online):
         api.create_repo("alice/r2")
         assert raw(server, "POST", "/api/models/alice/r2/commit/main", _commit_body([_file("c.txt", os.urandom(6000))]),
                    AUTH)[0].status == 200
-    finally:
-        server.shutdown()
-        server.server_close()

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
@@ -25,17 +26,23 @@ AUTH = {"Authorization": f"Bearer {HUB_TOKEN}"}
 TIMEOUT = 1.0
 
 
-def serving_alice_r(data_dir: Path, **limits):
-    """A hub with alice/r holding config.json; stopped when the generator is closed."""
+def serving_alice_r(data_dir: Path, **config):
+    """A hub (``HubConfig`` settings ``config``; alice's token is HUB_TOKEN) with alice/r holding
+    config.json; stopped when the generator is closed."""
     from quantpub.hub import HubConfig, start_in_thread
 
-    server, _ = start_in_thread(HubConfig(data_dir, tokens={HUB_TOKEN: "alice"}, **limits))
-    api = HfApi(endpoint=server.url, token=HUB_TOKEN)
-    api.create_repo("alice/r")
-    api.upload_file(path_or_fileobj=b'{"a": 1}', path_in_repo="config.json", repo_id="alice/r")
-    yield server
-    server.shutdown()
-    server.server_close()
+    server, _ = start_in_thread(HubConfig(data_dir, **({"tokens": {HUB_TOKEN: "alice"}} | config)))
+    try:
+        api = HfApi(endpoint=server.url, token=HUB_TOKEN)
+        api.create_repo("alice/r")
+        api.upload_file(path_or_fileobj=b'{"a": 1}', path_in_repo="config.json", repo_id="alice/r")
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+alice_r_hub = contextmanager(serving_alice_r)
 
 
 @pytest.fixture
@@ -45,9 +52,11 @@ def hub(tmp_path, local_hub_online):
                                max_connections=8)
 
 
-def exchange(server, data: bytes, *, pause: float = 0.0, wait: float = 3.0) -> bytes:
-    """Send raw bytes, read until the server closes (or ``wait`` s of silence); the bytes received."""
-    sock = socket.create_connection(server.server_address, timeout=wait)
+def exchange(server, data: bytes, *, pause: float = 0.0, wait: float = 3.0, source: str | None = None) -> bytes:
+    """Send raw bytes (from the loopback address ``source``), read until the server closes (or ``wait`` s
+    of silence); the bytes received."""
+    sock = socket.create_connection(server.server_address, timeout=wait,
+                                    source_address=(source, 0) if source else None)
     try:
         sock.sendall(data)
         if pause:

@@ -47,13 +47,15 @@ ROUTES = [
     ("GET", "/static/{}", None),
 ]
 BODIES = [
-    ("POST", "/api/repos/create", lambda v: {"name": v}), ("POST", "/api/repos/create", lambda v: {"name": "ok", "organization": v}),
+    ("POST", "/api/repos/create", lambda v: {"name": v}),
+    ("POST", "/api/repos/create", lambda v: {"name": "ok", "organization": v}),
     ("DELETE", "/api/repos/delete", lambda v: {"name": v}),
     ("POST", "/api/models/alice/pub/tag/main", lambda v: {"tag": v}),
     ("POST", "/api/models/alice/pub/branch/b-new", lambda v: {"startingPoint": v}),
     ("POST", "/api/models/alice/pub/preupload/main", lambda v: {"files": [{"path": v, "sample": "", "size": 1}]}),
     ("POST", "/api/models/alice/pub/paths-info/main", lambda v: {"paths": [v]}),
-    ("POST", "/alice/pub.git/info/lfs/objects/batch", lambda v: {"operation": "upload", "objects": [{"oid": v, "size": 1}]}),
+    ("POST", "/alice/pub.git/info/lfs/objects/batch",
+     lambda v: {"operation": "upload", "objects": [{"oid": v, "size": 1}]}),
 ]
 
 

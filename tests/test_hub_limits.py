@@ -14,7 +14,7 @@ from huggingface_hub import HfApi
 
 from conftest import HUB_TOKEN
 from test_hub import raw
-from test_hub_hostile import exchange, serving_alice_r, statuses, still_serving
+from test_hub_hostile import alice_r_hub, exchange, serving_alice_r, statuses, still_serving
 from test_hub_trees import api_and_git_agree  # noqa: F401 - autouse: the API and git serve the same trees
 
 AUTH = {"Authorization": f"Bearer {HUB_TOKEN}"}
@@ -80,7 +80,7 @@ def test_a_head_sent_in_small_pieces_is_bounded_too(hub):
 
 
 def test_limits_are_configurable(tmp_path, local_hub_online):
-    for server in serving_alice_r(tmp_path / "small", max_head_bytes=4096, max_headers=10, max_target_bytes=100):
+    with alice_r_hub(tmp_path / "small", max_head_bytes=4096, max_headers=10, max_target_bytes=100) as server:
         assert _answer(server, _get(b"".join(b"X-%d: 1\r\n" % i for i in range(8))))[0] == 200
         assert _answer(server, _get(b"".join(b"X-%d: 1\r\n" % i for i in range(9))))[0] == 431
         assert _answer(server, _get(b"X-A: " + b"a" * 4096 + b"\r\n"))[0] == 431
@@ -116,21 +116,8 @@ def _slow(server, source: str = "127.0.0.1") -> socket.socket:
     return sock
 
 
-def _exchange_from(server, source: str, data: bytes) -> bytes:
-    """Send ``data`` from the address ``source``; the bytes received until the server closes."""
-    sock = socket.create_connection(server.server_address, timeout=5, source_address=(source, 0))
-    try:
-        sock.sendall(data)
-        out = b""
-        while chunk := sock.recv(65536):
-            out += chunk
-        return out
-    finally:
-        sock.close()
-
-
 def _status_from(server, source: str, extra: bytes = b"") -> int:
-    out = _exchange_from(server, source, _get(extra, b"/api/models"))
+    out = exchange(server, _get(extra, b"/api/models"), source=source)
     got = statuses(out)
     assert len(got) == 1, out[:300]
     return got[0]
@@ -139,8 +126,8 @@ def _status_from(server, source: str, extra: bytes = b"") -> int:
 def test_one_clients_slow_connections_do_not_keep_everyone_else_at_503(tmp_path, local_hub_online):
     """100 slow connections from 127.0.0.1 (loopback: 127.0.0.2 is another client on this machine)."""
     for per_client, others_get in ((0, 503), (5, 200)):  # without the per-client cap, then with it
-        for server in serving_alice_r(tmp_path / f"cap{per_client}", max_connections=30,
-                                      max_client_connections=per_client):
+        with alice_r_hub(tmp_path / f"cap{per_client}", max_connections=30,
+                                      max_client_connections=per_client) as server:
             held, refused = [], 0
             try:
                 for _ in range(100):
@@ -170,7 +157,7 @@ def _until_served(server, limit: float = 5.0) -> None:
 
 def test_behind_a_trusted_proxy_the_forwarded_client_is_capped(tmp_path, local_hub_online):
     proxy, client = "127.0.0.9", b"X-Forwarded-For: 198.51.100.7\r\n"
-    for server in serving_alice_r(tmp_path / "proxied", max_client_connections=3, trusted_proxies=[proxy]):
+    with alice_r_hub(tmp_path / "proxied", max_client_connections=3, trusted_proxies=[proxy]) as server:
         # the proxy's own connections are not capped: it opens 6 for 6 clients
         held = [socket.create_connection(server.server_address, timeout=5, source_address=(proxy, 0))
                 for _ in range(6)]
@@ -189,9 +176,9 @@ def test_behind_a_trusted_proxy_the_forwarded_client_is_capped(tmp_path, local_h
         # X-Forwarded-Proto from the proxy is believed (hrefs say https), from anyone else not
         for source, scheme in ((proxy, b'"url":"https://x/'), ("127.0.0.1", b'"url":"http://x/')):
             body = json.dumps({"name": f"r-{source[-1]}"}).encode()
-            out = _exchange_from(server, source, b"POST /api/repos/create HTTP/1.1\r\nHost: x\r\n"
-                                 + f"Authorization: Bearer {HUB_TOKEN}\r\nContent-Length: {len(body)}\r\n".encode()
-                                 + b"X-Forwarded-Proto: https\r\nConnection: close\r\n\r\n" + body)
+            out = exchange(server, b"POST /api/repos/create HTTP/1.1\r\nHost: x\r\n"
+                           + f"Authorization: Bearer {HUB_TOKEN}\r\nContent-Length: {len(body)}\r\n".encode()
+                           + b"X-Forwarded-Proto: https\r\nConnection: close\r\n\r\n" + body, source=source)
             assert scheme in out.replace(b" ", b""), (source, out)
 
 

@@ -255,6 +255,13 @@ async def commits(ctx: Ctx) -> Response:
                           "date": stamp(c.created)} for c in history])
 
 
+def _base64(text: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except binascii.Error:
+        raise HubError(400, f"{what} is not valid base64") from None
+
+
 async def preupload(ctx: Ctx) -> Response:
     repo = await ctx.repo(repo_type(ctx, api=True), write=True)
     body = await read_model(ctx.request, Preupload)
@@ -263,10 +270,7 @@ async def preupload(ctx: Ctx) -> Response:
     out = []
     for f in body.files:
         path = check_path(f.path)
-        try:
-            sample = base64.b64decode(f.sample, validate=True)
-        except binascii.Error:
-            raise HubError(400, f"{path}: sample is not valid base64") from None
+        sample = _base64(f.sample, f"{path}: sample")
         lfs = f.size >= LFS_THRESHOLD or b"\0" in sample or path.lower().endswith(LFS_SUFFIXES)
         item = {"path": path, "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False}
         if path in files:
@@ -316,10 +320,7 @@ async def commit(ctx: Ctx) -> Response:
                 header = parse(Header, line.value, "commit header")
             elif line.key == "file":
                 op = parse(FileOp, line.value, "file operation")
-                try:
-                    data = base64.b64decode(op.content, validate=True)
-                except binascii.Error:
-                    raise HubError(400, f"{op.path}: content is not valid base64") from None
+                data = _base64(op.content, f"{op.path}: content")
                 _check_git_file(op.path, data)
                 hold(sha := hashlib.sha256(data).hexdigest())
                 await blocking(ctx.store.put_blob, [data], len(data), sha)

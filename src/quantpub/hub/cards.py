@@ -19,7 +19,7 @@ _TABLE = re.compile(r"<table(?:\s[^>]*)?>")
 
 @dataclass
 class Card:
-    meta: dict = field(default_factory=dict)          # front matter entries a person reads: text, numbers, lists of them
+    meta: dict = field(default_factory=dict)  # front matter a person reads: text, numbers, lists of them
     results: list[dict] = field(default_factory=list)  # model-index rows: model, task, dataset, metric, value
     html: str = ""
 

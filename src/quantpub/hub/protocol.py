@@ -3,7 +3,9 @@ deadline for each request head and the right status for a head that h11 stops re
 
 A client (an address; trusted proxies excepted) may hold ``max_client_connections`` open at once:
 one more is answered 429 at once, without a request, and closed, and is not counted in uvicorn's
-total cap; so one client's slow connections cannot keep everyone else at 503. uvicorn has no deadline for a request's head (encode/uvicorn#157): a client that has not sent a
+total cap; so one client's slow connections cannot keep everyone else at 503.
+
+uvicorn has no deadline for a request's head (encode/uvicorn#157): a client that has not sent a
 complete head within ``header_timeout`` seconds of connecting (or of its first byte on a
 kept-alive connection) is disconnected. h11 stops buffering an incomplete head past
 ``max_incomplete_event_size`` and hints 431; uvicorn answers every such error 400, so this

@@ -12,8 +12,8 @@ _REFERENCED_IN = ("SELECT 1 FROM files f JOIN commits c ON c.oid=f.commit_oid JO
 
 def namespace_usage(db: sqlite3.Connection, namespace: str) -> int:
     """Bytes of the distinct blobs that commits of the namespace's repos reference (history included)."""
-    return db.execute("SELECT coalesce(sum(size), 0) FROM (SELECT DISTINCT f.sha256, f.size FROM files f JOIN commits c "
-                      "ON c.oid=f.commit_oid JOIN repos r ON r.id=c.repo_id WHERE r.namespace=?)",
+    return db.execute("SELECT coalesce(sum(size), 0) FROM (SELECT DISTINCT f.sha256, f.size FROM files f "
+                      "JOIN commits c ON c.oid=f.commit_oid JOIN repos r ON r.id=c.repo_id WHERE r.namespace=?)",
                       (namespace,)).fetchone()[0]
 
 
@@ -33,6 +33,6 @@ def check_quota(db: sqlite3.Connection, quota: int, namespace: str, blobs: dict[
     the namespace past ``quota`` bytes."""
     used, adding = namespace_usage(db, namespace) + pending, new_in_namespace(db, namespace, blobs)
     if used + adding > quota:
-        raise HubError(413, f"storage quota of {namespace} exceeded: {used / 1e9:.3f} GB stored and {adding / 1e9:.3f} "
-                            f"GB more would pass {quota / 1e9:.3f} GB; delete repos you no longer need, or ask the "
-                            "hub's operator for a larger quota", "StorageQuotaExceeded")
+        raise HubError(413, f"storage quota of {namespace} exceeded: {used / 1e9:.3f} GB stored and "
+                            f"{adding / 1e9:.3f} GB more would pass {quota / 1e9:.3f} GB; delete repos you no longer "
+                            "need, or ask the hub's operator for a larger quota", "StorageQuotaExceeded")
