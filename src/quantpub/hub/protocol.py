@@ -93,7 +93,8 @@ class HubProtocol(H11Protocol):
                    "when one has finished")
         log.info("refused a connection: %s", message)
         transport.write(error_bytes(self.conn, 429, message, (b"retry-after", b"1")))
-        transport.write_eof()  # the client reads the answer; what it still sends is read and dropped
+        if transport.can_write_eof():
+            transport.write_eof()  # the client reads the answer; what it still sends is read and dropped
         asyncio.get_running_loop().call_later(self.linger, transport.close)
 
     def eof_received(self):
