@@ -19,6 +19,7 @@ from huggingface_hub.errors import (HfHubHTTPError, RemoteEntryNotFoundError, Re
                                     RevisionNotFoundError)
 
 from conftest import HUB_TOKEN
+from test_hub_trees import api_and_git_agree  # noqa: F401 - autouse: the API and git serve the same trees
 
 
 def write(path: Path, data: bytes | str) -> Path:

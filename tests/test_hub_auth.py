@@ -11,6 +11,7 @@ from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
 from test_hub import raw
+from test_hub_trees import api_and_git_agree  # noqa: F401 - autouse: the API and git serve the same trees
 
 ALICE, BOB, CAROL = "hf_alice_write_token_01", "hf_bob_write_token_0002", "hf_carol_read_token_003"
 USERS = {"users": {"alice": {"tokens": [{"token": ALICE, "role": "write"}]},
@@ -172,9 +173,13 @@ def test_users_file_is_checked(tmp_path):
     bad.write_text("users:\n  alice: {tokens: []}\norgs:\n  team: {members: {zed: write}}\n")
     with pytest.raises(ValueError, match="unknown users"):
         read_users(bad)
+    bad.write_text("users:\n  alice: {tokens: [{token: hf_aaaaaaaaaa\n")
+    with pytest.raises(ValueError, match="not valid YAML"):  # not "expected 'user:token'"
+        read_users(bad)
     legacy = tmp_path / "tokens"
     legacy.write_text("alice:hf_legacy_token_1\n")
     assert read_users(legacy).caller("Bearer hf_legacy_token_1").name == "alice"
+    assert read_users(legacy).path == legacy  # what a running hub watches
 
 
 def test_a_new_data_dir_gets_an_admin_and_older_token_files_keep_working(tmp_path):

@@ -11,6 +11,7 @@ import pytest
 from huggingface_hub import HfApi
 
 from conftest import HUB_TOKEN
+from test_hub_trees import api_and_git_agree  # noqa: F401 - autouse: the API and git serve the same trees
 
 BRANCH = "gptq-4bit-32g-actorder_True"
 

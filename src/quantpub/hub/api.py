@@ -5,18 +5,18 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import re
 import time
 from urllib.parse import parse_qs
 
 import yaml
 from starlette.responses import JSONResponse, Response
 
-from quantpub.hub.app import PREFIX, Ctx, Router, blocking, repo_type, require_write
-from quantpub.hub.auth import whoami
+from quantpub.hub.auth import require_write, visible_blob, whoami
 from quantpub.hub.bodies import body_chunks, parse, read_body, read_model
-from quantpub.hub.errors import HubError
-from quantpub.hub.names import COMMIT_RE, check_name, check_namespace, check_path
+from quantpub.hub.cards import front_matter
+from quantpub.hub.errors import HubError, not_stored
+from quantpub.hub.names import COMMIT_RE, attributes_problem, check_name, check_namespace, check_path
+from quantpub.hub.routing import PREFIX, Ctx, Router, blocking, repo_type
 from quantpub.hub.schemas import (Branch, CreateRepo, DeleteRepo, FileOp, Header, LfsOp, Line, PathOp,
                                   Paths, Preupload, Settings, Tag, Yaml)
 from quantpub.hub.store import LFS_SUFFIXES, LFS_THRESHOLD, REPO_TYPES, FileEntry, Repo, git_blob_oid, lfs_pointer
@@ -55,10 +55,9 @@ async def whoami_v2(ctx: Ctx) -> Response:
 
 
 async def validate_yaml(ctx: Ctx) -> Response:
-    content = (await read_model(ctx.request, Yaml)).content
-    match = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", content, re.S)
+    yaml_text, _ = front_matter((await read_model(ctx.request, Yaml)).content)
     try:
-        meta = yaml.safe_load(match.group(1)) if match else {}
+        meta = yaml.safe_load(yaml_text) if yaml_text else {}
     except yaml.YAMLError as exc:
         return JSONResponse({"errors": [{"message": f"invalid YAML front matter: {exc}"}]}, 400)
     if meta is not None and not isinstance(meta, dict):
@@ -256,6 +255,13 @@ async def commits(ctx: Ctx) -> Response:
                           "date": stamp(c.created)} for c in history])
 
 
+def _base64(text: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except binascii.Error:
+        raise HubError(400, f"{what} is not valid base64") from None
+
+
 async def preupload(ctx: Ctx) -> Response:
     repo = await ctx.repo(repo_type(ctx, api=True), write=True)
     body = await read_model(ctx.request, Preupload)
@@ -264,10 +270,7 @@ async def preupload(ctx: Ctx) -> Response:
     out = []
     for f in body.files:
         path = check_path(f.path)
-        try:
-            sample = base64.b64decode(f.sample, validate=True)
-        except binascii.Error:
-            raise HubError(400, f"{path}: sample is not valid base64") from None
+        sample = _base64(f.sample, f"{path}: sample")
         lfs = f.size >= LFS_THRESHOLD or b"\0" in sample or path.lower().endswith(LFS_SUFFIXES)
         item = {"path": path, "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False}
         if path in files:
@@ -291,10 +294,16 @@ async def _lines(ctx: Ctx):
     yield bytes(buf)
 
 
+def _check_git_file(path: str, data: bytes | None) -> None:
+    """400 for a path or a .gitattributes file that the git mirror could not serve as the API does."""
+    check_path(path)
+    problem = attributes_problem(path, data)
+    if problem:
+        raise HubError(400, f"{path}: {problem}")
+
+
 async def commit(ctx: Ctx) -> Response:
     """ndjson: a header, then files (base64), LFS files (by sha256) and deletions; streamed, one line at a time."""
-    from quantpub.hub.lfs import visible_blob
-
     type_ = repo_type(ctx, api=True)
     if type_ not in REPO_TYPES:
         raise HubError(400, f"unknown repo type {type_!r}")
@@ -302,38 +311,44 @@ async def commit(ctx: Ctx) -> Response:
     if (ctx.query("create_pr") or "0") not in ("0", "false", "False"):
         raise HubError(400, "pull requests are not supported by this hub")
     header, add, delete, delete_folders = None, [], [], []
-    async for raw in _lines(ctx):
-        if not raw.strip():
-            continue
-        line = parse(Line, raw, "commit line")
-        if line.key == "header":
-            header = parse(Header, line.value, "commit header")
-        elif line.key == "file":
-            op = parse(FileOp, line.value, "file operation")
-            try:
-                data = base64.b64decode(op.content, validate=True)
-            except binascii.Error:
-                raise HubError(400, f"{op.path}: content is not valid base64") from None
-            sha = await blocking(ctx.store.put_blob, [data], len(data))
-            add.append(FileEntry(check_path(op.path), sha, len(data), git_blob_oid(data), False))
-        elif line.key == "lfsFile":
-            op = parse(LfsOp, line.value, "lfsFile operation")
-            if not await blocking(visible_blob, ctx.store, ctx.caller, op.oid, op.size):
-                raise HubError(422, f"{op.path}: content {op.oid} was never uploaded: upload it through the LFS "
-                                    "batch API first")
-            add.append(FileEntry(check_path(op.path), op.oid, op.size, git_blob_oid(lfs_pointer(op.oid, op.size)),
-                                 True))
-        else:
-            path = parse(PathOp, line.value, f"{line.key} operation").path
-            (delete if line.key == "deletedFile" else delete_folders).append(path)
+    with ctx.store.holds.hold() as hold:  # its blobs are kept from garbage collection until it lands
+        async for raw in _lines(ctx):
+            if not raw.strip():
+                continue
+            line = parse(Line, raw, "commit line")
+            if line.key == "header":
+                header = parse(Header, line.value, "commit header")
+            elif line.key == "file":
+                op = parse(FileOp, line.value, "file operation")
+                data = _base64(op.content, f"{op.path}: content")
+                _check_git_file(op.path, data)
+                hold(sha := hashlib.sha256(data).hexdigest())
+                await blocking(ctx.store.put_blob, [data], len(data), sha)
+                add.append(FileEntry(op.path, sha, len(data), git_blob_oid(data), False))
+            elif line.key == "lfsFile":
+                op = parse(LfsOp, line.value, "lfsFile operation")
+                _check_git_file(op.path, None)
+                hold(op.oid)
+                if not await blocking(visible_blob, ctx.store, ctx.caller, op.oid, op.size):
+                    raise not_stored(op.path, op.oid)
+                add.append(FileEntry(op.path, op.oid, op.size, git_blob_oid(lfs_pointer(op.oid, op.size)), True))
+            else:
+                path = parse(PathOp, line.value, f"{line.key} operation").path
+                (delete if line.key == "deletedFile" else delete_folders).append(path)
+        oid = await _land(ctx, repo, header, add, delete, delete_folders)
+    await blocking(ctx.hub.changed, repo)
+    return JSONResponse({"commitOid": oid, "commitUrl": f"{ctx.base()}/{PREFIX[repo.type]}{repo.repo_id}/commit/{oid}",
+                         "success": True})
+
+
+async def _land(ctx: Ctx, repo: Repo, header: Header | None, add: list[FileEntry], delete: list[str],
+                delete_folders: list[str]) -> str:
+    """The commit's checks that need the whole body, then the store's commit: the new commit id."""
     if header is None:
         raise HubError(400, "commit without a header line")
     if header.parentCommit is not None and not COMMIT_RE.fullmatch(header.parentCommit):
         raise HubError(400, f"parentCommit {header.parentCommit!r} is not a 40-hex commit id")
-    oid = await blocking(ctx.store.commit, repo, ctx.params["rev"], summary=header.summary,
-                         description=header.description, author=ctx.caller.name, parent=header.parentCommit,
-                         add=add, delete=delete, delete_folders=delete_folders)
-    await blocking(ctx.hub.changed, repo)
-    return JSONResponse({"commitOid": oid, "commitUrl": f"{ctx.base()}/{PREFIX[repo.type]}{repo.repo_id}/commit/{oid}",
-                         "success": True})
+    return await blocking(ctx.store.commit, repo, ctx.params["rev"], summary=header.summary,
+                          description=header.description, author=ctx.caller.name, parent=header.parentCommit,
+                          add=add, delete=delete, delete_folders=delete_folders, quota=ctx.hub.config.quota)
 

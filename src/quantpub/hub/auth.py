@@ -23,8 +23,11 @@ needs a write token and the caller's own namespace, or an organisation where the
 from __future__ import annotations
 
 import base64
+import hashlib
+import logging
 import os
 import secrets
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -32,8 +35,11 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from quantpub.hub.names import check_namespace
+from quantpub.hub.errors import HubError, not_found
+from quantpub.hub.names import SHA256_RE, check_namespace
+from quantpub.hub.store import REPO_TYPES, Repo, Store
 
+log = logging.getLogger(__name__)
 Role = Literal["read", "write"]
 USERS_FILE = "users.yaml"
 DEFAULT_USER = "quantpub"
@@ -88,6 +94,7 @@ class Users:
 
     def __init__(self, spec: UsersSpec, source: str = "<memory>"):
         self.spec, self.source = spec, source
+        self.path: Path | None = None  # the file they were read from (reloaded when it changes)
         self._by_token: dict[str, Caller] = {}
         for org in spec.orgs:
             check_namespace(org)
@@ -136,6 +143,44 @@ class Users:
         return ranked[0][0]
 
 
+def require_write(caller: Caller, namespace: str) -> None:
+    """401 without a token, 403 for a read token or a namespace the caller may not write."""
+    if caller.name is None:
+        raise HubError(401, "a write token is required: pass token= or set HF_TOKEN")
+    if caller.role != "write":
+        raise HubError(403, f"the token of {caller.name} is a read token; writing needs a write token")
+    if not caller.can_write(namespace):
+        raise HubError(403, f"{caller.name} cannot write to namespace {namespace!r}: only to their own "
+                            "namespace and organisations where they are a write member")
+
+
+def open_repo(store: Store, caller: Caller, type_: str, namespace: str, name: str, *, write: bool = False) -> Repo:
+    """The repo if ``caller`` may see it (else 404, as the Hub), and write to it when ``write``."""
+    if type_ not in REPO_TYPES:
+        raise HubError(400, f"unknown repo type {type_!r}")
+    repo = store.get_repo(type_, namespace, name)
+    if repo is None or not caller.can_read(repo.namespace, repo.private):
+        if write and caller.name is None:
+            raise HubError(401, "a write token is required: pass token= or set HF_TOKEN")
+        raise not_found(f"{namespace}/{name}")
+    if write:
+        require_write(caller, repo.namespace)
+    return repo
+
+
+def visible_blob(store: Store, caller: Caller, sha256: str, size: int) -> bool:
+    """Stored completely, and referenced by a repo the caller can read, or uploaded by the caller.
+
+    What makes the LFS batch API answer "already stored", and a commit accept an LFS file: a
+    sha256 alone (from a published manifest, say) gets no one another user's private bytes.
+    """
+    if not SHA256_RE.fullmatch(sha256) or not store.has_blob(sha256, size):
+        return False
+    if caller.name is not None and store.uploaded_by(sha256, caller.name):
+        return True
+    return any(caller.can_read(ns, private) for ns, private in store.blob_owners(sha256))
+
+
 def whoami(caller: Caller) -> dict:
     return {"type": "user", "name": caller.name, "fullname": caller.name, "isPro": False, "canPay": False,
             "isAdmin": caller.admin,
@@ -144,29 +189,75 @@ def whoami(caller: Caller) -> dict:
 
 
 def read_users(path: str | Path) -> Users:
-    """A YAML users file, or a file of ``user:token`` lines (write tokens)."""
+    """A YAML users file, or a file of ``user:token`` lines (write tokens); ValueError saying what is wrong."""
     path = Path(path)
     text = path.read_text()
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError:
-        data = None
+        data, yaml_error = yaml.safe_load(text), None
+    except yaml.YAMLError as exc:
+        data, yaml_error = None, exc
     if isinstance(data, dict):
         try:
-            return Users(UsersSpec.model_validate(data), str(path))
+            users = Users(UsersSpec.model_validate(data), str(path))
         except ValidationError as exc:
             raise ValueError(f"{path}: {exc}") from None
-    tokens = {}
-    for n, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        user, sep, token = line.partition(":")
-        if not sep or not user.strip() or len(token.strip()) < 8:
-            raise ValueError(f"{path}:{n}: expected 'user:token' with a token of at least 8 characters, "
-                             "or a YAML users file (see quantpub hub serve --help)")
-        tokens[token.strip()] = user.strip()
-    return Users.from_tokens(tokens)
+    else:
+        tokens = {}
+        for n, line in enumerate(text.splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            user, sep, token = line.partition(":")
+            if not sep or not user.strip() or len(token.strip()) < 8:
+                if yaml_error is not None:
+                    raise ValueError(f"{path}: not valid YAML: {' '.join(str(yaml_error).split())}") from None
+                raise ValueError(f"{path}:{n}: expected 'user:token' with a token of at least 8 characters, "
+                                 "or a YAML users file (see quantpub hub serve --help)")
+            tokens[token.strip()] = user.strip()
+        users = Users.from_tokens(tokens)
+    users.path = path
+    return users
+
+
+class UsersReloader:
+    """The users file read again when it changes, so that a revoked token stops working within a
+    second or two: polled every ``interval`` seconds, read once it has stayed the same for one poll
+    (an editor's half-written file is not taken), and swapped into ``config.users`` in one
+    assignment. A file that does not read, or has no token left, keeps the previous users and
+    logs one line saying why."""
+
+    def __init__(self, config, path: Path, interval: float = 0.5):
+        self.config, self.path, self.interval = config, Path(path), interval
+        self.loaded = self.seen = self._signature()
+
+    def _signature(self) -> bytes | None:
+        """The file's content digest (a users file is small; an mtime can miss a same-size edit)."""
+        try:
+            return hashlib.sha256(self.path.read_bytes()).digest()
+        except OSError:
+            return None
+
+    def check(self) -> None:
+        """One poll: reload when the file changed and has stayed so since the last poll."""
+        now = self._signature()
+        stable, self.seen = now == self.seen, now
+        if now == self.loaded or not stable:
+            return
+        self.loaded = now
+        try:
+            users = read_users(self.path)
+            if not users._by_token:
+                raise ValueError("no user has a token")
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            log.error("users file %s not reloaded, the previous users stay: %s", self.path, exc)
+            return
+        self.config.users = users
+        log.info("users file %s reloaded: %d users, %d tokens", self.path, len(users.spec.users),
+                 len(users._by_token))
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.wait(self.interval):
+            self.check()
 
 
 def load_or_create_users(data_dir: str | Path, users_file: str | Path | None = None) -> tuple[Users, Path]:

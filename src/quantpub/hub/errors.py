@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from quantpub.errors import QuantpubError
+from quantpub.errors import EXIT_MACHINE, QuantpubError
 
 
 class HubError(Exception):
@@ -17,5 +17,17 @@ def not_found(repo_id: str) -> HubError:
     return HubError(404, f"Repository Not Found: {repo_id}", "RepoNotFound")
 
 
+def not_stored(path: str, sha256: str) -> HubError:
+    """422 for a commit naming content the hub does not have (never uploaded, or collected as garbage)."""
+    return HubError(422, f"{path}: content {sha256} is not stored: upload it through the LFS batch API first (an "
+                         "upload left uncommitted past the hub's minimum age is collected as garbage: upload it again)")
+
+
 class HubLockedError(QuantpubError):
-    """Another hub process serves (or collects garbage in) this data dir."""
+    """Another hub process serves (or collects garbage in) this data dir; ``url`` where it serves."""
+
+    exit_code = EXIT_MACHINE
+
+    def __init__(self, message: str, url: str | None = None):
+        super().__init__(message)
+        self.url = url

@@ -73,9 +73,18 @@ class GitMirror:
         shutil.rmtree(self.path(repo), ignore_errors=True)
 
     def sync_all(self) -> None:
+        """Bring every repo's mirror in step (at start-up), and remove mirrors of repos that are gone."""
+        known = set()
         for type_ in ("model", "dataset", "space"):
             for repo, _ in self.store.repos(type_):
-                self.sync(repo)
+                known.add(self.path(repo))
+                try:
+                    self.sync(repo)
+                except RuntimeError as exc:
+                    log.error("the git mirror of %s is behind the API: %s", repo.repo_id, exc)
+        for git_dir in self.root.glob("*/*/*.git"):
+            if git_dir not in known:
+                shutil.rmtree(git_dir, ignore_errors=True)
 
     def _ensure(self, repo: Repo, oid: str) -> str:
         """The git commit of hub commit ``oid``, written (with its ancestors) if missing."""
@@ -116,9 +125,17 @@ class GitMirror:
                 self._git(repo, "hash-object", "-w", "--no-filters", "--stdin-paths",
                           input=("\n".join(paths) + "\n").encode())
             index = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
-            self._git(repo, "update-index", "--add", "--index-info", env=index,
-                      input="".join(f"100644 {e.git_oid}\t{e.path}\n" for e in files.values()).encode())
+            # -z: paths verbatim (a line-based list would unquote a path such as '"q"'); git skips a path
+            # it refuses with only a warning, so the tree is checked against the commit's files after
+            self._git(repo, "-c", "core.protectNTFS=true", "-c", "core.protectHFS=true", "update-index", "--add",
+                      "-z", "--index-info", env=index,
+                      input="".join(f"100644 {e.git_oid}\t{e.path}\0" for e in files.values()).encode())
             tree = self._git(repo, "write-tree", env=index).strip()
+        stored = self._git(repo, "ls-tree", "-r", "-z", "--name-only", tree).split("\0")[:-1]
+        if sorted(stored) != sorted(files):
+            lost = sorted(set(files) - set(stored))
+            raise RuntimeError(f"git cannot store {lost[:5]} of {repo.repo_id} commit {c.oid}: the mirror would "
+                               "differ from the API; delete those files through the API")
         when = f"{int(c.created)} +0000"
         who = {"GIT_AUTHOR_NAME": c.author, "GIT_AUTHOR_EMAIL": f"{c.author}@quantpub.hub", "GIT_AUTHOR_DATE": when,
                "GIT_COMMITTER_NAME": c.author, "GIT_COMMITTER_EMAIL": f"{c.author}@quantpub.hub",

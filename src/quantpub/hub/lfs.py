@@ -15,15 +15,15 @@ import time
 from typing import Literal
 
 from pydantic import Field
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response
 
-from quantpub.hub.app import Ctx, Router, blocking, repo_type
-from quantpub.hub.auth import Caller
+from quantpub.hub.auth import visible_blob
 from quantpub.hub.bodies import body_chunks, read_body, read_model
 from quantpub.hub.errors import HubError
 from quantpub.hub.names import SHA256_RE
+from quantpub.hub.quota import check_quota, pending_uploads
+from quantpub.hub.routing import BlobResponse, Ctx, Router, blocking, repo_type
 from quantpub.hub.schemas import _Body
-from quantpub.hub.store import Store
 
 URL_TTL = 24 * 3600
 LFS_JSON = "application/vnd.git-lfs+json"
@@ -48,15 +48,6 @@ def register(r: Router) -> None:
     r.add("GET", "lfs/download/{oid}", download)
 
 
-def visible_blob(store: Store, caller: Caller, sha256: str, size: int) -> bool:
-    """Stored completely, and referenced by a repo the caller can read, or uploaded by the caller."""
-    if not SHA256_RE.fullmatch(sha256) or not store.has_blob(sha256, size):
-        return False
-    if caller.name is not None and store.uploaded_by(sha256, caller.name):
-        return True
-    return any(caller.can_read(ns, private) for ns, private in store.blob_owners(sha256))
-
-
 def _sign(ctx: Ctx, *fields: object) -> str:
     return hmac.new(ctx.hub.config.secret, ":".join(map(str, fields)).encode(), hashlib.sha256).hexdigest()
 
@@ -70,6 +61,8 @@ def _signed(ctx: Ctx, action: str, oid: str, size: int, user: str) -> int:
         raise HubError(403, "missing or malformed URL signature") from None
     if not hmac.compare_digest(sig, _sign(ctx, action, oid, size, user, expires)) or expires < time.time():
         raise HubError(403, "invalid or expired URL signature")
+    if user and user not in ctx.hub.config.users.spec.users:
+        raise HubError(403, f"user {user} of this upload URL is no longer in the hub's users file")
     return expires
 
 
@@ -95,8 +88,8 @@ async def batch(ctx: Ctx) -> Response:
             if obj.size > limit:
                 return {**item, "error": {"code": 413, "message": f"{obj.size} bytes exceeds the per-file limit "
                                                                   f"of {limit}; split the file"}}
-            if visible_blob(ctx.store, ctx.caller, obj.oid, obj.size):
-                return item  # already stored, and the caller may see it
+            if visible_blob(ctx.store, ctx.caller, obj.oid, obj.size) and ctx.store.touch_blob(obj.oid):
+                return item  # already stored, the caller may see it, and it is now young for garbage collection
             return {**item, "authenticated": True, "actions": {
                 "upload": {"href": _href(ctx, "upload", obj.oid, obj.size, user), "expires_in": URL_TTL},
                 "verify": {"href": _href(ctx, "verify", obj.oid, obj.size, user), "expires_in": URL_TTL}}}
@@ -107,6 +100,10 @@ async def batch(ctx: Ctx) -> Response:
             "download": {"href": _href(ctx, "download", obj.oid, obj.size), "expires_in": URL_TTL}}}
 
     objects = await blocking(lambda: [answer(o) for o in body.objects])
+    if upload_op and ctx.hub.config.quota is not None:
+        wanted = {o["oid"]: o["size"] for o in objects if "actions" in o}
+        await blocking(lambda: check_quota(ctx.store.db(), ctx.hub.config.quota, repo.namespace, wanted,
+                                           pending_uploads(ctx.store.db(), user)))
     return JSONResponse({"transfer": "basic", "objects": objects, "hash_algo": "sha256"}, media_type=LFS_JSON)
 
 
@@ -139,7 +136,7 @@ async def upload(ctx: Ctx) -> Response:
     finally:
         await blocking(writer.abort)
     if user:
-        await blocking(ctx.store.record_upload, oid, user)
+        await blocking(ctx.store.record_upload, oid, user, size)
     return JSONResponse({})
 
 
@@ -158,4 +155,4 @@ async def download(ctx: Ctx) -> Response:
     path = ctx.store.blob_path(oid)
     if not await blocking(ctx.store.has_blob, oid, size):
         raise HubError(404, f"object {oid} is not stored")
-    return FileResponse(path, media_type="application/octet-stream", headers={"ETag": f'"{oid}"'})
+    return BlobResponse(path, media_type="application/octet-stream", headers={"ETag": f'"{oid}"'})

@@ -19,6 +19,12 @@ RESERVED = frozenset({"api", "lfs", "static", "models", "datasets", "spaces", "n
                       "logout", "join", "organizations", "docs", "search"})
 _CONTROL = frozenset(chr(c) for c in range(32)) | {"\x7f"}
 _REF_FORBIDDEN = _CONTROL | set(" ~^:?*[\\")
+# NTFS short names of .git and .gitmodules (git's is_ntfs_dotgit, is_ntfs_dotgitmodules)
+_GIT_SHORT = re.compile(r"git~1")
+_DRIVE = re.compile(r"[A-Za-z]:")
+_GITMODULES_SHORT = re.compile(r"(gitmod|gi7eba)~\d+")
+_HFS_IGNORED = dict.fromkeys(map(ord, "\u200c\u200d\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
+                                      "\u206a\u206b\u206c\u206d\u206e\u206f\ufeff"))
 
 
 def check_name(name: object, what: str) -> str:
@@ -37,13 +43,84 @@ def check_namespace(name: object) -> str:
     return name
 
 
+def path_problem(path: object) -> str | None:
+    """Why ``path`` cannot be a repo file path, or None when it can.
+
+    Relative, '/'-separated, valid UTF-8 without control characters or backslashes, no empty,
+    '.' or '..' parts; and nothing git refuses or that means ``.git`` to some checkout: no part
+    that Windows or macOS reads as ``.git`` or ``.gitmodules`` (any case, trailing dots or
+    spaces, an NTFS ``:stream``, a short name such as ``GIT~1``, code points HFS+ ignores). The
+    hub serves no submodules, so a ``.gitmodules`` file could only be a trap for a clone. Nor what
+    no file system or huggingface_hub's downloads take: a part over 255 bytes (a file name over
+    246: the client adds '.metadata'), a Windows drive.
+    """
+    if not isinstance(path, str) or not path:
+        return "it is empty"
+    if len(path) > 1000:
+        return "it is longer than 1000 characters"
+    try:
+        path.encode()
+    except UnicodeEncodeError:
+        return "it is not valid Unicode"
+    bad = sorted({repr(c) for c in path if c in _CONTROL or c == "\\"})
+    if bad:
+        return f"it contains {', '.join(bad)}"
+    parts = path.split("/")
+    for part in parts:
+        if part in ("", ".", ".."):
+            return "it has an empty, '.' or '..' part (paths are relative, without a leading or doubled '/')"
+        longest = 255 if part is not parts[-1] else 255 - len(".metadata")
+        if len(part.encode()) > longest:
+            return (f"the part {part[:20]!r}... is longer than {longest} bytes: file systems store 255, and "
+                    "huggingface_hub's downloads add '.metadata' to a file's name")
+        if _DRIVE.match(part):
+            return f"the part {part!r} reads as a Windows drive, which huggingface_hub refuses to download"
+        seen_as = checkout_name(part)
+        if seen_as == ".git" or _GIT_SHORT.fullmatch(seen_as):
+            return f"the part {part!r} reads as .git (git's own folder) on some systems; git never stores it"
+        if seen_as == ".gitmodules" or _GITMODULES_SHORT.fullmatch(seen_as):
+            return (f"the part {part!r} reads as .gitmodules on some systems; the hub serves no submodules, so it "
+                    "could only mislead a clone")
+        if seen_as in ("", ".", ".."):
+            return f"the part {part!r} is only dots and spaces (Windows drops trailing dots and spaces)"
+    return None
+
+
+def checkout_name(part: str) -> str:
+    """The name a checkout on Windows or macOS gives a path part: case folded, code points HFS+
+    ignores removed, an NTFS ``:stream`` suffix and trailing dots and spaces dropped."""
+    return part.translate(_HFS_IGNORED).casefold().split(":", 1)[0].rstrip(" .")
+
+
 def check_path(path: object) -> str:
-    """A repo file path: relative, '/'-separated, no '.', '..' or empty parts, nothing under .git."""
-    parts = path.split("/") if isinstance(path, str) else []
-    if (not parts or not path or len(path) > 1000 or "\\" in path or any(c in _CONTROL for c in path)
-            or any(p in ("", ".", "..") for p in parts) or parts[0] == ".git"):
-        raise HubError(400, f"invalid file path {path!r}")
+    """``path`` if it can be a repo file path (see ``path_problem``), else 400 saying why."""
+    problem = path_problem(path)
+    if problem:
+        raise HubError(400, f"invalid file path {path!r}: {problem}")
     return path
+
+
+def tree_clash(paths: list[str] | set[str]) -> tuple[str, str] | None:
+    """A (file, path under it) pair when a path is both a file and a folder: git cannot store that."""
+    files = set(paths)
+    for path in sorted(files):
+        parts = path.split("/")
+        for depth in range(1, len(parts)):
+            if (parent := "/".join(parts[:depth])) in files:
+                return parent, path
+    return None
+
+
+def attributes_problem(path: str, data: bytes | None) -> str | None:
+    """Why a ``.gitattributes`` file would fail ``git fsck`` (a clone with transfer.fsckObjects refuses
+    it), or None; ``data`` None for an LFS file, which would reach a clone as a pointer."""
+    if checkout_name(path.rsplit("/", 1)[-1]) != ".gitattributes":
+        return None
+    if data is None:
+        return "a .gitattributes file must be a regular file, not LFS"
+    if len(data) > 100 << 20 or any(len(line) > 2048 for line in data.split(b"\n")):
+        return "git refuses a .gitattributes file over 100 MiB or with a line over 2048 bytes"
+    return None
 
 
 def ref_problem(name: str) -> str | None:

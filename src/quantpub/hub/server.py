@@ -1,18 +1,17 @@
-"""Serving the hub: uvicorn (h11) with timeouts and a connection cap, one server per data dir.
+"""Serving the hub: uvicorn (h11) with timeouts and connection caps, one server per data dir.
 
 Why uvicorn + Starlette: both are maintained by the same people, widely deployed, and give
 HTTP/1.1 framing (h11: one Content-Length, chunked bodies, no header injection), a
-keep-alive timeout, a header size limit and a connection cap (``limit_concurrency``: past it
-new requests get 503). uvicorn has no deadline for a request's head (encode/uvicorn#157), so
-``_Protocol`` adds one: a client that has not sent a complete request head within
-``header_timeout`` seconds of connecting (or of its first byte on a kept-alive connection) is
-disconnected. Stalled request bodies are cut by the application (``bodies.body_chunks``).
+keep-alive timeout, a buffer limit for incomplete heads and a connection cap
+(``limit_concurrency``: past it new requests get 503). ``protocol.HubProtocol`` adds a deadline
+for request heads; ``guard.Guard`` bounds complete heads. Stalled request bodies are cut by the
+application (``bodies.body_chunks``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import ipaddress
 import secrets
 import shutil
 import socket
@@ -21,11 +20,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h11
 import uvicorn
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from quantpub.hub.auth import Users, load_or_create_users
+from quantpub.hub.app import create_app
+from quantpub.hub.auth import Users, UsersReloader, load_or_create_users
+from quantpub.hub.gc import Sweeper
+from quantpub.hub.protocol import ClientConnections, HubProtocol
 
 log = logging.getLogger(__name__)
 MAX_FILE_SIZE = 50 * 1000 ** 3  # the Hub's per-file limit
@@ -48,77 +48,56 @@ class HubConfig:
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     keep_alive: int = 5
-    max_connections: int = 100
+    max_connections: int = 100       # in all: past it, 503
+    max_client_connections: int = 16  # from one client at once (0: no limit): past it, 429
+    trusted_proxies: tuple[str, ...] = ()  # addresses or networks whose X-Forwarded-For/-Proto are believed
+    max_head_bytes: int = 64 * 1024  # request line and headers: 431 (414 for the request line) past it
+    max_headers: int = 100           # header fields: 431 past it
+    max_target_bytes: int = 16 * 1024  # the request target (path and query): 414 past it
+    users_poll: float = 0.5          # seconds between looks at the users file (when read from one)
+    quota: int | None = None         # bytes each namespace may store (history included); None: no quota
+    gc_every: float = 3600.0         # seconds between automatic garbage collections; 0: none
+    gc_min_age: float = 24 * 3600.0  # unreferenced blobs younger than this are kept (uploads awaiting a commit)
 
     def __post_init__(self):
         self.data_dir = Path(self.data_dir)
         if self.users is None:
             self.users = Users.from_tokens(self.tokens)
+        self.trusted_proxies = tuple(self.trusted_proxies)
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(f"trusted proxy {proxy!r} is not an IP address or network (e.g. 10.0.0.5, "
+                                 "10.0.0.0/8)") from None
         if self.git is None:
             self.git = shutil.which("git") is not None
             if not self.git:
                 log.warning("git is not installed: the hub will not serve git clone")
 
 
-class _Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a deadline for each request head."""
-
-    header_timeout = 10.0
-    _head_timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport):
-        super().connection_made(transport)
-        self._arm()
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self.conn.their_state is h11.IDLE:
-            self._arm()  # still waiting for (the rest of) a request head
-        else:
-            self._disarm()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._disarm()  # idle until the next request: uvicorn's keep-alive timeout applies
-
-    def connection_lost(self, exc):
-        self._disarm()
-        super().connection_lost(exc)
-
-    def _arm(self) -> None:
-        if self._head_timer is None and not self.transport.is_closing():
-            self._head_timer = self.loop.call_later(self.header_timeout, self._head_too_slow)
-
-    def _disarm(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-
-    def _head_too_slow(self) -> None:
-        self._head_timer = None
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            log.info("closing a connection that sent no complete request head in %.0f s", self.header_timeout)
-            self.transport.close()
-
-
 class HubServer:
     """A running hub: ``url``, ``config``, ``store``; ``shutdown()`` then ``server_close()``."""
 
     def __init__(self, config: HubConfig, host: str = "127.0.0.1", port: int = 0):
-        from quantpub.hub.app import create_app
-
         self.config = config
         self.app = create_app(config)  # takes the data dir's lock, brings git mirrors in step
         self.store = self.app.state.hub.store
         self.socket = socket.create_server((host, port), reuse_port=False)
         self.server_address = self.socket.getsockname()[:2]
+        self.store.announce(self.url)
         self._stopped = threading.Event()
         self._stopped.set()
-        protocol = type("HubProtocol", (_Protocol,), {"header_timeout": config.header_timeout})
+        clients = ClientConnections(config.max_client_connections, config.trusted_proxies)
+        protocol = type("ServerProtocol", (HubProtocol,), {"header_timeout": config.header_timeout,
+                                                           "max_head_bytes": config.max_head_bytes,
+                                                           "clients": clients})
         self._server = uvicorn.Server(uvicorn.Config(
             self.app, http=protocol, lifespan="off", access_log=False, log_config=None, server_header=False,
             timeout_keep_alive=config.keep_alive, limit_concurrency=config.max_connections,
-            h11_max_incomplete_event_size=64 * 1024, timeout_graceful_shutdown=5))
+            h11_max_incomplete_event_size=config.max_head_bytes, timeout_graceful_shutdown=5,
+            # X-Forwarded-For and -Proto only from the configured proxies (uvicorn would believe 127.0.0.1)
+            proxy_headers=bool(config.trusted_proxies), forwarded_allow_ips=list(config.trusted_proxies)))
 
     @property
     def url(self) -> str:
@@ -127,10 +106,27 @@ class HubServer:
 
     def serve_forever(self) -> None:
         self._stopped.clear()
+        stop = threading.Event()
+        jobs = [threading.Thread(target=job, args=(stop,), name="quantpub-hub-job", daemon=True)
+                for job in self._jobs()]
+        for job in jobs:
+            job.start()
         try:
             self._server.run(sockets=[self.socket])
         finally:
+            stop.set()
+            for job in jobs:
+                job.join(30)
             self._stopped.set()
+
+    def _jobs(self) -> list:
+        """What runs beside serving, each a ``run(stop_event)``: the users file's reloads, garbage collection."""
+        jobs = []
+        if self.config.users.path:
+            jobs.append(UsersReloader(self.config, self.config.users.path, self.config.users_poll).run)
+        if self.config.gc_every > 0:
+            jobs.append(Sweeper(self.store, self.config.gc_every, self.config.gc_min_age).run)
+        return jobs
 
     def shutdown(self) -> None:
         """Stop serving and wait until the server has stopped."""

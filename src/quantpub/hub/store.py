@@ -11,24 +11,27 @@ Layout of the data dir::
 A commit is one SQLite transaction that checks the branch head it builds on and moves it with
 a compare-and-swap, so two commits to different branches never interfere and a stale parent
 is refused. A blob becomes visible only through a commit, and a commit may only name blobs
-that are completely stored, so a killed server never serves a partial file.
+that are completely stored, so a killed server never serves a partial file. ``gc_lock`` is
+taken by a commit from its check that its blobs are stored to its end, by a blob moving into
+place, and by garbage collection for each removal, so a blob a commit names is never removed.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import sqlite3
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator
+from typing import Iterable
 
-from quantpub.hub.errors import HubError, HubLockedError
-from quantpub.hub.names import COMMIT_RE, SHA256_RE, check_name, check_namespace, check_path, check_ref
+from quantpub.hub.blobs import BlobWriter, Holds, announce, lock_data_dir
+from quantpub.hub.errors import HubError, not_stored
+from quantpub.hub.names import (COMMIT_RE, SHA256_RE, check_name, check_namespace, check_path, check_ref,
+                               tree_clash)
+from quantpub.hub.quota import check_quota
 
 REPO_TYPES = ("model", "dataset", "space")
 LFS_THRESHOLD = 10 * 1024 * 1024
@@ -51,7 +54,8 @@ CREATE TABLE IF NOT EXISTS refs (
     repo_id INTEGER NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL, commit_oid TEXT NOT NULL,
     PRIMARY KEY (repo_id, kind, name));
 CREATE TABLE IF NOT EXISTS uploads (
-    sha256 TEXT NOT NULL, user TEXT NOT NULL, created REAL NOT NULL, PRIMARY KEY (sha256, user));
+    sha256 TEXT NOT NULL, user TEXT NOT NULL, created REAL NOT NULL, size INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (sha256, user));
 CREATE INDEX IF NOT EXISTS files_by_sha256 ON files (sha256);
 CREATE INDEX IF NOT EXISTS commits_by_repo ON commits (repo_id);
 """
@@ -98,22 +102,6 @@ def lfs_pointer(sha256: str, size: int) -> bytes:
     return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
 
 
-def lock_data_dir(root: Path) -> int:
-    """Take ``root/lock`` (flock, released when the process ends); HubLockedError if taken."""
-    root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise HubLockedError(f"{root} is in use by another quantpub hub process (pid {holder}); "
-                             "stop it first, or use another --data-dir") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-
 class Store:
     """All repos of one hub. Thread-safe: one SQLite connection per thread. Holds the data dir's lock."""
 
@@ -126,10 +114,14 @@ class Store:
         for leftover in self.tmp.iterdir():  # uploads cut off by a kill: never referenced by any commit
             leftover.unlink()
         self._local = threading.local()
-        db = self._db()
+        self.gc_lock = threading.RLock()
+        self.holds = Holds()
+        db = self.db()
         db.executescript(SCHEMA)
         if "git_oid" not in {r[1] for r in db.execute("PRAGMA table_info(commits)")}:
             db.execute("ALTER TABLE commits ADD COLUMN git_oid TEXT")
+        if "size" not in {r[1] for r in db.execute("PRAGMA table_info(uploads)")}:
+            db.execute("ALTER TABLE uploads ADD COLUMN size INTEGER NOT NULL DEFAULT 0")
         db.execute("CREATE INDEX IF NOT EXISTS commits_by_git_oid ON commits (git_oid)")
 
     def close(self) -> None:
@@ -138,7 +130,11 @@ class Store:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def _db(self) -> sqlite3.Connection:
+    def announce(self, url: str) -> None:
+        """Say in the lock file where this hub serves (``quantpub hub gc`` collects through it)."""
+        announce(self._lock_fd, url)
+
+    def db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
         if db is None:
             db = sqlite3.connect(self.root / "hub.sqlite3", timeout=60, isolation_level=None)
@@ -167,37 +163,48 @@ class Store:
         finally:
             writer.abort()
 
-    def blob_writer(self, size: int, expected: str | None = None) -> "BlobWriter":
-        return BlobWriter(self, size, expected)
+    def blob_writer(self, size: int, expected: str | None = None) -> BlobWriter:
+        return BlobWriter(self.tmp, self.blob_path, self.gc_lock, size, expected)
+
+    def touch_blob(self, sha256: str) -> bool:
+        """Mark a stored blob as recently wanted (garbage collection keeps young blobs); False if gone."""
+        with self.gc_lock:
+            try:
+                os.utime(self.blob_path(sha256))
+            except FileNotFoundError:
+                return False
+        return True
 
     # repos
     def create_repo(self, type_: str, namespace: str, name: str, private: bool, author: str) -> Repo:
         check_namespace(namespace)
         check_name(name, "repo name")
-        db = self._db()
+        db = self.db()
         data = GITATTRIBUTES.encode()
-        sha = self.put_blob([data], len(data))
-        with _transaction(db):
-            clash = db.execute("SELECT namespace, name FROM repos WHERE type=? AND lower(namespace)=lower(?) "
-                               "AND lower(name)=lower(?)", (type_, namespace, name)).fetchone()
-            if clash:
-                raise HubError(409, f"repository {clash[0]}/{clash[1]} already exists")
-            cur = db.execute("INSERT INTO repos (type, namespace, name, private, created) VALUES (?,?,?,?,?)",
-                             (type_, namespace, name, int(private), time.time()))
-            repo = Repo(cur.lastrowid, type_, namespace, name, private)
-            entry = FileEntry(".gitattributes", sha, len(data), git_blob_oid(data), False)
-            oid = self._insert_commit(db, repo, None, "initial commit", "", author, {entry.path: entry})
-            db.execute("INSERT INTO refs VALUES (?, 'branch', 'main', ?)", (repo.id, oid))
+        entry = FileEntry(".gitattributes", hashlib.sha256(data).hexdigest(), len(data), git_blob_oid(data), False)
+        with self.holds.hold() as hold:
+            hold(entry.sha256)
+            self.put_blob([data], len(data))
+            with _transaction(db):
+                clash = db.execute("SELECT namespace, name FROM repos WHERE type=? AND lower(namespace)=lower(?) "
+                                   "AND lower(name)=lower(?)", (type_, namespace, name)).fetchone()
+                if clash:
+                    raise HubError(409, f"repository {clash[0]}/{clash[1]} already exists")
+                cur = db.execute("INSERT INTO repos (type, namespace, name, private, created) VALUES (?,?,?,?,?)",
+                                 (type_, namespace, name, int(private), time.time()))
+                repo = Repo(cur.lastrowid, type_, namespace, name, private)
+                oid = self._insert_commit(db, repo, None, "initial commit", "", author, {entry.path: entry})
+                db.execute("INSERT INTO refs VALUES (?, 'branch', 'main', ?)", (repo.id, oid))
         return repo
 
     def get_repo(self, type_: str, namespace: str, name: str) -> Repo | None:
-        row = self._db().execute("SELECT id, type, namespace, name, private FROM repos "
+        row = self.db().execute("SELECT id, type, namespace, name, private FROM repos "
                                  "WHERE type=? AND namespace=? AND name=?", (type_, namespace, name)).fetchone()
         return Repo(row[0], row[1], row[2], row[3], bool(row[4])) if row else None
 
     def repos(self, type_: str = "model") -> list[tuple[Repo, float]]:
         """Every repo of a type with the time of the last commit on main, newest first."""
-        rows = self._db().execute(
+        rows = self.db().execute(
             "SELECT r.id, r.type, r.namespace, r.name, r.private, c.created FROM repos r "
             "JOIN refs f ON f.repo_id=r.id AND f.kind='branch' AND f.name='main' JOIN commits c ON c.oid=f.commit_oid "
             "WHERE r.type=? ORDER BY c.created DESC, r.namespace, r.name", (type_,)).fetchall()
@@ -205,7 +212,7 @@ class Store:
 
     def delete_repo(self, repo: Repo) -> None:
         """Forget the repo; its blobs stay until ``quantpub hub gc`` finds them unreferenced."""
-        db = self._db()
+        db = self.db()
         with _transaction(db):
             db.execute("DELETE FROM files WHERE commit_oid IN (SELECT oid FROM commits WHERE repo_id=?)", (repo.id,))
             db.execute("DELETE FROM commits WHERE repo_id=?", (repo.id,))
@@ -213,36 +220,37 @@ class Store:
             db.execute("DELETE FROM repos WHERE id=?", (repo.id,))
 
     def set_private(self, repo: Repo, private: bool) -> None:
-        self._db().execute("UPDATE repos SET private=? WHERE id=?", (int(private), repo.id))
+        self.db().execute("UPDATE repos SET private=? WHERE id=?", (int(private), repo.id))
 
     # who may see a blob
     def blob_owners(self, sha256: str) -> list[tuple[str, bool]]:
         """(namespace, private) of every repo with a commit that references the blob."""
-        return [(r[0], bool(r[1])) for r in self._db().execute(
+        return [(r[0], bool(r[1])) for r in self.db().execute(
             "SELECT DISTINCT r.namespace, r.private FROM files f JOIN commits c ON c.oid=f.commit_oid "
             "JOIN repos r ON r.id=c.repo_id WHERE f.sha256=?", (sha256,))]
 
     def repo_has_blob(self, repo: Repo, sha256: str) -> int | None:
         """The size of the blob if a commit of ``repo`` references it, else None."""
-        row = self._db().execute("SELECT f.size FROM files f JOIN commits c ON c.oid=f.commit_oid "
+        row = self.db().execute("SELECT f.size FROM files f JOIN commits c ON c.oid=f.commit_oid "
                                  "WHERE c.repo_id=? AND f.sha256=? LIMIT 1", (repo.id, sha256)).fetchone()
         return row[0] if row else None
 
-    def record_upload(self, sha256: str, user: str) -> None:
-        self._db().execute("INSERT OR REPLACE INTO uploads VALUES (?,?,?)", (sha256, user, time.time()))
+    def record_upload(self, sha256: str, user: str, size: int) -> None:
+        self.db().execute("INSERT OR REPLACE INTO uploads (sha256, user, created, size) VALUES (?,?,?,?)",
+                           (sha256, user, time.time(), size))
 
     def uploaded_by(self, sha256: str, user: str) -> bool:
-        return self._db().execute("SELECT 1 FROM uploads WHERE sha256=? AND user=?", (sha256, user)).fetchone() \
+        return self.db().execute("SELECT 1 FROM uploads WHERE sha256=? AND user=?", (sha256, user)).fetchone() \
             is not None
 
     # refs and commits
     def refs(self, repo: Repo, kind: str) -> list[tuple[str, str]]:
-        return self._db().execute("SELECT name, commit_oid FROM refs WHERE repo_id=? AND kind=? ORDER BY name",
+        return self.db().execute("SELECT name, commit_oid FROM refs WHERE repo_id=? AND kind=? ORDER BY name",
                                   (repo.id, kind)).fetchall()
 
     def resolve(self, repo: Repo, revision: str) -> str:
         """Full commit id (the hub's or the git mirror's), then branch, then tag -> commit id."""
-        db = self._db()
+        db = self.db()
         if isinstance(revision, str) and COMMIT_RE.fullmatch(revision):
             row = db.execute("SELECT oid FROM commits WHERE repo_id=? AND (oid=? OR git_oid=?)",
                              (repo.id, revision, revision)).fetchone()
@@ -258,7 +266,7 @@ class Store:
     def create_ref(self, repo: Repo, kind: str, name: str, start: str) -> None:
         """A new branch or tag at ``start``; refused if any branch or tag already has the name."""
         check_ref(kind, name)
-        db = self._db()
+        db = self.db()
         with _transaction(db):
             oid = self.resolve(repo, start)
             row = db.execute("SELECT kind FROM refs WHERE repo_id=? AND name=?", (repo.id, name)).fetchone()
@@ -269,22 +277,22 @@ class Store:
     def delete_ref(self, repo: Repo, kind: str, name: str) -> None:
         if kind == "branch" and name == "main":
             raise HubError(403, "the main branch cannot be deleted")
-        if not self._db().execute("DELETE FROM refs WHERE repo_id=? AND kind=? AND name=?",
+        if not self.db().execute("DELETE FROM refs WHERE repo_id=? AND kind=? AND name=?",
                                   (repo.id, kind, name)).rowcount:
             raise HubError(404, f"{kind} {name} not found in {repo.repo_id}", "RevisionNotFound")
 
     def files(self, commit_oid: str) -> dict[str, FileEntry]:
-        rows = self._db().execute("SELECT path, sha256, size, git_oid, lfs FROM files WHERE commit_oid=? "
+        rows = self.db().execute("SELECT path, sha256, size, git_oid, lfs FROM files WHERE commit_oid=? "
                                   "ORDER BY path", (commit_oid,)).fetchall()
         return {r[0]: FileEntry(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows}
 
     def commit_info(self, oid: str) -> Commit:
-        r = self._db().execute("SELECT oid, parent, summary, description, author, created, git_oid FROM commits "
+        r = self.db().execute("SELECT oid, parent, summary, description, author, created, git_oid FROM commits "
                                "WHERE oid=?", (oid,)).fetchone()
         return Commit(*r)
 
     def set_git_oid(self, oid: str, git_oid: str) -> None:
-        self._db().execute("UPDATE commits SET git_oid=? WHERE oid=?", (git_oid, oid))
+        self.db().execute("UPDATE commits SET git_oid=? WHERE oid=?", (git_oid, oid))
 
     def history(self, oid: str, limit: int = 1000) -> list[Commit]:
         out = []
@@ -295,14 +303,19 @@ class Store:
         return out
 
     def commit(self, repo: Repo, branch: str, *, summary: str, description: str, author: str,
-               parent: str | None, add: list[FileEntry], delete: list[str], delete_folders: list[str]) -> str:
-        """Apply one commit to ``branch``; 412 when ``parent`` is given and is not the branch head."""
+               parent: str | None, add: list[FileEntry], delete: list[str], delete_folders: list[str],
+               quota: int | None = None) -> str:
+        """Apply one commit to ``branch``; 412 when ``parent`` is given and is not the branch head, 413
+        when the repo's namespace would store more than ``quota`` bytes."""
         for e in add:
             check_path(e.path)
-            if not self.has_blob(e.sha256, e.size):
-                raise HubError(422, f"{e.path}: content {e.sha256} was never uploaded")
-        db = self._db()
-        with _transaction(db):
+        db = self.db()
+        with self.gc_lock, _transaction(db):
+            for e in add:
+                if not self.has_blob(e.sha256, e.size):
+                    raise not_stored(e.path, e.sha256)
+            if quota is not None:
+                check_quota(db, quota, repo.namespace, {e.sha256: e.size for e in add})
             row = db.execute("SELECT commit_oid FROM refs WHERE repo_id=? AND kind='branch' AND name=?",
                              (repo.id, branch)).fetchone()
             if row is None:
@@ -312,15 +325,19 @@ class Store:
                 raise HubError(412, f"parent commit {parent} is not the head of {branch} ({head}); "
                                     "fetch the branch again and retry")
             tree = self.files(head)
-            for path in delete:
-                if tree.pop(check_path(path), None) is None:
+            for path in delete:  # any stored path may go, also one that today's rules would refuse
+                if tree.pop(path, None) is None:
                     raise HubError(404, f"cannot delete {path}: not in {branch}", "EntryNotFound")
             for folder in delete_folders:
-                prefix = check_path(folder.rstrip("/")) + "/"
+                prefix = folder.rstrip("/") + "/"
                 for path in [p for p in tree if p.startswith(prefix)]:
                     del tree[path]
             for e in add:
                 tree[e.path] = e
+            clash = tree_clash(tree)
+            if clash:
+                raise HubError(400, f"{clash[0]} would be both a file and the folder of {clash[1]} in {branch}; "
+                                    f"git cannot store that: delete {clash[0]} in the same commit, or rename one")
             oid = self._insert_commit(db, repo, head, summary, description, author, tree)
             db.execute("UPDATE refs SET commit_oid=? WHERE repo_id=? AND kind='branch' AND name=? AND commit_oid=?",
                        (oid, repo.id, branch, head))
@@ -339,42 +356,6 @@ class Store:
         return oid
 
 
-class BlobWriter:
-    """One blob being written to ``tmp/``: ``write`` chunks, then ``finish`` (verify, rename) or ``abort``."""
-
-    def __init__(self, store: Store, size: int, expected: str | None):
-        self.store, self.size, self.expected = store, size, expected
-        self.tmp = store.tmp / uuid.uuid4().hex
-        self.fh = self.tmp.open("wb")
-        self.digest, self.written = hashlib.sha256(), 0
-
-    def write(self, chunk: bytes) -> None:
-        self.written += len(chunk)
-        if self.written > self.size:
-            raise HubError(400, f"upload is longer than the announced {self.size} bytes")
-        self.digest.update(chunk)
-        self.fh.write(chunk)
-
-    def finish(self) -> str:
-        self.fh.flush()
-        os.fsync(self.fh.fileno())
-        self.fh.close()
-        if self.written != self.size:
-            raise HubError(400, f"upload ended after {self.written} of {self.size} bytes")
-        sha = self.digest.hexdigest()
-        if self.expected is not None and sha != self.expected:
-            raise HubError(400, f"content sha256 {sha} does not match {self.expected}")
-        final = self.store.blob_path(sha)
-        final.parent.mkdir(exist_ok=True)
-        os.replace(self.tmp, final)
-        _fsync_dir(final.parent)
-        return sha
-
-    def abort(self) -> None:
-        self.fh.close()
-        self.tmp.unlink(missing_ok=True)
-
-
 class _transaction:
     """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception."""
 
@@ -388,22 +369,3 @@ class _transaction:
     def __exit__(self, exc_type, exc, tb):
         self.db.execute("ROLLBACK" if exc_type else "COMMIT")
         return False
-
-
-def read_exact(stream: BinaryIO, size: int, block: int = 1 << 20) -> Iterator[bytes]:
-    """Yield exactly ``size`` bytes from ``stream`` (fewer only if it ends early)."""
-    left = size
-    while left > 0:
-        chunk = stream.read(min(block, left))
-        if not chunk:
-            return
-        left -= len(chunk)
-        yield chunk
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -3,32 +3,27 @@
 Pages: ``/`` (the repos the caller can see), ``/{ns}/{repo}`` (the rendered card of main,
 tables included, with a branch selector), ``/{ns}/{repo}/tree/{rev}[/{dir}]`` (files with
 sizes and download links, and that revision's card), ``/{ns}/{repo}/commits/{rev}`` and
-``/{ns}/{repo}/commit/{id}``. Cards are Markdown rendered by markdown-it-py and sanitised by
-nh3 (a card is user content); pages run no inline script (a CSP says so).
+``/{ns}/{repo}/commit/{id}``. Cards are rendered by ``cards``; pages run no inline script (a
+CSP says so).
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from urllib.parse import quote
 
-import nh3
-import yaml
 from jinja2 import Environment, FileSystemLoader, select_autoescape
-from markdown_it import MarkdownIt
-from starlette.responses import FileResponse, HTMLResponse, Response
+from starlette.responses import HTMLResponse, Response
 
-from quantpub.hub import git
-from quantpub.hub.app import Ctx, Router, blocking, repo_type
 from quantpub.hub.api import listing, stamp
+from quantpub.hub.cards import Card, render_card
 from quantpub.hub.errors import HubError
+from quantpub.hub.git import http_backend
+from quantpub.hub.routing import BlobResponse, Ctx, Router, blocking, repo_type
 
 TEMPLATES = Path(__file__).parent / "web" / "templates"
 CSP = "default-src 'self'; img-src 'self' data: https:; style-src 'self'; script-src 'self'; object-src 'none'"
 _env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]))
-_md = MarkdownIt("commonmark", {"html": True, "linkify": False}).enable(["table", "strikethrough"])
-_FRONT = re.compile(r"^---\s*\n(.*?)\n---\s*(?:\n|$)", re.S)
 
 
 def register(r: Router) -> None:
@@ -59,7 +54,7 @@ async def resolve(ctx: Ctx) -> Response:
         raise HubError(404, f"Entry not found: {path} at {rev}", "EntryNotFound", {"X-Repo-Commit": oid})
     headers = {"X-Repo-Commit": oid, "ETag": f'"{entry.sha256 if entry.lfs else entry.git_oid}"',
                "Content-Disposition": f"inline; filename*=UTF-8''{quote(path.rsplit('/', 1)[-1])}"}
-    return FileResponse(ctx.store.blob_path(entry.sha256), media_type="application/octet-stream", headers=headers)
+    return BlobResponse(ctx.store.blob_path(entry.sha256), media_type="application/octet-stream", headers=headers)
 
 
 async def git_fetch(ctx: Ctx) -> Response:
@@ -73,8 +68,8 @@ async def git_fetch(ctx: Ctx) -> Response:
                            headers={"WWW-Authenticate": 'Basic realm="quantpub hub"'}) from None
         raise
     service = ctx.request.url.path.rsplit("/", 2)
-    return await git.http_backend(ctx.request, ctx.hub.mirror, repo,
-                                  "info/refs" if service[-1] == "refs" else service[-1])
+    return await http_backend(ctx.request, ctx.hub.mirror, repo,
+                              "info/refs" if service[-1] == "refs" else service[-1])
 
 
 def page(handler):
@@ -85,19 +80,6 @@ def page(handler):
         except HubError as exc:
             return _page("error.html", exc.status, code=exc.status, message=str(exc))
     return wrapped
-
-
-def render_card(text: str) -> tuple[dict, str]:
-    """A card's front matter (dict) and its body as sanitised HTML."""
-    meta, match = {}, _FRONT.match(text)
-    if match:
-        try:
-            loaded = yaml.safe_load(match.group(1))
-            meta = loaded if isinstance(loaded, dict) else {}
-        except yaml.YAMLError:
-            meta = {}
-        text = text[match.end():]
-    return meta, nh3.clean(_md.render(text), link_rel="noopener nofollow")
 
 
 def human(size: int) -> str:
@@ -128,11 +110,10 @@ def _repo_view(ctx: Ctx, repo, rev: str) -> dict:
     oid = store.resolve(repo, rev)
     files = store.files(oid)
     readme = files.get("README.md")
-    meta, card = render_card(store.blob_path(readme.sha256).read_text(errors="replace")) if readme else ({}, "")
+    card = render_card(store.blob_path(readme.sha256).read_text(errors="replace")) if readme else Card()
     return {"repo": repo, "rev": rev, "oid": oid, "commit": store.commit_info(oid), "files": files,
             "branches": [n for n, _ in store.refs(repo, "branch")], "tags": [n for n, _ in store.refs(repo, "tag")],
-            "meta": {k: v for k, v in meta.items() if isinstance(v, (str, int, float, list))}, "card": card,
-            "base": ctx.base(), "git": ctx.hub.mirror is not None}
+            "card": card, "base": ctx.base(), "git": ctx.hub.mirror is not None}
 
 
 @page
