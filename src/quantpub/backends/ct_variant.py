@@ -59,6 +59,13 @@ def gptq_variant(params: CtScheme) -> GptqVariant | None:
                        act_order=params.resolved_act_order, damp=params.resolved_damp, sym=True)
 
 
+def manifest_parameters(params: CtScheme) -> dict[str, Any]:
+    """The parameters a manifest records (and the card shows): the scheme's, defaults resolved."""
+    gptq = params.needs_calibration
+    return {"scheme": params.scheme, "group_size": params.resolved_group_size,
+            "act_order": params.resolved_act_order if gptq else None, "damp": params.resolved_damp if gptq else None}
+
+
 def build(source_dir: Path, out_dir: Path, params: CtScheme, calib: CalibrationSet | None, device: str, *,
           from_gptq: Path | None = None) -> dict[str, Any]:
     """Write the variant into ``out_dir`` (created; must not exist): weights, ``config.json`` (the

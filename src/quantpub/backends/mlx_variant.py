@@ -52,6 +52,11 @@ def _installed(name: str) -> bool:
     return True
 
 
+def manifest_parameters(params: MlxTarget) -> dict[str, Any]:
+    """The parameters a manifest records (and the card shows)."""
+    return {"bits": params.bits, "group_size": params.group_size}
+
+
 def build(source_dir: Path, out_dir: Path, params: MlxTarget, calib: CalibrationSet | None = None,
           device: str = "cpu") -> dict[str, Any]:
     """``mlx_lm.convert`` the source into ``out_dir`` (must not exist); returns a record.
