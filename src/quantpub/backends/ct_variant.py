@@ -84,6 +84,7 @@ def build(source_dir: Path, out_dir: Path, params: CtScheme, calib: CalibrationS
     source_dir, out_dir = Path(source_dir), Path(out_dir)
     if out_dir.exists():
         raise ValueError(f"{out_dir}: already exists; build into a fresh directory")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     linears, routers = _linear_layers(source_dir)
     record: dict[str, Any] = {"scheme": params.scheme, "format": SCHEME_FORMAT[params.scheme]}
