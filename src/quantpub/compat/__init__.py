@@ -84,7 +84,7 @@ def check_variant(variant_dir: str | Path, method: str, prompt_ids: list[int], *
     with tempfile.TemporaryDirectory(prefix="quantpub-compat-", dir=logits_dir) as scratch:
         tmp = Path(logits_dir) if logits_dir is not None else Path(scratch)
         for venv, group in by_venv.items():  # one process per venv: imports are most of the cost
-            results.update(_check(venv, group, variant_dir, ids, tmp))
+            results.update(_check(venv, group, variant_dir, ids, tmp, prompt_logprobs=logits_dir is not None))
         reference = tmp / f"{REFERENCE}.pt"
         for rt in chosen:
             result = results[rt.name]
@@ -98,14 +98,14 @@ def check_variant(variant_dir: str | Path, method: str, prompt_ids: list[int], *
 
 
 def _check(venv: str | None, group: list[Runtime], variant_dir: Path, ids: list[int],
-           tmp: Path) -> dict[str, dict[str, Any]]:
+           tmp: Path, *, prompt_logprobs: bool = False) -> dict[str, dict[str, Any]]:
     bases = {rt.name: {"runtime": rt.name, "mode": rt.mode, "packages": list(rt.label_packages)} for rt in group}
     python = sys.executable if venv is None else venvs.python(venv)
     if python is None:
         reason = f"no {venv} virtualenv on this machine (bash scripts/compat-venvs.sh {venv} makes it)"
         return {name: {**base, "status": NOT_TESTED, "reason": reason} for name, base in bases.items()}
     args = {"dir": str(variant_dir.resolve()), "prompt_ids": ids, "text": TOKENIZER_TEXT, "logits_dir": str(tmp),
-            "jobs": [[rt.name, rt.mode] for rt in group]}
+            "jobs": [[rt.name, rt.mode] for rt in group], "prompt_logprobs": prompt_logprobs}
     found: dict[str, dict[str, Any]] = {}
     if venv is None:  # today's stack: this process already has it imported
         import torch

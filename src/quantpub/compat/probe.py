@@ -10,8 +10,9 @@ Modes:
   model      the GPTQ card's Python snippet: ``AutoModelForCausalLM.from_pretrained(dir, device_map="auto")``,
              then a forward pass (logits saved with ``torch.save``) and 4 greedy tokens
   tokenizer  ``AutoTokenizer.from_pretrained(dir)``, encode a text, apply the chat template if any
-  vllm       ``vllm.LLM(model=dir)`` and 4 greedy tokens from the prompt ids; the prompt's log-probabilities
-             over the whole vocabulary saved with ``torch.save`` (to compare with the unquantized model)
+  vllm       ``vllm.LLM(model=dir)`` and 4 greedy tokens from the prompt ids; with ``prompt_logprobs``, the
+             prompt's log-probabilities over the whole vocabulary saved with ``torch.save`` (to compare
+             with the unquantized model)
   mlx        ``mlx_lm.load(dir)``, a forward pass (logits saved as a ``.npy`` beside ``logits_out``) and
              4 greedy tokens through ``mlx_lm.generate``'s sampler-free path
 """
@@ -72,12 +73,12 @@ def probe_vllm(args: dict) -> dict:
     from vllm import LLM, SamplingParams
 
     with open(f"{args['dir']}/config.json") as f:
-        vocab = json.load(f)["vocab_size"]
+        vocab = json.load(f)["vocab_size"] if args.get("prompt_logprobs") else None
     llm = LLM(model=args["dir"], max_model_len=args.get("max_model_len", 256), enforce_eager=True,
-              max_logprobs=vocab)
+              **({"max_logprobs": vocab} if vocab else {}))
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, prompt_logprobs=vocab)
     out = llm.generate({"prompt_token_ids": args["prompt_ids"]}, params)
-    if args.get("logits_out"):
+    if vocab:
         import torch
 
         rows = torch.full((len(args["prompt_ids"]), vocab), float("-inf"))
@@ -85,7 +86,7 @@ def probe_vllm(args: dict) -> dict:
             for token, logprob in (position or {}).items():  # position 0 predicts nothing: None
                 rows[i - 1, token] = logprob.logprob
         torch.save(rows[: len(args["prompt_ids"]) - 1], args["logits_out"])
-    return {"generated_tokens": list(out[0].outputs[0].token_ids), "logprobs": "prompt"}
+    return {"generated_tokens": list(out[0].outputs[0].token_ids), **({"logprobs": "prompt"} if vocab else {})}
 
 
 def probe_mlx(args: dict) -> dict:
