@@ -74,7 +74,7 @@ def test_gptq_schemes_are_the_gptq_solve_bit_for_bit(tiny, tmp_path, scheme, fmt
     source, calib = tiny
     params = CtScheme(scheme=scheme)
     gptq_dir = tmp_path / "gptq"
-    ct_variant._solve_gptq(source, gptq_dir, ct_variant.gptq_variant(params), calib, "cpu")
+    ct_variant.solve_gptq(source, gptq_dir, ct_variant.gptq_variant(params), calib, "cpu")
     record = ct_variant.build(source, tmp_path / "ct", params, calib, "cpu", from_gptq=gptq_dir)
     assert record["route"] == "converted from the GPTQ build gptq" and record["format"] == fmt
     q = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
@@ -101,7 +101,7 @@ def test_gptq_schemes_are_the_gptq_solve_bit_for_bit(tiny, tmp_path, scheme, fmt
 def test_a_gptq_build_of_other_parameters_is_refused(tiny, tmp_path):
     source, calib = tiny
     gptq_dir = tmp_path / "gptq"
-    ct_variant._solve_gptq(source, gptq_dir, ct_variant.gptq_variant(CtScheme(scheme="W4A16", group_size=64)), calib, "cpu")
+    ct_variant.solve_gptq(source, gptq_dir, ct_variant.gptq_variant(CtScheme(scheme="W4A16", group_size=64)), calib, "cpu")
     with pytest.raises(ValueError, match="quantize_config.json: .* is not the GPTQ solve this scheme needs"):
         ct_variant.build(source, tmp_path / "ct", CtScheme(scheme="W4A16"), calib, "cpu", from_gptq=gptq_dir)
     with pytest.raises(ValueError, match="needs calibration"):

@@ -46,7 +46,7 @@ def family(tiny_models, corpus, tmp_path_factory):
 
     main = next(s for s in specs if s.method == "gptq" and s.branch == "main")
     gptq_dir = root / main.id
-    ct_variant._solve_gptq(source, gptq_dir, main.params, calib, "cpu")
+    ct_variant.solve_gptq(source, gptq_dir, main.params, calib, "cpu")
     built = {}
     for spec in runtime_specs(matrix):
         out = root / spec.id

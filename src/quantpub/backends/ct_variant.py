@@ -100,7 +100,7 @@ def build(source_dir: Path, out_dir: Path, params: CtScheme, calib: CalibrationS
                 if calib is None:
                     raise ValueError(f"{params.variant_id()}: {params.scheme} is solved by GPTQ and needs calibration")
                 from_gptq = Path(scratch) / "gptq"
-                record["gptq_seconds"] = _solve_gptq(source_dir, from_gptq, variant, calib, device)
+                record["gptq_seconds"] = solve_gptq(source_dir, from_gptq, variant, calib, device)
                 record["route"] = "GPTQModel (exact mode) + compressed-tensors convert_checkpoint"
             else:
                 record["route"] = f"converted from the GPTQ build {Path(from_gptq).name}"
@@ -121,7 +121,7 @@ def build(source_dir: Path, out_dir: Path, params: CtScheme, calib: CalibrationS
     return record
 
 
-def _solve_gptq(source_dir: Path, out: Path, variant: GptqVariant, calib: CalibrationSet, device: str) -> float:
+def solve_gptq(source_dir: Path, out: Path, variant: GptqVariant, calib: CalibrationSet, device: str) -> float:
     """quantpub's exact-mode GPTQ build of ``variant`` into ``out`` (AutoGPTQ layout, the source's files)."""
     import torch
 
