@@ -420,3 +420,10 @@ def test_significant_digits_tell_values_apart():
     assert [quality.fmt(v, quality.significant([0.00001797, 0.0000179])) for v in (0.00001797, 0.0000179)] == [
         "1.80e-05", "1.79e-05"]  # not 0.0000 (issue 14)
     assert [quality.fmt(v, quality.significant([0.0700, 0.0701])) for v in (0.0700, 0.0701)] == ["0.0700", "0.0701"]
+
+
+def test_gptq_card_tells_cpu_only_users_what_transformers_4_needs(tmp_path):
+    card = render_all(tmp_path, "tulu-7b")["GPTQ"]
+    section = card.split("### On a machine without a GPU", 1)[1].split("<!-- README_GPTQ.md-use-from-python end -->")[0]
+    assert "Found modules on cpu/disk" in section
+    assert 'quantization_config=GPTQConfig(bits=4, use_exllama=False)' in section and 'revision="main"' in section

@@ -98,3 +98,31 @@ def test_refuses_unquantized_saved_dir_and_missing_source_config(tmp_path):
     (src / "config.json").unlink()
     with pytest.raises(ValueError, match="source model has no config.json"):
         conform_to_source(out, src)
+
+
+def test_awq_scales_are_stored_in_fp16_whatever_the_quantization_dtype(tmp_path):
+    """GPTQModel's AWQ on CPU searches in bf16 and left bf16 scales; AutoAWQ's files (and config.json) say fp16."""
+    from safetensors.numpy import load_file as load_numpy
+
+    src = _source(tmp_path)
+    out = _saved(tmp_path, {"quant_method": "awq", "bits": 4})
+    tensors = _tensors(out)
+    tensors["model.layers.0.self_attn.q_proj.scales"] = torch.full((1, 8), 0.0123, dtype=torch.bfloat16)
+    save_file(tensors, str(out / "model.safetensors"))
+    record = conform_to_source(out, src)
+    t = _tensors(out)
+    scales = t["model.layers.0.self_attn.q_proj.scales"]
+    assert scales.dtype == torch.float16 and record["scales_cast"] == 1
+    assert torch.equal(scales.float(), torch.full((1, 8), 0.0123, dtype=torch.bfloat16).float())  # bf16 -> fp16 is exact here
+    assert t["model.layers.0.self_attn.q_proj.qweight"].dtype == t["model.layers.0.self_attn.q_proj.qzeros"].dtype == torch.int32
+    assert load_numpy(str(out / "model.safetensors"))["model.layers.0.self_attn.q_proj.scales"].dtype.name == "float16"
+
+
+def test_packed_integers_in_another_dtype_are_refused(tmp_path):
+    src = _source(tmp_path)
+    out = _saved(tmp_path, {"quant_method": "awq", "bits": 4})
+    tensors = _tensors(out)
+    tensors["model.layers.0.self_attn.q_proj.qzeros"] = torch.zeros(1, 1, dtype=torch.int64)
+    save_file(tensors, str(out / "model.safetensors"))
+    with pytest.raises(ValueError, match="model.safetensors: model.layers.0.self_attn.q_proj.qzeros is torch.int64"):
+        conform_to_source(out, src)

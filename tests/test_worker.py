@@ -74,6 +74,11 @@ def test_awq_configs_match_autoawq(built):
         "quant_method": "awq", "zero_point": True, "q_group_size": 128, "w_bit": 4, "version": "GEMM",
         "modules_to_not_convert": None}
     assert not (awq / "quantize_config.json").exists()
+    from safetensors.numpy import load_file  # AutoAWQ's dtypes, readable without torch (bf16 is not)
+
+    tensors = load_file(str(awq / "model.safetensors"))
+    parts = {n.rsplit(".", 1)[1]: t.dtype.name for n, t in tensors.items() if ".q_proj." in n}
+    assert parts == {"qweight": "int32", "qzeros": "int32", "scales": "float16"}
 
 
 def test_generation_config_is_the_source_one(built, tiny_models):

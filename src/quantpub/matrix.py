@@ -20,10 +20,12 @@ from pydantic import (
 
 from quantpub import naming, yamlfile
 from quantpub.errors import MatrixError
+from quantpub.matrix_formats import CtRepos, CtScheme, CtSection, MlxSection, MlxTarget, mlx_repo_template
 from quantpub.quants import GgufVariant
 
 Bits = Literal[2, 3, 4, 8]
-Method = Literal["gptq", "awq", "gguf"]
+Method = Literal["gptq", "awq", "gguf", "compressed_tensors", "mlx"]
+RUNTIME_METHODS = ("compressed_tensors", "mlx")  # expanded by runtime_specs, not (yet) by expand
 GROUP_SIZES = (32, 64, 128)
 PERPLEXITY_SPLIT = "test"
 
@@ -231,12 +233,23 @@ class GgufSection(Strict):
 
 
 class RepoSection(Strict):
-    """Hub repo names; ``{model_name}`` is the source model's last path component."""
+    """Hub repo names; ``{model_name}`` is the source model's last path component.
+
+    ``compressed_tensors``: one template per scheme (RedHatAI's names); ``mlx``: one template
+    with ``{bits}`` (and optionally ``{group_size}``) for every MLX target.
+    """
 
     namespace: str = "quantpub"
     gptq: str = "{model_name}-GPTQ"
     awq: str = "{model_name}-AWQ"
     gguf: str = "{model_name}-GGUF"
+    compressed_tensors: CtRepos = CtRepos()
+    mlx: str = naming.MLX_REPO_TEMPLATE
+
+    @field_validator("mlx")
+    @classmethod
+    def _mlx_template(cls, template: str) -> str:
+        return mlx_repo_template(template)
 
     @field_validator("gptq", "awq", "gguf")
     @classmethod
@@ -275,6 +288,8 @@ class Matrix(Strict):
     gguf: GgufSection | None = None
     repos: RepoSection = RepoSection()
     card: CardSection = CardSection()
+    compressed_tensors: CtSection | None = None
+    mlx: MlxSection | None = None
 
 
 @dataclass(frozen=True)
@@ -285,7 +300,7 @@ class VariantSpec:
     method: Method
     origin: str  # where in the matrix it came from, for error messages
     branch: str | None  # None for GGUF: files on main
-    params: GptqVariant | AwqTarget | GgufVariant
+    params: GptqVariant | AwqTarget | GgufVariant | CtScheme | MlxTarget
     calibration: CalibrationSpec | None  # None: needs no calibration
 
 
@@ -327,7 +342,8 @@ def load_matrix(path: str | Path) -> tuple[Matrix, list[VariantSpec]]:
     """
     data, lines = yamlfile.load(path)
     if data is None:
-        raise MatrixError(str(path), "the file is empty; declare at least one of gptq, awq, gguf")
+        raise MatrixError(str(path), "the file is empty; declare at least one of gptq, awq, gguf, "
+                                     "compressed_tensors, mlx")
     if not isinstance(data, dict):
         raise MatrixError(str(path), f"expected a mapping of sections, got {type(data).__name__}", line=1)
     try:
@@ -339,16 +355,57 @@ def load_matrix(path: str | Path) -> tuple[Matrix, list[VariantSpec]]:
         raise MatrixError(str(path), "evaluation would score the text calibration was drawn from; use another "
                                      "split (or dataset) for evaluation", key="evaluation.split",
                           line=lines.get(("evaluation", "split")) or lines.get(("evaluation",)))
+    _check_mlx_repos(matrix, path, lines)
     return matrix, expand(matrix, path, lines)
 
 
 def expand(matrix: Matrix, path: str | Path = "<matrix>", lines: dict | None = None) -> list[VariantSpec]:
-    """All variants of ``matrix`` in publication order: GPTQ, AWQ, GGUF."""
+    """All GPTQ, AWQ and GGUF variants of ``matrix`` in publication order (see ``runtime_specs`` for the rest)."""
     lines = lines or {}
     specs = _gptq_specs(matrix, path, lines) + _awq_specs(matrix) + _gguf_specs(matrix)
-    if not specs:
-        raise MatrixError(str(path), "the matrix declares no variants; add gptq, awq or gguf entries")
+    if not specs and not runtime_specs(matrix):
+        raise MatrixError(str(path), "the matrix declares no variants; add gptq, awq, gguf, compressed_tensors "
+                                     "or mlx entries")
     return specs
+
+
+def runtime_specs(matrix: Matrix) -> list[VariantSpec]:
+    """The compressed-tensors and MLX variants of ``matrix``: each on ``main`` of its own repo.
+
+    W4A16 and W8A8 calibrate on the matrix's calibration; FP8_DYNAMIC and MLX need none.
+    """
+    specs = []
+    for i, s in enumerate(matrix.compressed_tensors.schemes if matrix.compressed_tensors else []):
+        specs.append(VariantSpec(id=s.variant_id(), method="compressed_tensors", origin=f"compressed_tensors.schemes[{i}]",
+                                 branch=naming.MAIN_BRANCH, params=s,
+                                 calibration=matrix.calibration if s.needs_calibration else None))
+    for i, t in enumerate(matrix.mlx.targets if matrix.mlx else []):
+        specs.append(VariantSpec(id=t.variant_id(), method="mlx", origin=f"mlx.targets[{i}]",
+                                 branch=naming.MAIN_BRANCH, params=t, calibration=None))
+    return specs
+
+
+def _check_mlx_repos(matrix: Matrix, path, lines) -> None:
+    """Two MLX targets must not land in one repo (each repo holds one quantization on main)."""
+    seen: dict[str, int] = {}
+    for i, t in enumerate(matrix.mlx.targets if matrix.mlx else []):
+        name = naming.mlx_repo_name(matrix.repos.mlx, "m", t.bits, t.group_size)
+        if name in seen:
+            raise MatrixError(str(path), f"mlx.targets[{seen[name]}] and mlx.targets[{i}] would share one repo "
+                                         f"under repos.mlx {matrix.repos.mlx!r}; add {{group_size}} to the template",
+                              key="mlx.targets", line=lines.get(("mlx", "targets")) or lines.get(("mlx",)))
+        seen[name] = i
+
+
+def runtime_repo(matrix: Matrix, spec: VariantSpec, model_name: str) -> str:
+    """``namespace/name`` of a compressed-tensors or MLX variant's repo."""
+    repos = matrix.repos
+    p = spec.params
+    if isinstance(p, CtScheme):
+        return naming.repo_id(repos.namespace, getattr(repos.compressed_tensors, p.scheme), model_name)
+    if isinstance(p, MlxTarget):
+        return f"{repos.namespace}/{naming.mlx_repo_name(repos.mlx, model_name, p.bits, p.group_size)}"
+    raise ValueError(f"{spec.id}: {spec.method} is not a runtime format")
 
 
 def _gptq_specs(matrix: Matrix, path, lines) -> list[VariantSpec]:

@@ -142,6 +142,34 @@ def gguf_split_filename(model_basename: str, quant_type: str, index: int, count:
     return f"{model_basename}.{quant_type}-{index:05d}-of-{count:05d}.gguf"
 
 
+# Repos of the runtimes' own formats, named as their communities name them: RedHatAI's
+# compressed-tensors repos (``Llama-3.1-8B-Instruct-quantized.w4a16``, ``-quantized.w8a8``,
+# ``-FP8-dynamic``) and MLX repos outside mlx-community (``-MLX-4bit``, ``-MLX-8bit``; inside
+# that organisation the name drops ``MLX-``).
+CT_REPO_TEMPLATES = {"W4A16": "{model_name}-quantized.w4a16", "W8A8": "{model_name}-quantized.w8a8",
+                     "FP8_DYNAMIC": "{model_name}-FP8-dynamic"}
+MLX_REPO_TEMPLATE = "{model_name}-MLX-{bits}bit"
+
+
+def ct_variant_id(scheme: str, group_size: int | None, act_order: bool | str) -> str:
+    """``ct-w4a16-128g-actorder_GroupAware``, ``ct-w8a8-actorder_True``, ``ct-fp8-dynamic``."""
+    if scheme == "FP8_DYNAMIC":
+        return "ct-fp8-dynamic"
+    order = "GroupAware" if act_order == "group_aware" else act_order
+    group = f"-{group_size}g" if group_size is not None else ""
+    return f"ct-{scheme.lower()}{group}-actorder_{order}"
+
+
+def mlx_variant_id(bits: int, group_size: int) -> str:
+    """``mlx-4bit-64g``."""
+    return f"mlx-{bits}bit-{group_size}g"
+
+
+def mlx_repo_name(template: str, model_name: str, bits: int, group_size: int) -> str:
+    """``tulu-7b-MLX-4bit`` from ``{model_name}-MLX-{bits}bit`` (``{group_size}`` may appear too)."""
+    return template.format(model_name=model_name, bits=bits, group_size=group_size)
+
+
 def model_basename(model: str) -> str:
     """The last path component of a hub id or local directory: 'allenai/tulu-7b' -> 'tulu-7b'."""
     name = PurePosixPath(model.replace("\\", "/").rstrip("/")).name

@@ -49,7 +49,10 @@ def conform_to_source(saved_dir: str | Path, source_dir: str | Path) -> dict[str
     * tokenizer and chat-template files: copied byte for byte from the source; ones the
       source lacks are removed. ``generation_config.json``: the source's (removed if it has none).
     * tensors: unquantized floating tensors in the source's 16-bit dtype (fp16 for AWQ, as
-      AutoAWQ wrote); for GPTQ a zero fp16 ``.bias`` for every quantized linear without one.
+      AutoAWQ wrote); ``.scales`` in fp16 and ``qweight`` / ``qzeros`` int32, as AutoGPTQ and AutoAWQ
+      wrote them whatever dtype the library quantized in (GPTQModel's AWQ on CPU leaves bf16 scales,
+      which ``config.json``'s float16 contradicts and ``safetensors.numpy`` cannot read); for GPTQ a
+      zero fp16 ``.bias`` for every quantized linear without one.
 
     Returns a record of what was changed. Raises ``ValueError`` naming the file when the saved
     directory has no ``quantization_config`` or the source has no ``config.json``.
@@ -96,14 +99,19 @@ def _conform_tensors(saved: Path, dtype_name: str, *, add_bias: bool) -> dict[st
     files = sorted(saved.glob("*.safetensors"))
     if not files:
         raise ValueError(f"{saved}: no .safetensors file to conform")
-    added = cast = 0
+    added = cast = scales_cast = 0
     weight_map: dict[str, str] = {}
     for path in files:
         tensors = load_file(path)
         out: dict[str, Any] = {}
         for name, tensor in tensors.items():
             part = name.rsplit(".", 1)[-1]
-            if part in QUANT_PARTS:
+            if part == "scales" and tensor.dtype != torch.float16:
+                out[name] = tensor.to(torch.float16)
+                scales_cast += 1
+            elif part in ("qweight", "qzeros") and tensor.dtype != torch.int32:
+                raise ValueError(f"{path.name}: {name} is {tensor.dtype}; AutoGPTQ and AutoAWQ store it as int32")
+            elif part in QUANT_PARTS:
                 out[name] = tensor
             elif tensor.is_floating_point() and tensor.dtype != dtype:
                 out[name] = tensor.to(dtype)
@@ -124,4 +132,4 @@ def _conform_tensors(saved: Path, dtype_name: str, *, add_bias: bool) -> dict[st
         data["weight_map"] = dict(sorted(weight_map.items()))
         data.setdefault("metadata", {})["total_size"] = size
         index.write_text(json.dumps(data, indent=2) + "\n")
-    return {"zero_biases_added": added, "tensors_cast": cast}
+    return {"zero_biases_added": added, "tensors_cast": cast, "scales_cast": scales_cast}

