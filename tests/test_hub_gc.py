@@ -85,9 +85,9 @@ def test_gc_through_a_running_hub_from_the_command_line(tmp_path, local_hub_onli
                                   env={**os.environ, "HF_TOKEN": token}, timeout=120)
 
         out = gc()
-        assert out.returncode == 0 and "would remove 2 unreferenced blobs, 0.0 MB" in out.stdout, out
+        assert out.returncode == 0 and "would remove 2 unreferenced blobs, 2.5 kB" in out.stdout, out
         out = gc("--delete", token="hf_bob_write_token_0002")
-        assert out.returncode == 1 and "403" in out.stderr and "bob is not an admin" in out.stderr, out
+        assert out.returncode == 3 and "403" in out.stderr and "bob is not an admin" in out.stderr, out
         out = gc("--delete")
         assert out.returncode == 0 and "removed 2 unreferenced blobs" in out.stdout, out
         assert gc().stdout.startswith("would remove 0 unreferenced blobs")

@@ -382,7 +382,7 @@ def test_gc_reclaims_unreferenced_blobs_dry_run_first(hub, tmp_path):
     assert "would remove 2 unreferenced blobs" in str(dry) and all(p.exists() for p in blobs)
     out = subprocess.run([sys.executable, "-m", "quantpub", "hub", "gc", "--data-dir", str(data_dir),
                           "--min-age-hours", "0", "--delete"], capture_output=True, text=True)
-    assert out.returncode == 0 and "removed 2 unreferenced blobs, 0.0 MB" in out.stdout, out
+    assert out.returncode == 0 and "removed 2 unreferenced blobs, 3.0 kB" in out.stdout, out
     assert not any(p.exists() for p in blobs)
     assert not (data_dir / "git" / "model" / "alice" / "gone.git").exists()
     from quantpub.hub import HubConfig, start_in_thread

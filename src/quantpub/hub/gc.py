@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from quantpub import formatting
 from quantpub.hub.store import Store
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ class GcReport:
     kept_committed: int = 0  # candidates that a commit (or a request in progress) took before their removal
 
     def __str__(self) -> str:
-        size = f"{len(self.unreferenced)} unreferenced blobs, {self.bytes / 1e6:.1f} MB"
+        size = f"{len(self.unreferenced)} unreferenced blobs, {formatting.size(self.bytes)}"
         recent = f" ({self.kept_recent} younger than the minimum age kept)" if self.kept_recent else ""
         if self.deleted:
             return f"removed {size}{recent}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
+from quantpub.formatting import size
 from quantpub.hub.errors import HubError
 
 _REFERENCED_IN = ("SELECT 1 FROM files f JOIN commits c ON c.oid=f.commit_oid JOIN repos r ON r.id=c.repo_id "
@@ -33,6 +34,6 @@ def check_quota(db: sqlite3.Connection, quota: int, namespace: str, blobs: dict[
     the namespace past ``quota`` bytes."""
     used, adding = namespace_usage(db, namespace) + pending, new_in_namespace(db, namespace, blobs)
     if used + adding > quota:
-        raise HubError(413, f"storage quota of {namespace} exceeded: {used / 1e9:.3f} GB stored and "
-                            f"{adding / 1e9:.3f} GB more would pass {quota / 1e9:.3f} GB; delete repos you no longer "
+        raise HubError(413, f"storage quota of {namespace} exceeded: {size(used)} stored and "
+                            f"{size(adding)} more would pass {size(quota)}; delete repos you no longer "
                             "need, or ask the hub's operator for a larger quota", "StorageQuotaExceeded")

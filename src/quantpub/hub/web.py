@@ -15,6 +15,7 @@ from urllib.parse import quote
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.responses import HTMLResponse, Response
 
+from quantpub.formatting import size
 from quantpub.hub.api import listing, stamp
 from quantpub.hub.cards import Card, render_card
 from quantpub.hub.errors import HubError
@@ -82,16 +83,8 @@ def page(handler):
     return wrapped
 
 
-def human(size: int) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return ""
-
-
 def _page(template: str, status: int = 200, **data) -> HTMLResponse:
-    html = _env.get_template(template).render(quote=lambda s: quote(s, safe=""), human=human, **data)
+    html = _env.get_template(template).render(quote=lambda s: quote(s, safe=""), human=size, **data)
     return HTMLResponse(html, status, headers={"Content-Security-Policy": CSP})
 
 
