@@ -1,10 +1,10 @@
 """What crash containment costs: the SmolLM2 set's GGUF group and GPTQ/AWQ group, before and after.
 
 Each group runs as a real ``quantpub quantize`` child on CPU, once with the code of ``--before``
-(a git ref from before native calls ran in isolated worker processes; checked out into a
-worktree under the results and put first on ``PYTHONPATH``) and once with this checkout, one
-after the other (after, before, after, before ... with ``--repeats``), on the same model, matrix
-and calibration windows (16 x 256 tokens):
+(a git ref from before native calls ran in isolated worker processes) and once with the code of
+``--after`` (default: this checkout's HEAD), each checked out into a worktree under the results
+and put first on ``PYTHONPATH``, one after the other (after, before, after, before ... with
+``--repeats``), on the same model, matrix and calibration windows (16 x 256 tokens):
 
 * ``gguf``: TheBloke's twelve GGUF types with an importance matrix (``matrices/thebloke.yaml``'s
   GGUF section): conversion, imatrix, the 16-bit reference, every type quantized and validated;
@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
     parser.add_argument("--groups", default="gguf,gptq-awq")
     parser.add_argument("--before", default="89e05b6", help="git ref of the code before containment")
+    parser.add_argument("--after", default="HEAD", help="git ref of the code with containment")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--work", default=str(RESULTS / "containment-work"))
     args = parser.parse_args()
@@ -101,14 +102,17 @@ def main() -> None:
     model = smollm2_checkpoint(RESULTS / "quality-work") if args.model == "smollm2" else \
         build_tiny_model(work / "tiny-llama", "llama", text=text.read_text()[:200_000])
     before = checkout(args.before)
+    after = checkout(subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.after], check=True,
+                                    capture_output=True, text=True).stdout.strip())
     rows = []
     for _ in range(args.repeats):
         for group in args.groups.split(","):
-            for tag, code in (("after", ROOT), ("before", before)):
+            for tag, code in (("after", after), ("before", before)):
                 rows.append(run(group, code, model, text, work, tag))
                 print(json.dumps(rows[-1]), flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "containment.json").write_text(json.dumps({"model": args.model, "before": args.before, "rows": rows},
+    (RESULTS / "containment.json").write_text(json.dumps({"model": args.model, "before": args.before,
+                                                          "after": after.name, "rows": rows},
                                                          indent=2) + "\n")
     lines = ["| group | code | variants | wall s | CPU s | peak tree RSS |", "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['group']} | {r['code']} | {r['variants']} | {r['seconds']} | {r['cpu_seconds']} | "
