@@ -31,7 +31,7 @@ from quantpub.backends import llamacpp
 model, out, t = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 f16 = out / f"model.{t}.F16.gguf"
 llamacpp.convert(Path(model), f16, "f16")
-llamacpp.quantize(f16, out / f"model.{t}.gguf", t, threads=2)
+llamacpp.quantize_file(f16, out / f"model.{t}.gguf", t, threads=2)
 f16.unlink()
 """
 

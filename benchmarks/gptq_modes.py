@@ -42,7 +42,7 @@ def main() -> None:
 
     from quantpub.evaluate import evaluate
     from quantpub.tiny import corpus_text
-    from quantpub.worker import quantize
+    from quantpub.build import build_from_matrix
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -59,7 +59,7 @@ def main() -> None:
         matrix.write_text(MATRIX.read_text().replace("\ngptq:\n", f"\ngptq:\n  mode: {mode}\n", 1))
         out = work / mode
         started = time.monotonic()
-        outcomes = quantize(matrix, str(model), out, calibration_file=work / "calibration.txt", device="cpu",
+        outcomes = build_from_matrix(matrix, str(model), out, calibration_file=work / "calibration.txt", device="cpu",
                             n_samples=args.n_samples, seq_len=args.seq_len)
         seconds[mode] = {"quantize": round(time.monotonic() - started, 1), "load_average": os.getloadavg()[0],
                          "reused": all(o.skipped for o in outcomes)}

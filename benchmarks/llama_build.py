@@ -5,7 +5,7 @@ The same GGUF files (a directory of built variants, e.g. the SmolLM2 set from
 through ``LLAMA_CPP_LIB_PATH`` (llama-cpp-python's override of where its libraries are) in a
 child process per build, one build after the other, ``--repeats`` times:
 
-* validation: ``backends.gguf.evaluate`` (load, 256 tokens, perplexity), as the GGUF group does;
+* validation: ``backends.gguf.validate_file`` (load, 256 tokens, perplexity), as the GGUF group does;
 * evaluation: ``evaluate.gguf_logprobs`` over ``--windows`` windows of ``--context`` tokens
   (logits of every position), as the evaluate stage does.
 
@@ -49,7 +49,7 @@ def child(variants: Path, text_file: Path, context: int, windows: int) -> None:
     """In the child: time validation and evaluation of every GGUF variant with the library it loaded."""
     from transformers import AutoTokenizer
 
-    from quantpub.backends import gguf, llamacpp
+    from quantpub.backends import gguf_files as gguf, llamacpp
     from quantpub.evaluate import HeldOut, gguf_logprobs
     from quantpub.machine import cpu_count
 
@@ -63,7 +63,7 @@ def child(variants: Path, text_file: Path, context: int, windows: int) -> None:
     validate = evaluate = 0.0
     for f in files:
         started = time.monotonic()
-        gguf.evaluate(f, text[len(text) // 2:], 256, cpu_count())
+        gguf.validate_file(f, text[len(text) // 2:], 256, cpu_count())
         validate += time.monotonic() - started
         started = time.monotonic()
         for _ in gguf_logprobs(f, data, cpu_count()):

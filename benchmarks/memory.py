@@ -15,7 +15,7 @@ real ``quantpub quantize`` children on CPU, as the scheduler runs them:
 The peak is the largest sum of resident memory over the child and its descendants (the GGUF
 converter is a subprocess), sampled every 50 ms, beside the kernel's own ``ru_maxrss`` (the
 largest single process). The estimate is what ``quantpub plan`` shows and the scheduler reserves
-(``estimate.group_host_memory``). Also checked: the 170M model's GPTQ + AWQ peak against 2 x its
+(``Stage.host_memory`` of the stage: ``estimate.session_group_memory``, ``gguf_group_memory``). Also checked: the 170M model's GPTQ + AWQ peak against 2 x its
 fp32 size plus the libraries' own footprint (a child that imports them and does nothing).
 
     .venv/bin/python benchmarks/memory.py [--sizes 10:1024,6:128256] [--groups gptq-awq,gguf,gptq-stream] [--work DIR]
@@ -57,7 +57,7 @@ gptq:
 }
 STREAMED = {"gptq-stream"}  # run with --stream: layers read from the checkpoint, the model never loaded whole
 LIBRARIES = ("import os; os.environ.setdefault('GPTQMODEL_CPU_WORKERS', str(os.cpu_count()));"
-             "import torch, transformers, gptqmodel, quantpub.worker")
+             "import torch, transformers, gptqmodel, quantpub.build")
 TOLERANCE = 0.25
 
 
@@ -121,11 +121,12 @@ def _meta_model(path: Path):
 
 def estimate(matrix: Path, model: Path, stream: bool = False) -> int:
     """The host memory the plan gives the group (what the scheduler reserves for it)."""
-    from quantpub import estimate as est
+    from quantpub.backends import STAGES, backend
     from quantpub.plan import make_plan
 
     plan = make_plan(matrix, str(model), device="cpu")
-    return est.group_host_memory(plan, list(plan.jobs), "cpu", stream=stream)
+    stage = STAGES[backend(plan.jobs[0].method).stage]
+    return stage.host_memory(plan, list(plan.jobs), "cpu", stream=stream)
 
 
 def main() -> None:

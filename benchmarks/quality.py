@@ -71,7 +71,7 @@ def main() -> None:
     from quantpub.card import render_run
     from quantpub.evaluate import evaluate
     from quantpub.tiny import corpus_text
-    from quantpub.worker import quantize
+    from quantpub.build import build_from_matrix
 
     work = Path(args.work or RESULTS / f"{args.name}-work")
     work.mkdir(parents=True, exist_ok=True)
@@ -83,7 +83,7 @@ def main() -> None:
     started = time.monotonic()
     model = smollm2_checkpoint(work)
     prepared = time.monotonic() - started
-    outcomes = quantize(args.matrix, str(model), work / "out", calibration_file=work / "calibration.txt",
+    outcomes = build_from_matrix(args.matrix, str(model), work / "out", calibration_file=work / "calibration.txt",
                         device="cpu", n_samples=args.n_samples, seq_len=args.seq_len)
     built = time.monotonic() - started - prepared
     evaluate(work / "out", model=str(model), eval_file=work / "held-out.txt", context=args.context,

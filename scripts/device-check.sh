@@ -18,7 +18,7 @@ mkdir -p "$WORK"
 
 # GPTQModel's wheel ships its CUDA kernels as sources that it JIT-builds with nvcc on first use
 # (BUILD_CUDA_EXT=0): keep its GPTQ block kernel off (the torch path quantizes) and let quantpub load
-# variants with Triton kernels (validate.loader_kwargs), so the check shows the path that needs no
+# variants with Triton kernels (validate.gptq_loader_kwargs, awq_loader_kwargs), so the check shows the path that needs no
 # compiled CUDA kernel. Whatever GPTQModel still JIT-builds is listed in the report.
 export GPTQMODEL_DISABLE_GPTQ_CUDA=1 TQDM_DISABLE=1
 

@@ -133,10 +133,10 @@ def hub(tmp_path, local_hub_online):
 @pytest.fixture(scope="session")
 def tulu_build(tiny_models, corpus, tmp_path_factory):
     """Every variant of thebloke.yaml (six Tulu GPTQ branches, AWQ, twelve GGUF types), built once per session from a tiny llama."""
-    from quantpub.worker import quantize
+    from quantpub.build import build_from_matrix
 
     out = tmp_path_factory.mktemp("variants")
-    outcomes = quantize(MATRICES / "thebloke.yaml", str(tiny_models("llama")), out, calibration_file=corpus,
+    outcomes = build_from_matrix(MATRICES / "thebloke.yaml", str(tiny_models("llama")), out, calibration_file=corpus,
                         device="cpu", n_samples=8, seq_len=128)
     return out, outcomes
 

@@ -23,7 +23,7 @@ from quantpub.card import quality, read_source, render
 from quantpub.card.prompt import detect
 from quantpub.formatting import column_unit, gb, size as format_size
 from quantpub.plan import make_plan
-from quantpub.worker import _parameters
+from quantpub.backends import backend
 
 SEEDS = FIXTURES / "seeds"
 GOLDEN = FIXTURES / "cards"
@@ -91,7 +91,7 @@ def manifests_for(model: Path) -> list[dict]:
         files = {job.target: {"size": job.size, "sha256": "0" * 64}} if job.method == "gguf" else \
             {"model.safetensors": {"size": job.size, "sha256": "0" * 64}}
         manifest = {"variant": job.id, "method": job.method, "branch": job.variant.branch, "repo": job.repo,
-                    "parameters": _parameters(job), "calibration": calib, "files": files, "size": job.size,
+                    "parameters": backend(job.method).parameters(job), "calibration": calib, "files": files, "size": job.size,
                     "tools": TOOLS_BY_METHOD[job.method], "model": str(model)}
         if job.method == "gguf" and calib:
             name = f"{model.name}.imatrix"

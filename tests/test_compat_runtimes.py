@@ -25,7 +25,7 @@ from quantpub.compat import TOLERANCE, venvs
 
 CACHE = Path(os.environ.get("QUANTPUB_VENVS_CACHE") or Path.home() / ".cache" / "quantpub" / "venvs")
 from quantpub.tiny import CHATML, build_tiny_model
-from quantpub.worker import quantize
+from quantpub.build import build_from_matrix
 
 pytestmark = pytest.mark.slow
 GPTQ = ["gptq-4bit-128g-actorder_False", "gptq-4bit-32g-actorder_True", "gptq-4bit-64g-actorder_True",
@@ -60,7 +60,7 @@ def legacy(runtime_venvs, tmp_path_factory, corpus):
     source = build_tiny_model(root / "tiny-llama-16k", "llama-16k", text=corpus.read_text(), chat_template=CHATML,
                               transformers4=True)
     out = root / "out"
-    outcomes = quantize(MATRICES / "thebloke-vllm.yaml", str(source), out, calibration_file=corpus, device="cpu",
+    outcomes = build_from_matrix(MATRICES / "thebloke-vllm.yaml", str(source), out, calibration_file=corpus, device="cpu",
                         n_samples=8, seq_len=128)
     assert {o.variant: o.error for o in outcomes} == {v: None for v in GPTQ + AWQ}
     manifests = {v: json.loads((out / v / MANIFEST).read_text()) for v in GPTQ + AWQ}

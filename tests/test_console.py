@@ -109,7 +109,7 @@ def test_a_failing_variant_is_one_line_naming_it_its_reason_and_log(tmp_path, ti
     (inject / "sitecustomize.py").write_text(
         "import os\n"
         "if os.environ.get('QUANTPUB_TEST_FAIL'):\n"
-        "    import quantpub.worker as w\n"
+        "    import quantpub.build_session as w\n"
         "    real = w.build_variant\n"
         "    def build_variant(session, job, *a, **k):\n"
         "        if job.id == os.environ['QUANTPUB_TEST_FAIL']:\n"

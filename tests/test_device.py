@@ -23,31 +23,33 @@ import device_closure  # noqa: E402
 @pytest.mark.parametrize(("bits", "group", "backend"), [(4, 128, "gptq_triton"), (8, None, "gptq_triton"),
                                                          (3, 64, "gptq_torch")])
 def test_gptq_on_cuda_loads_with_a_kernel_that_needs_nothing_compiled(bits, group, backend, monkeypatch):
-    from quantpub.validate import loader_kwargs
+    from quantpub.backends import backend as table
 
     monkeypatch.delenv("QUANTPUB_CUDA_KERNELS", raising=False)
-    params = {"bits": bits, "group_size": group, "act_order": True, "sym": True, "damp": 0.01}
-    config = loader_kwargs(Path("."), "gptq", params, "cuda")["quantization_config"]
+    gptq = table("gptq")
+    params = gptq.read_parameters({"bits": bits, "group_size": group, "act_order": True, "sym": True, "damp": 0.01})
+    config = gptq.loader_kwargs(Path("."), params, "cuda")["quantization_config"]
     assert (config.backend, config.bits, config.group_size, config.desc_act) == (backend, bits, group or -1, True)
 
 
 def test_awq_on_cuda_loads_with_triton_gemm_and_auto_leaves_the_choice_to_gptqmodel(monkeypatch):
-    from quantpub.validate import loader_kwargs
+    from quantpub.backends import backend as table
 
     monkeypatch.delenv("QUANTPUB_CUDA_KERNELS", raising=False)
-    gemm = {"bits": 4, "group_size": 128, "zero_point": True, "version": "GEMM"}
-    config = loader_kwargs(Path("."), "awq", gemm, "cuda")["quantization_config"]
+    awq, gptq = table("awq"), table("gptq")
+    gemm = awq.read_parameters({"bits": 4, "group_size": 128, "zero_point": True, "version": "GEMM"})
+    config = awq.loader_kwargs(Path("."), gemm, "cuda")["quantization_config"]
     assert (config.backend, config.group_size, config.zero_point) == ("gemm_triton", 128, True)
-    assert loader_kwargs(Path("."), "awq", {**gemm, "version": "GEMV"}, "cuda") == {}
-    assert loader_kwargs(Path("."), "awq", gemm, "cpu") == {}
+    assert awq.loader_kwargs(Path("."), gemm.model_copy(update={"version": "GEMV"}), "cuda") == {}
+    assert awq.loader_kwargs(Path("."), gemm, "cpu") == {}
     monkeypatch.setenv("QUANTPUB_CUDA_KERNELS", "auto")
-    assert loader_kwargs(Path("."), "gptq", {"bits": 4, "group_size": 128}, "cuda") == {}
+    assert gptq.loader_kwargs(Path("."), gptq.read_parameters({"bits": 4, "group_size": 128}), "cuda") == {}
 
 
 def test_gguf_group_computes_its_importance_matrix_where_a_gpu_is_visible():
     import torch
 
-    from quantpub.worker import gguf_device
+    from quantpub.build_gguf import _imatrix_device as gguf_device
 
     assert gguf_device("cpu") == "cpu"
     assert gguf_device("cuda") == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -8,7 +8,8 @@ import pytest
 
 from quantpub.card import render_run
 from quantpub.cli import main
-from quantpub.evaluate import MANIFEST, evaluate
+from quantpub.artifacts import MANIFEST
+from quantpub.evaluate import evaluate
 
 pytestmark = pytest.mark.slow
 

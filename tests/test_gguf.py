@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from conftest import HUB_TOKEN
-from quantpub.backends import gguf, llamacpp
-from quantpub.worker import MANIFEST, quantize
+from quantpub.backends import gguf_files as gguf, llamacpp
+from quantpub.artifacts import MANIFEST
+from quantpub.build import build_from_matrix
 
 pytestmark = pytest.mark.slow
 THEBLOKE_TYPES = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_K_S", "Q4_K_M", "Q5_0", "Q5_K_S", "Q5_K_M",
@@ -45,7 +46,7 @@ def twelve(tiny_models, corpus, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr(llamacpp, "convert", counting)
     try:
-        outcomes = quantize(matrix(tmp, THEBLOKE_TYPES), str(tiny_models("llama")), tmp / "out",
+        outcomes = build_from_matrix(matrix(tmp, THEBLOKE_TYPES), str(tiny_models("llama")), tmp / "out",
                             calibration_file=corpus, device="cpu")
     finally:
         mp.undo()
@@ -80,13 +81,13 @@ def test_each_file_has_the_reviewed_tensor_type_mix(twelve):
 
 def test_rerun_skips_built_types(twelve, tiny_models, corpus, tmp_path):
     out, _, _ = twelve
-    again = quantize(matrix(tmp_path, THEBLOKE_TYPES), str(tiny_models("llama")), out, calibration_file=corpus,
+    again = build_from_matrix(matrix(tmp_path, THEBLOKE_TYPES), str(tiny_models("llama")), out, calibration_file=corpus,
                      device="cpu")
     assert all(o.skipped for o in again)
 
 
 def test_mixtral_imatrix_q4_k_m_loads_in_llama_cpp(tiny_models, corpus, tmp_path):
-    (outcome,) = quantize(matrix(tmp_path, ["Q4_K_M"], imatrix=True), str(tiny_models("mixtral")), tmp_path / "o",
+    (outcome,) = build_from_matrix(matrix(tmp_path, ["Q4_K_M"], imatrix=True), str(tiny_models("mixtral")), tmp_path / "o",
                           calibration_file=corpus, device="cpu", n_samples=8, seq_len=128)
     assert outcome.error is None
     manifest = json.loads((outcome.path / MANIFEST).read_text())
@@ -114,9 +115,9 @@ def test_mixtral_imatrix_q4_k_m_loads_in_llama_cpp(tiny_models, corpus, tmp_path
 
 def test_imatrix_changes_the_quantized_weights(tiny_models, corpus, tmp_path):
     model = str(tiny_models("llama"))
-    plain = quantize(matrix(tmp_path / "a", ["Q4_K_M"]), model, tmp_path / "a" / "o", calibration_file=corpus,
+    plain = build_from_matrix(matrix(tmp_path / "a", ["Q4_K_M"]), model, tmp_path / "a" / "o", calibration_file=corpus,
                      device="cpu")[0]
-    weighted = quantize(matrix(tmp_path / "b", ["Q4_K_M"], imatrix=True), model, tmp_path / "b" / "o",
+    weighted = build_from_matrix(matrix(tmp_path / "b", ["Q4_K_M"], imatrix=True), model, tmp_path / "b" / "o",
                         calibration_file=corpus, device="cpu", n_samples=8, seq_len=128)[0]
     a = json.loads((plain.path / MANIFEST).read_text())["files"]["tiny-llama.Q4_K_M.gguf"]["sha256"]
     b = json.loads((weighted.path / MANIFEST).read_text())["files"]["tiny-llama.Q4_K_M.gguf"]["sha256"]
@@ -125,7 +126,7 @@ def test_imatrix_changes_the_quantized_weights(tiny_models, corpus, tmp_path):
 
 @pytest.mark.parametrize("shape", ["llama-16k", "mistral"])
 def test_metadata_survives(shape, tiny_models, corpus, tmp_path):
-    (outcome,) = quantize(matrix(tmp_path, ["Q4_K_M"]), str(tiny_models(shape)), tmp_path / "o",
+    (outcome,) = build_from_matrix(matrix(tmp_path, ["Q4_K_M"]), str(tiny_models(shape)), tmp_path / "o",
                           calibration_file=corpus, device="cpu")
     assert outcome.error is None
     meta, _ = gguf.read(sorted(outcome.path.glob("*.gguf")))
@@ -158,8 +159,8 @@ def test_split_files_load_in_llama_cpp(twelve, corpus, tmp_path):
     assert meta["split.count"] == len(shards) and len(tensors) == 21
     assert gguf.check_mix("Q8_0", tensors) == []
     text = corpus.read_text()[200_000:]
-    whole = gguf.evaluate(source, text, 64, 1)
-    split = gguf.evaluate(shards[0], text, 64, 1)
+    whole = gguf.validate_file(source, text, 64, 1)
+    split = gguf.validate_file(shards[0], text, 64, 1)
     assert split["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-5)
 
 
@@ -170,7 +171,7 @@ def test_one_failing_type_does_not_stop_the_others(tiny_models, corpus, tmp_path
         return ["blk.0.attn_q.weight is F32"] if variant.type == "Q5_0" else real(variant, tensors)
 
     monkeypatch.setattr(gguf, "check_mix", broken)
-    outcomes = quantize(matrix(tmp_path, ["Q5_0", "Q4_0"]), str(tiny_models("llama")), tmp_path / "o",
+    outcomes = build_from_matrix(matrix(tmp_path, ["Q5_0", "Q4_0"]), str(tiny_models("llama")), tmp_path / "o",
                         calibration_file=corpus, device="cpu")
     assert [(o.variant, o.error is None) for o in outcomes] == [("gguf-Q5_0", False), ("gguf-Q4_0", True)]
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [".work", "gguf-Q4_0", "logs", "quantpub-run.json"]  # 16-bit kept
@@ -180,7 +181,7 @@ def test_one_failing_type_does_not_stop_the_others(tiny_models, corpus, tmp_path
 def test_a_native_crash_costs_one_type(tiny_models, corpus, tmp_path, monkeypatch, point):
     """A type whose llama.cpp call kills its process fails alone, as crashed, with the signal and its log."""
     monkeypatch.setenv("QUANTPUB_TEST_CRASH", point)
-    outcomes = quantize(matrix(tmp_path, ["Q5_0", "Q4_0"]), str(tiny_models("llama")), tmp_path / "o",
+    outcomes = build_from_matrix(matrix(tmp_path, ["Q5_0", "Q4_0"]), str(tiny_models("llama")), tmp_path / "o",
                         calibration_file=corpus, device="cpu")
     crashed, built = outcomes
     assert built.error is None and (tmp_path / "o" / "gguf-Q4_0" / MANIFEST).is_file()

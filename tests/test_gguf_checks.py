@@ -5,7 +5,7 @@ import math
 import pytest
 
 from quantpub import machine
-from quantpub.backends import gguf
+from quantpub.backends import gguf_files as gguf
 
 
 def tensors(block_type: str, n: int = 14, out_type: str = "Q6_K"):

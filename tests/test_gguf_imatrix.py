@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from quantpub.artifacts import sha256_file
-from quantpub.backends import gguf, llamacpp
+from quantpub.backends import gguf_files as gguf, llamacpp
 from quantpub.evaluate import evaluate
-from quantpub.quants import DOCUMENTED_ORDER, GgufVariant
-from quantpub.worker import MANIFEST, quantize
+from quantpub.gguf_types import DOCUMENTED_ORDER, GgufVariant
+from quantpub.artifacts import MANIFEST
+from quantpub.build import build_from_matrix
 
 pytestmark = pytest.mark.slow
 # Every type the documentation ranks that llama.cpp makes from a 256-aligned tiny llama, i-quants
@@ -39,7 +40,7 @@ def ranked(tiny_models, corpus, tmp_path_factory):
     (root / "calib.txt").write_text(text[: len(text) * 4 // 5])
     (root / "held-out.txt").write_text(text[len(text) * 4 // 5:])
     model = tiny_models("llama")
-    outcomes = quantize(root / "m.yaml", str(model), root / "out", calibration_file=root / "calib.txt", device="cpu",
+    outcomes = build_from_matrix(root / "m.yaml", str(model), root / "out", calibration_file=root / "calib.txt", device="cpu",
                         n_samples=16, seq_len=256)
     results = evaluate(root / "out", model=str(model), eval_file=root / "held-out.txt", context=256, windows=6)
     return root / "out", outcomes, results
@@ -78,7 +79,7 @@ def test_the_imatrix_file_reproduces_the_published_quantization(ranked, tmp_path
           "quantize.imatrix.entries_count": len(values), "quantize.imatrix.chunks_count": meta["imatrix.chunk_count"]}
     for label in ("Q4_K_M", "IQ3_XXS"):
         again = tmp_path / f"{label}.gguf"
-        llamacpp.quantize(f16, again, GgufVariant(type=label), imatrix=values, threads=2, kv=kv)
+        llamacpp.quantize_file(f16, again, GgufVariant(type=label), imatrix=values, threads=2, kv=kv)
         published = json.loads((out / f"gguf-{label}" / MANIFEST).read_text())["files"][f"tiny-llama.{label}.gguf"]
         assert sha256_file(again) == published["sha256"], label
 

@@ -10,7 +10,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from quantpub.worker import MANIFEST, quantize
+from quantpub.artifacts import MANIFEST
+from quantpub.build import build_from_matrix
 
 SMALL = {"n_samples": 8, "seq_len": 128}
 TWO = "  variants:\n    - {bits: 4, group_size: 32, act_order: true}\n    - {bits: 8, group_size: 128}\n"
@@ -154,7 +155,7 @@ def test_compatibility_is_checked_and_a_rerun_of_the_shared_mode_changes_nothing
         manifest = json.loads((out / vid / MANIFEST).read_text())
         assert manifest["compat"]["runtimes"]["transformers5"]["status"] == "loads", vid
     before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
-    outcomes = quantize(out.parent / "shared.yaml", str(tiny_models("llama")), out, calibration_file=corpus,
+    outcomes = build_from_matrix(out.parent / "shared.yaml", str(tiny_models("llama")), out, calibration_file=corpus,
                         device="cpu", **SMALL)
     assert [(o.variant, o.skipped, o.error) for o in outcomes] == [(v, True, None) for v in IDS]
     assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
@@ -178,7 +179,7 @@ def test_a_variant_whose_solve_fails_leaves_no_directory_and_the_pass_goes_on(ti
     monkeypatch.setattr(writer, "MAX_SHARD_BYTES", 1_000_000)  # the tiny model in shards, with an index
     matrix = tmp_path / "m.yaml"
     matrix.write_text(f"gptq:\n  mode: shared\n{TWO}")
-    outcomes = quantize(matrix, str(tiny_models("llama")), tmp_path / "o", calibration_file=corpus, device="cpu",
+    outcomes = build_from_matrix(matrix, str(tiny_models("llama")), tmp_path / "o", calibration_file=corpus, device="cpu",
                         **SMALL)
     assert outcomes[0].error is None
     assert "NaN" in outcomes[1].error and outcomes[1].path is None

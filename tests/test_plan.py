@@ -152,13 +152,14 @@ def test_a_model_larger_than_memory_is_streamed_layer_by_layer(llama7b, tmp_path
     from types import SimpleNamespace
 
     from quantpub import estimate
+    from quantpub.backends import STAGES
     from quantpub.driver import Driver
     from quantpub.stages import RunOptions
 
     plan = make_plan(MATRICES / "thebloke.yaml", str(llama7b))
     jobs = [j for j in plan.jobs if j.method in ("gptq", "awq")]
-    whole = estimate.group_host_memory(plan, jobs, "cuda")
-    streamed = estimate.group_host_memory(plan, jobs, "cuda", stream=True)
+    whole = estimate.session_group_memory(plan, jobs, "cuda")
+    streamed = estimate.session_group_memory(plan, jobs, "cuda", stream=True)
     assert whole > 13e9 and streamed < 4e9
     assert all(j.stream_host_memory for j in jobs) and not any(j.stream_host_memory for j in plan.jobs
                                                                if j.method == "gguf")
@@ -166,7 +167,7 @@ def test_a_model_larger_than_memory_is_streamed_layer_by_layer(llama7b, tmp_path
     def decide(stream: str, machine: int | None) -> tuple[int, bool]:
         driver = Driver("m.yaml", tmp_path, None, 1, {}, "", None, RunOptions(stream=stream), None)
         driver.scheduler = SimpleNamespace(capacity=SimpleNamespace(memory=machine), executor=None)
-        return driver._gpu_group_memory(plan, jobs, "cuda")
+        return driver._stage_memory(plan, STAGES["quantize-gpu"], jobs, "cuda")
 
     assert decide("auto", int(64e9)) == (whole, False)  # fits: loaded whole, as before
     assert decide("auto", int(8e9)) == (streamed, True)  # does not fit, streamed does

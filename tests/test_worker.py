@@ -8,7 +8,8 @@ from safetensors import safe_open
 from conftest import MATRICES
 from quantpub.cli import main
 from quantpub.errors import QuantpubError
-from quantpub.worker import MANIFEST, quantize
+from quantpub.artifacts import MANIFEST
+from quantpub.build import build_from_matrix
 
 pytestmark = pytest.mark.slow
 SMALL = {"n_samples": 8, "seq_len": 128}
@@ -90,7 +91,7 @@ def test_generation_config_is_the_source_one(built, tiny_models):
 
 def test_each_variant_loads_and_generates_with_transformers(built):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out, _ = built
     for vid in ("gptq-4bit-32g-actorder_True", "awq-4bit-128g-GEMM"):
@@ -112,7 +113,7 @@ def test_rerun_skips_what_is_built(built, tiny_models, corpus, capsys):
 
 def test_unknown_only_variant_is_an_error(tiny_models, tmp_path):
     with pytest.raises(QuantpubError, match="--only gptq-5bit: no such variant"):
-        quantize(MATRICES / "thebloke.yaml", str(tiny_models("llama")), tmp_path, only=["gptq-5bit"])
+        build_from_matrix(MATRICES / "thebloke.yaml", str(tiny_models("llama")), tmp_path, only=["gptq-5bit"])
 
 
 def test_missing_calibration_file_fails_before_the_model_loads(tiny_models, tmp_path, capsys):
@@ -124,24 +125,27 @@ def test_missing_calibration_file_fails_before_the_model_loads(tiny_models, tmp_
 
 
 def test_a_failing_variant_leaves_no_directory_and_others_finish(tiny_models, corpus, tmp_path, monkeypatch):
-    import quantpub.validate
+    """One variant's failure (here in the step that conforms its files to the source, in this process; the
+    load-back runs in an isolated worker, see test_containment) leaves no directory; the others finish."""
+    import quantpub.backends.conform
 
-    real = quantpub.validate.validate
+    real = quantpub.backends.conform.conform_to_source
 
-    def broken_for_8bit(out, params, device, ids):
-        if params.bits == 8:
+    def broken_for_8bit(saved, source):
+        if '"bits": 8' in (saved / "quantize_config.json").read_text():
             raise ValueError("the forward pass produced NaN or infinite logits")
-        return real(out, params, device, ids)
+        return real(saved, source)
 
-    monkeypatch.setattr(quantpub.validate, "validate", broken_for_8bit)
+    monkeypatch.setattr(quantpub.backends.conform, "conform_to_source", broken_for_8bit)
     matrix = tmp_path / "m.yaml"
     matrix.write_text("gptq:\n  variants: [{bits: 8}, {bits: 4}]\n")
-    outcomes = quantize(matrix, str(tiny_models("llama")), tmp_path / "o", calibration_file=corpus,
-                        device="cpu", **SMALL)
+    outcomes = build_from_matrix(matrix, str(tiny_models("llama")), tmp_path / "o", calibration_file=corpus,
+                                 device="cpu", **SMALL)
     assert [(o.variant, o.error is None) for o in outcomes] == [
         ("gptq-8bit-128g-actorder_False", False), ("gptq-4bit-128g-actorder_False", True)]
-    assert "NaN" in outcomes[0].error
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["gptq-4bit-128g-actorder_False", "quantpub-run.json"]
+    assert "NaN" in outcomes[0].error and outcomes[0].ending == "failed"
+    assert sorted(p.name for p in (tmp_path / "o").iterdir() if not p.name.startswith(".")) == [
+        "gptq-4bit-128g-actorder_False", "logs", "quantpub-run.json"]
 
 
 @pytest.mark.parametrize("shape", ["mistral", "llama-16k", "mixtral"])
@@ -149,7 +153,7 @@ def test_architectures(shape, tiny_models, corpus, tmp_path):
     matrix = tmp_path / "m.yaml"
     matrix.write_text("gptq:\n  variants: [{bits: 4, group_size: 128}]\n")
     model = tiny_models(shape)
-    (outcome,) = quantize(matrix, str(model), tmp_path / "o", calibration_file=corpus, device="cpu", **SMALL)
+    (outcome,) = build_from_matrix(matrix, str(model), tmp_path / "o", calibration_file=corpus, device="cpu", **SMALL)
     assert outcome.error is None
     config = json.loads((outcome.path / "config.json").read_text())
     source = json.loads((model / "config.json").read_text())

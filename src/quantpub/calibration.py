@@ -125,3 +125,27 @@ def build(text: str, source: str, tokenizer, *, n_samples: int, seq_len: int, se
         digest.update(json.dumps(sample, separators=(",", ":")).encode())
         digest.update(b"\n")
     return CalibrationSet(samples, source, len(ids), seed, digest.hexdigest(), origin or {})
+
+
+def key(job) -> tuple:
+    """What makes two jobs' calibration windows the same windows."""
+    spec = job.variant.calibration
+    return (spec.dataset, spec.config, spec.split, spec.text_column, spec.seed, job.seq_len, job.n_samples)
+
+
+def sets_for(jobs, tokenizer, file) -> dict[tuple, CalibrationSet]:
+    """One CalibrationSet per distinct calibration; each source text is loaded once."""
+    texts: dict[tuple, tuple[str, str]] = {}
+    sets = {}
+    for job in jobs:
+        k = key(job)
+        if k in sets:
+            continue
+        spec = job.variant.calibration
+        text_key = k[:4]
+        if text_key not in texts:
+            texts[text_key] = load_text(spec, file)
+        text, source = texts[text_key]
+        sets[k] = build(text, source, tokenizer, n_samples=job.n_samples, seq_len=job.seq_len, seed=spec.seed,
+                        origin=origin(spec, file))
+    return sets

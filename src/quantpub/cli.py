@@ -42,9 +42,9 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _quantize(args: argparse.Namespace) -> int:
     from quantpub.matrix import resolve_matrix
-    from quantpub.worker import quantize
+    from quantpub.build import build_from_matrix
 
-    outcomes = quantize(resolve_matrix(args.matrix), args.model, args.out, only=args.only,
+    outcomes = build_from_matrix(resolve_matrix(args.matrix), args.model, args.out, only=args.only,
                         calibration_file=args.calibration_file, device=args.device, n_samples=args.n_samples,
                         seq_len=args.seq_len, stream=args.stream)
     for o in outcomes:

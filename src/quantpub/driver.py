@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from quantpub import isolate, machine, naming, stages
 from quantpub.artifacts import MANIFEST, sha256_file
+from quantpub.backends import BACKENDS, STAGES, Stage, backend, stage_methods
 from quantpub.errors import QuantpubError
 from quantpub.executors import Resources, Task
 from quantpub.ledger import DONE, FAILED, Ledger
@@ -110,28 +111,28 @@ class Driver:
 
         prepare = task("prepare", stages.prepare, Resources(net=1, cpus=0), [])
         groups = []
-        gpu_jobs = [j for j in plan.jobs if j.method in ("gptq", "awq")]
-        gguf_jobs = [j for j in plan.jobs if j.method == "gguf"]
-        if gpu_jobs:
-            memory, self.streamed[model] = self._gpu_group_memory(plan, gpu_jobs, device)
-            groups.append(task("quantize-gpu", stages.quantize, Resources(gpu=1, cpus=1, memory=memory), [prepare]))
-        if gguf_jobs:
-            groups.append(task("quantize-gguf", stages.quantize, Resources(
-                cpus=min(4, machine.cpu_count()), memory=estimate.group_host_memory(plan, gguf_jobs, device)), [prepare]))
+        for stage in STAGES.values():  # one quantize task per stage the model's formats need
+            jobs = [j for j in plan.jobs if backend(j.method).stage == stage.name]
+            if not jobs:
+                continue
+            if stage.gpu:
+                memory, self.streamed[model] = self._stage_memory(plan, stage, jobs, device)
+                resources = Resources(gpu=1, cpus=1, memory=memory)
+            else:
+                resources = Resources(cpus=min(4, machine.cpu_count()), memory=stage.host_memory(plan, jobs, device))
+            groups.append(task(stage.name, stages.build_group, resources, [prepare]))
         evaluate = task("evaluate", stages.evaluate, Resources(
             gpu=1, cpus=1, memory=estimate.evaluation_host_memory(plan, device)), groups)
         task("publish", stages.publish, Resources(net=1, cpus=0, memory=GIB // 4), [*groups, evaluate])
 
-    def _gpu_group_memory(self, plan: Plan, jobs: list, device: str) -> tuple[int, bool]:
-        """The GPTQ/AWQ group's host memory, and whether it streams the model layer by layer.
+    def _stage_memory(self, plan: Plan, stage: Stage, jobs: list, device: str) -> tuple[int, bool]:
+        """A model-session stage's host memory, and whether it streams the model layer by layer.
 
         ``--stream auto`` streams when the whole-model estimate exceeds the largest machine
         (this one, or the Ray cluster's largest node) and the streamed one does not.
         """
-        from quantpub import estimate
-
-        whole = estimate.group_host_memory(plan, jobs, device)
-        streamed = estimate.group_host_memory(plan, jobs, device, stream=True)
+        whole = stage.host_memory(plan, jobs, device)
+        streamed = stage.host_memory(plan, jobs, device, stream=True)
         mode = self.options.stream
         if mode == "auto":
             largest = self.largest_memory()
@@ -164,16 +165,14 @@ class Driver:
         source = self.sources.get(model)
         if source is None:  # prepare failed, and failed every variant of the model with its reason
             return None
-        if task.stage.startswith("quantize"):
-            methods = ("gptq", "awq") if task.stage == "quantize-gpu" else ("gguf",)
+        if task.stage in STAGES:
+            methods = stage_methods(task.stage)
             todo = [r.variant for r in self.ledger.rows(model) if r.method in methods and r.state not in DONE
                     and r.attempts < o.max_attempts]
             if not todo:
                 return None
             self.active[task.id] = {v: "queued" for v in todo}
-            if task.stage == "quantize-gpu":
-                return (self.matrix, model, source, out, todo, o, self.streamed.get(model, False))
-            return (self.matrix, model, source, out, todo, o)
+            return (self.matrix, model, source, out, todo, o, self.streamed.get(model, False))
         if task.stage == "evaluate":
             if not o.evaluate or not self._unevaluated(model):
                 return None
@@ -185,7 +184,7 @@ class Driver:
 
     def event(self, task: Task, event: dict[str, Any]) -> None:
         variant, phase = event.get("variant"), event.get("phase")
-        if task.stage.startswith("quantize") and variant:
+        if task.stage in STAGES and variant:
             self.active.setdefault(task.id, {})[variant] = phase
             if phase == "done":
                 self._record_build(task.model, variant, None)
@@ -202,7 +201,7 @@ class Driver:
         model = task.model
         if task.stage == "prepare":
             self.sources[model] = result
-        elif task.stage.startswith("quantize"):
+        elif task.stage in STAGES:
             recorded = self.active.pop(task.id, {})
             for variant, ended in result.items():
                 if recorded.get(variant) not in ("done", *ENDED):
@@ -232,9 +231,8 @@ class Driver:
         line = f"{error['type']}: {error['message']}".strip().splitlines()[0][:300]
         if NO_SPACE in line:
             raise OSError(errno.ENOSPC, "No space left on device", str(self.work))
-        if task.stage == "prepare" or task.stage.startswith("quantize"):
-            methods = {"prepare": ("gptq", "awq", "gguf"), "quantize-gpu": ("gptq", "awq"),
-                       "quantize-gguf": ("gguf",)}[task.stage]
+        if task.stage == "prepare" or task.stage in STAGES:
+            methods = tuple(BACKENDS) if task.stage == "prepare" else stage_methods(task.stage)
             recorded = self.active.pop(task.id, {})
             for row in self.ledger.rows(model):
                 if row.method in methods and row.state not in DONE and recorded.get(row.variant) not in ENDED:
@@ -252,7 +250,7 @@ class Driver:
         the ones it had not started are built again by a new task."""
         model = task.model
         last = isolate.last_words(isolate.tail(Path(task.log)))
-        if task.stage.startswith("quantize"):
+        if task.stage in STAGES:
             phases = self.active.pop(task.id, {})
             self._reconcile(model, list(phases))  # variants finished before the crash count
             waiting = []
@@ -274,7 +272,7 @@ class Driver:
 
     def lost(self, task: Task, reason: str, retry: bool) -> None:
         model = task.model
-        if task.stage.startswith("quantize"):
+        if task.stage in STAGES:
             phases = self.active.pop(task.id, {})
             self._reconcile(model, list(phases))  # variants finished before the worker died count
             for variant, phase in phases.items():
@@ -290,11 +288,10 @@ class Driver:
 
     def _count_stopped(self, model: str) -> None:
         """Variants a killed run was building: one interruption each (not an attempt)."""
-        groups = {"quantize-gpu": ("gptq", "awq"), "quantize-gguf": ("gguf",)}
         for stopped_model, stage, log_file in self.ledger.interrupted_stages:
-            if stopped_model == model and stage in groups:
+            if stopped_model == model and stage in STAGES:
                 for row in self.ledger.rows(model):
-                    if row.method in groups[stage] and row.state not in DONE:
+                    if row.method in stage_methods(stage) and row.state not in DONE:
                         self.ledger.interrupt(model, row.variant, f"the run was stopped during {stage}", log_file)
 
     def _retry(self, task: Task, variants: list[str]) -> None:

@@ -8,7 +8,7 @@ all numbers are in bytes.
 
 from __future__ import annotations
 
-from quantpub.quants import FILE_BITS_PER_WEIGHT, TENSOR_BITS_PER_WEIGHT, GgufVariant
+from quantpub.gguf_types import FILE_BITS_PER_WEIGHT, TENSOR_BITS_PER_WEIGHT, GgufVariant
 from quantpub.source import ModelFacts, groups
 
 FP16 = 2
@@ -59,13 +59,29 @@ def gguf_size(facts: ModelFacts, variant: GgufVariant) -> int:
     return int(total / 8)
 
 
-def gguf_f16_size(facts: ModelFacts) -> int:
-    """The one 16-bit conversion every GGUF type is quantized from."""
-    return facts.total_params * FP16
+def gptq_variant_size(facts: ModelFacts, params) -> int:
+    return gptq_size(facts, params.bits, params.group_size)
+
+
+def awq_variant_size(facts: ModelFacts, params) -> int:
+    return awq_size(facts, params.bits, params.group_size)
+
+
+def session_memory(facts: ModelFacts, *, n_samples: int, seq_len: int, device: str, hessians: bool
+                   ) -> tuple[int | None, int, int]:
+    """(accelerator bytes or None on CPU, host bytes, host bytes when streamed) of a variant built on a
+    loaded model (GPTQ: ``hessians``; AWQ: its scale search's activations instead)."""
+    dtype_bytes = FP16 if device == "cuda" else FP32
+    dev, host = layerwise_quantize_memory(facts, n_samples=n_samples, seq_len=seq_len, dtype_bytes=dtype_bytes,
+                                          hessians=hessians)
+    streamed = streamed_host_memory(facts, dtype_bytes=dtype_bytes, cpu_work=dev if device == "cpu" else None)
+    if device == "cpu":
+        return None, host + dev, streamed
+    return dev, host, streamed
 
 
 def layerwise_quantize_memory(
-    facts: ModelFacts, *, n_samples: int, seq_len: int, dtype_bytes: int, method: str
+    facts: ModelFacts, *, n_samples: int, seq_len: int, dtype_bytes: int, hessians: bool
 ) -> tuple[int, int]:
     """(accelerator bytes, host bytes) at the peak of layer-by-layer GPTQ or AWQ.
 
@@ -78,7 +94,7 @@ def layerwise_quantize_memory(
     block = _block_bytes(facts, dtype_bytes)
     acts = 2 * n_samples * seq_len * facts.hidden_size * dtype_bytes
     mlp = 3 * seq_len * facts.intermediate_size * dtype_bytes * facts.experts_per_token
-    if method == "gptq":
+    if hessians:
         extra = sum(l.in_features ** 2 * FP32 * l.count for l in linears)
     else:
         extra = n_samples * seq_len * facts.intermediate_size * dtype_bytes
@@ -118,19 +134,22 @@ def gguf_memory(facts: ModelFacts) -> int:
     return 3 * facts.largest_tensor_params * FP32 + GIB
 
 
-def group_host_memory(plan, jobs, device: str, *, stream: bool = False) -> int:
-    """Peak host bytes of one quantize group (its worker process) for ``jobs`` of ``plan``.
+def session_group_memory(plan, jobs, device: str, stream: bool = False) -> int:
+    """Peak host bytes of the model-session stage (GPTQ/AWQ) for ``jobs``: its largest variant's.
 
-    ``stream``: the GPTQ/AWQ group reads the model layer by layer from the checkpoint.
+    ``stream``: the model is read layer by layer from the checkpoint.
     """
-    facts = plan.facts
-    if all(j.method == "gguf" for j in jobs):
-        peak = gguf_memory(facts)
-        if any(j.variant.calibration is not None for j in jobs):  # the importance matrix loads the model
-            libraries = LIBRARIES if device == "cpu" else GIB  # a CUDA context adds host memory: not measured here
-            peak = max(peak, facts.total_params * (FP32 if device == "cpu" else FP16) + libraries)
-        return peak
     return max(j.stream_host_memory if stream else j.host_memory for j in jobs)
+
+
+def gguf_group_memory(plan, jobs, device: str, stream: bool = False) -> int:
+    """Peak host bytes of the GGUF stage: conversion and quantization, or the importance matrix's model."""
+    facts = plan.facts
+    peak = gguf_memory(facts)
+    if any(j.variant.calibration is not None for j in jobs):  # the importance matrix loads the model
+        libraries = LIBRARIES if device == "cpu" else GIB  # a CUDA context adds host memory: not measured here
+        peak = max(peak, facts.total_params * (FP32 if device == "cpu" else FP16) + libraries)
+    return peak
 
 
 def evaluation_host_memory(plan, device: str) -> int:

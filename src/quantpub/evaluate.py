@@ -27,7 +27,9 @@ from typing import Any
 import numpy as np
 
 from quantpub import isolate, progress
-from quantpub.artifacts import MANIFEST, RUN_RECORD, remember, write_text_atomic
+from quantpub.artifacts import RUN_RECORD
+from quantpub.backends import backend
+from quantpub.manifest import Evaluation, Manifest, finished, write as write_manifest
 from quantpub.errors import CalibrationError, QuantpubError
 from quantpub.matrix import EvaluationSpec
 from quantpub.memory import peak_memory
@@ -133,14 +135,14 @@ def score(logprobs_per_window, data: HeldOut, reference: np.ndarray | None) -> d
     return summarize({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
 
 
-def _load_hf(model_dir: Path, device: str, manifest: dict | None):
+def _load_hf(model_dir: Path, device: str, manifest: Manifest | None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from quantpub.validate import loader_kwargs
-
-    kwargs: dict[str, Any] = {} if manifest is None else \
-        loader_kwargs(model_dir, manifest["method"], manifest["parameters"], device)
+    kwargs: dict[str, Any] = {}
+    if manifest is not None:
+        b = backend(manifest.method)
+        kwargs = b.loader_kwargs(model_dir, b.read_parameters(manifest.parameters), device)
     dtype = torch.float32 if device == "cpu" else torch.float16
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=device, **kwargs)
     return model.eval()
@@ -156,7 +158,7 @@ def hf_logprobs(model, data: HeldOut):
             yield _log_softmax(logits.astype(np.float64))
 
 
-def hf_measured(model_dir: Path, data: HeldOut, device: str, manifest: dict | None):
+def hf_measured(model_dir: Path, data: HeldOut, device: str, manifest: Manifest | None):
     """(model, memory): the model loaded while measuring the peak memory of the load plus one
     forward pass over a whole window (only the last position's logits, as generation asks)."""
     import torch
@@ -218,18 +220,20 @@ def _reference(model_dir: Path, data: HeldOut, device: str, cache: Path) -> None
     log.info("evaluate: unquantised model scored in %.1fs", time.monotonic() - started)
 
 
-def measure(variant_dir: Path, manifest: dict, data: HeldOut, cache: Path, device: str) -> tuple[dict, str, dict]:
-    """One variant's statistics against the cached reference in the runtime its users use, that runtime, and
-    the peak memory of loading it and running one window (runs in an isolated worker: it loads native kernels)."""
+def measure(variant_dir: Path, manifest: Manifest, data: HeldOut, cache: Path, device: str) -> tuple[dict, dict]:
+    """One variant's statistics against the cached reference in the runtime its users use (``Backend.runtime``)
+    and the peak memory of loading it and running one window (runs in an isolated worker: it loads native
+    kernels)."""
     from quantpub.machine import cpu_count
 
     reference = np.load(cache, mmap_mode="r")
-    if manifest["method"] == "gguf":
-        first = variant_dir / sorted(n for n in manifest["files"] if n.endswith(".gguf"))[0]
+    runtime = backend(manifest.method).runtime
+    if runtime == "llama.cpp":
+        first = variant_dir / sorted(n for n in manifest.files if n.endswith(".gguf"))[0]
         memory = gguf_memory(first, data, cpu_count())
-        return score(gguf_logprobs(first, data, cpu_count()), data, reference), "llama.cpp", memory
+        return score(gguf_logprobs(first, data, cpu_count()), data, reference), memory
     loaded, memory = hf_measured(variant_dir, data, device, manifest)
-    return score(hf_logprobs(loaded, data), data, reference), "transformers", memory
+    return score(hf_logprobs(loaded, data), data, reference), memory
 
 
 def evaluate(out: str | Path, *, model: str | None = None, eval_file: str | Path | None = None,
@@ -245,25 +249,18 @@ def evaluate(out: str | Path, *, model: str | None = None, eval_file: str | Path
     """
     from transformers import AutoTokenizer
 
-    from quantpub.worker import _local_model
+    from quantpub.source import local_checkpoint
 
     out = Path(out)
     record = json.loads((out / RUN_RECORD).read_text()) if (out / RUN_RECORD).is_file() else {}
     model = model or record.get("model")
     if not model:
         raise QuantpubError(f"{out}: no {RUN_RECORD}; pass --model")
-    model_dir = _local_model(model)
+    model_dir = local_checkpoint(model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     data = held_out(tokenizer, eval_file=eval_file, context=context, stride=stride or context, windows=windows,
                     spec=spec)
-    todo = []
-    for manifest_path in sorted(out.glob(f"*/{MANIFEST}")):
-        if manifest_path.parent.name.startswith("."):
-            continue
-        manifest = json.loads(manifest_path.read_text())
-        if (only and manifest["variant"] not in only) or (manifest.get("evaluation") and not force):
-            continue
-        todo.append((manifest_path, manifest))
+    todo = [(d, m) for d, m in finished(out) if not (only and m.variant not in only) and (force or not m.evaluation)]
     cache = out / ".eval" / f"reference-{data.key()}.npy"
     results: dict[str, dict[str, Any]] = {}
     with isolate.Isolated(out / "logs" / "evaluate", 1, preload=("transformers",)) as pool:
@@ -271,28 +268,25 @@ def evaluate(out: str | Path, *, model: str | None = None, eval_file: str | Path
             try:
                 pool.call("reference", "reference", _reference, model_dir, data, device, cache)
             except isolate.Ended as exc:
-                return {m["variant"]: {"error": str(exc), "ending": exc.kind} for _, m in todo}
+                return {m.variant: {"error": str(exc), "ending": exc.kind} for _, m in todo}
         ref = score((_log_softmax(r.astype(np.float64)) for r in np.load(cache)), data, None)
         info = {"dataset": data.dataset, "dataset_name": data.dataset_name, "split": data.split,
                 "tokens": data.tokens, "windows": len(data.windows), "windows_sha256": data.digest(),
                 "context": data.context, "stride": data.stride, "reference_perplexity": ref["perplexity"],
                 "reference_perplexity_stderr": ref["perplexity_stderr"]}
-        for manifest_path, manifest in todo:
-            variant = manifest["variant"]
+        for variant_dir, manifest in todo:
+            variant = manifest.variant
             started = time.monotonic()
             progress.report(variant, "evaluating")
             try:
-                stats, runtime, memory = pool.call(variant, "evaluate", measure, manifest_path.parent, manifest, data,
-                                                   cache, device)
+                stats, memory = pool.call(variant, "evaluate", measure, variant_dir, manifest, data, cache, device)
             except isolate.Ended as exc:
                 results[variant] = {"error": str(exc), "ending": exc.kind}
                 progress.report(variant, exc.kind, error=str(exc))
                 continue
-            result = {**stats, **info, "runtime": runtime, "memory": memory,
+            result = {**stats, **info, "runtime": backend(manifest.method).runtime, "memory": memory,
                       "seconds": round(time.monotonic() - started, 2)}
-            manifest["evaluation"] = result
-            write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
-            remember(out, manifest)
+            write_manifest(variant_dir, manifest.model_copy(update={"evaluation": Evaluation(**result)}))
             results[variant] = result
             progress.report(variant, "evaluated")
             log.info("evaluate: %s perplexity %.4f (unquantised %.4f), KLD %.6f, same top %.1f%%", variant,

@@ -21,7 +21,7 @@ from pydantic import (
 from quantpub import naming, yamlfile
 from quantpub.errors import MatrixError
 from quantpub.matrix_formats import CtRepos, CtScheme, CtSection, MlxSection, MlxTarget, mlx_repo_template
-from quantpub.quants import GgufVariant
+from quantpub.gguf_types import GgufVariant
 
 Bits = Literal[2, 3, 4, 8]
 Method = Literal["gptq", "awq", "gguf", "compressed_tensors", "mlx"]
@@ -50,6 +50,12 @@ SeqLen = int | Literal["auto"]
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    CALIBRATED_BY: typing.ClassVar[str] = ""  # how a plan says a variant uses its calibration windows
+
+    def calibrated(self) -> bool:
+        """Whether building the variant reads calibration windows (the matrix gives it a calibration)."""
+        return True
 
 
 class CalibrationSpec(Strict):
@@ -126,6 +132,11 @@ class GptqVariant(Strict):
             )
         return branch
 
+    def describe(self) -> str:
+        group = "none" if self.group_size is None else self.group_size
+        return (f"bits={self.bits} gs={group} act_order={self.act_order} damp={naming.format_number(self.damp)}"
+                + ("" if self.sym else " asym"))
+
     def name_parts(self) -> naming.GptqNameParts:
         return naming.GptqNameParts(
             self.bits, self.group_size, self.act_order, self.damp, self.sym, self.dataset, self.seq_len
@@ -192,6 +203,9 @@ class AwqTarget(Strict):
     group_size: Literal[32, 64, 128] = 128
     zero_point: bool = True
     version: Literal["GEMM", "GEMV"] = "GEMM"
+
+    def describe(self) -> str:
+        return f"bits={self.bits} gs={self.group_size} zero_point={self.zero_point} {self.version}"
 
 
 class AwqSection(Strict):

@@ -6,11 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from quantpub import estimate, naming
+from quantpub import naming
 from quantpub.formatting import gb
-from quantpub.backends import BACKENDS
-from quantpub.matrix import AwqTarget, GptqVariant, Matrix, VariantSpec, load_matrix
-from quantpub.quants import GgufVariant
+from quantpub.backends import BACKENDS, backend
+from quantpub.matrix import Matrix, VariantSpec, load_matrix
 from quantpub.source import ModelFacts, model_facts
 
 AUTO_SEQ_LEN_CAP = 4096
@@ -42,15 +41,8 @@ class Job:
 
     def describe(self) -> str:
         p = self.variant.params
-        calib = f" seq={self.seq_len} n={self.n_samples}" if self.seq_len else ""
-        if isinstance(p, GptqVariant):
-            group = "none" if p.group_size is None else p.group_size
-            sym = "" if p.sym else " asym"
-            return (f"bits={p.bits} gs={group} act_order={p.act_order} damp={naming.format_number(p.damp)}"
-                    f"{sym}{calib}")
-        if isinstance(p, AwqTarget):
-            return f"bits={p.bits} gs={p.group_size} zero_point={p.zero_point} {p.version}{calib}"
-        return f"{p.describe()}{' imatrix' + calib if self.seq_len and p.takes_imatrix() else ''}"
+        calibrated = self.seq_len and p.calibrated()
+        return p.describe() + (f"{p.CALIBRATED_BY} seq={self.seq_len} n={self.n_samples}" if calibrated else "")
 
 
 @dataclass(frozen=True)
@@ -173,27 +165,14 @@ def _rope(facts: ModelFacts) -> str:
 
 
 def _job(spec: VariantSpec, matrix: Matrix, facts: ModelFacts, device: Device, seq_len: int | None) -> Job:
-    repos = matrix.repos
+    b = backend(spec.method)
     n_samples = spec.calibration.n_samples if spec.calibration else None
-    p = spec.params
-    if isinstance(p, GgufVariant):
-        return Job(spec, naming.repo_id(repos.namespace, repos.gguf, facts.name),
-                   naming.gguf_filename(facts.name, p.label, matrix.gguf.file_name), seq_len, n_samples,
-                   estimate.gguf_size(facts, p), None, estimate.gguf_memory(facts))
-    if isinstance(p, GptqVariant):
-        size = estimate.gptq_size(facts, p.bits, p.group_size)
-        template = repos.gptq
-    else:
-        size = estimate.awq_size(facts, p.bits, p.group_size)
-        template = repos.awq
-    dtype_bytes = estimate.FP16 if device == "cuda" else estimate.FP32
-    dev, host = estimate.layerwise_quantize_memory(
-        facts, n_samples=n_samples, seq_len=seq_len, dtype_bytes=dtype_bytes, method=spec.method)
-    streamed = estimate.streamed_host_memory(facts, dtype_bytes=dtype_bytes, cpu_work=dev if device == "cpu" else None)
-    if device == "cpu":
-        dev, host = None, host + dev
-    return Job(spec, naming.repo_id(repos.namespace, template, facts.name), spec.branch,
-               seq_len, n_samples, size, dev, host, streamed)
+    repo = naming.repo_id(matrix.repos.namespace, getattr(matrix.repos, spec.method), facts.name)
+    # files side by side on main are named by the section's file name template; the others get a branch each
+    target = naming.gguf_filename(facts.name, spec.params.label, getattr(matrix, spec.method).file_name) \
+        if b.files_on_main else spec.branch
+    dev, host, streamed = b.plan_memory(facts, spec, n_samples=n_samples, seq_len=seq_len, device=device)
+    return Job(spec, repo, target, seq_len, n_samples, b.size(facts, spec.params), dev, host, streamed)
 
 
 def render(plan: Plan) -> str:

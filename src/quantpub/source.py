@@ -169,3 +169,17 @@ def _rope_scaling(cfg: dict[str, Any]) -> dict | None:
 
 def groups(in_features: int, group_size: int | None) -> int:
     return 1 if group_size is None else math.ceil(in_features / group_size)
+
+
+# what a checkpoint directory holds that quantpub reads: config, weights, tokenizer and chat template files
+CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def local_checkpoint(model: str) -> Path:
+    """The checkpoint directory of ``model``: a local directory as it is, a hub id from the hub's cache
+    (downloaded on first use: config, weights, tokenizer and chat-template files)."""
+    if Path(model).is_dir():
+        return Path(model)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model, allow_patterns=CHECKPOINT_PATTERNS))

@@ -58,16 +58,16 @@ def prepare(model: str, work: str) -> str:
     return str(target)
 
 
-def quantize(matrix: str, model: str, source: str, out: str, variants: list[str],
+def build_group(matrix: str, model: str, source: str, out: str, variants: list[str],
              options: RunOptions, stream: bool = False) -> dict[str, dict[str, str] | None]:
     """Build ``variants`` (one group); returns for each variant None when it was built and validated, else
     ``{"error": ..., "ending": "failed" | "crashed" | "interrupted"}``.
 
     ``stream``: the driver found that the model does not fit this stage's memory whole.
     """
-    from quantpub.worker import quantize as build
+    from quantpub.build import build_from_matrix
 
-    outcomes = build(matrix, model, out, only=variants, calibration_file=options.calibration_file,
+    outcomes = build_from_matrix(matrix, model, out, only=variants, calibration_file=options.calibration_file,
                      device=options.device, n_samples=options.n_samples, seq_len=options.seq_len, source=source,
                      stream=stream)
     return {o.variant: None if o.error is None else {"error": o.error, "ending": o.ending} for o in outcomes}
@@ -77,7 +77,7 @@ def evaluate(matrix: str, source: str, out: str, options: RunOptions) -> dict[st
     """Measure every built variant that has no evaluation yet; returns their results."""
     from quantpub.evaluate import evaluate as measure
     from quantpub.matrix import load_matrix
-    from quantpub.worker import resolve_device
+    from quantpub.build import resolve_device
 
     spec = load_matrix(matrix)[0].evaluation
     return measure(out, model=source, eval_file=options.eval_file, context=options.context or spec.context,

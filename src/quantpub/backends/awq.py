@@ -55,7 +55,7 @@ def bound_clip_search(budget: int = CLIP_SEARCH_BYTES) -> None:
     AWQProcessor._compute_best_clip = compute_best_clip
 
 
-def quantize(session: ModelSession, t: AwqTarget, calibration: CalibrationSet, out: Path) -> object:
+def build(session: ModelSession, t: AwqTarget, calibration: CalibrationSet, out: Path) -> object:
     """Quantize a freshly loaded copy of the session's model into ``out``; returns GPTQModel's quantize log.
 
     The scale search runs in fp16 on a GPU, as AutoAWQ did, and in bf16 on CPU: there fp16 matrix

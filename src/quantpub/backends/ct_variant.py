@@ -131,7 +131,7 @@ def solve_gptq(source_dir: Path, out: Path, variant: GptqVariant, calib: Calibra
 
     started = time.monotonic()
     session = ModelSession(source_dir, device, torch.float32 if device == "cpu" else torch.float16)
-    gptq.quantize(session, variant, calib, out)
+    gptq.build(session, variant, calib, out)
     (out / "quant_log.csv").unlink(missing_ok=True)
     conform_to_source(out, source_dir)
     return round(time.monotonic() - started, 2)

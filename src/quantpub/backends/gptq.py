@@ -45,7 +45,7 @@ def quantize_config(v: GptqVariant):
     )
 
 
-def quantize(session: ModelSession, v: GptqVariant, calibration: CalibrationSet, out: Path) -> object:
+def build(session: ModelSession, v: GptqVariant, calibration: CalibrationSet, out: Path) -> object:
     """Exact mode: quantize a freshly loaded copy of the model into ``out``; returns GPTQModel's quantize log.
 
     GPTQModel's looper feeds each layer's *quantized* outputs to the next layer, so every

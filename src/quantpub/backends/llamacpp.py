@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from quantpub.errors import QuantpubError
-from quantpub.quants import GgufVariant
+from quantpub.gguf_types import GgufVariant
 
 log = logging.getLogger(__name__)
 PACKAGE = "llama-cpp-python"
@@ -220,7 +220,7 @@ def ggml_type(tensor_type: str) -> int:
     return value
 
 
-def quantize(source: Path, dest: Path, variant: GgufVariant, *, imatrix: dict[str, np.ndarray] | None = None,
+def quantize_file(source: Path, dest: Path, variant: GgufVariant, *, imatrix: dict[str, np.ndarray] | None = None,
              threads: int = 1, kv: dict[str, str | int] | None = None) -> float:
     """``llama_model_quantize`` (the code behind ``llama-quantize``), with the variant's
     ``--token-embedding-type``, ``--output-tensor-type`` and ``--tensor-type`` overrides. Returns seconds.

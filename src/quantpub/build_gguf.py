@@ -1,4 +1,5 @@
-"""The GGUF half of the worker: one conversion, every type in parallel, each validated and moved in atomically.
+"""The GGUF builder (stage ``quantize-gguf``): one conversion, every type in parallel, each validated and moved
+into place whole.
 
 ``OUT/.work/`` keeps the 16-bit GGUF until every GGUF variant of the run is built, so an
 interrupted run converts again only if it had not finished converting.
@@ -16,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from quantpub import calibration, isolate, machine, naming, progress
-from quantpub.backends import gguf, llamacpp
+from quantpub.backends import gguf_files, llamacpp
+from quantpub.built import Outcome, move_into_place, write_manifest
 from quantpub.errors import QuantizeError
 from quantpub.plan import Job, Plan
 
@@ -25,20 +27,54 @@ VALIDATION_TOKENS = 256
 HUB = "https://huggingface.co"  # where general.repo_url points: the repo's address on the Hub
 
 
+def build(plan: Plan, jobs: list[Job], model_dir: Path, out: Path, *, model: str, device: str,
+          calibration_file: str | Path | None, stream: bool = False) -> list[Outcome]:
+    """Build ``jobs`` (GGUF types of ``plan`` not built yet) from the checkpoint ``model_dir``.
+
+    The importance matrix runs on ``device`` where this process sees a GPU, else on the CPU (a run
+    gives this stage CPU cores and no GPU slot). Validation reads the second half of the calibration
+    text; the importance matrix's windows may come from anywhere.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    spec = jobs[0].variant.calibration or plan.matrix.calibration
+    text, source = calibration.load_text(spec, calibration_file)
+    calib = None
+    if jobs[0].variant.calibration is not None:
+        calib = calibration.build(text, source, tokenizer, n_samples=jobs[0].n_samples, seq_len=jobs[0].seq_len,
+                                  seed=spec.seed, origin=calibration.origin(spec, calibration_file))
+    try:
+        return build_gguf_set(plan, jobs, model_dir, out, model, tokenizer=tokenizer, text=text[len(text) // 2:],
+                              text_source=f"{source} (second half)", calib=calib, device=_imatrix_device(device),
+                              log_dir=out / "logs" / "quantize-gguf")
+    except Exception as exc:  # noqa: BLE001 - conversion failed: every GGUF variant fails, others stand
+        log.error("GGUF: %s: %s", type(exc).__name__, exc)
+        return [Outcome(j.id, None, error=f"{type(exc).__name__}: {exc}") for j in jobs]
+
+
+def _imatrix_device(device: str) -> str:
+    """``device``, or the CPU when no GPU is visible here (``--device cuda`` names the GPU stages' device)."""
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return "cpu"
+    return device
+
+
 def build_gguf_set(plan: Plan, jobs: list[Job], model_dir: Path, out: Path, model: str, *, tokenizer,
                    text: str, text_source: str, calib: calibration.CalibrationSet | None, device: str,
-                   split_max_bytes: int = gguf.HUB_FILE_LIMIT, write_manifest, log_dir: Path) -> list:
+                   split_max_bytes: int = gguf_files.HUB_FILE_LIMIT, log_dir: Path) -> list[Outcome]:
     """Build ``jobs`` (all GGUF, not built yet) from ``model_dir``; returns one Outcome per job.
 
     The conversion is a subprocess; the importance matrix, the 16-bit reference and every type's
     quantization and validation run in ``isolate.Isolated`` workers, so a crash in llama.cpp or
     torch costs the variants that needed that step and nothing else. Per-variant logs go to ``log_dir``.
     """
-    from quantpub.worker import Outcome
-
     work = out / ".work"
     work.mkdir(parents=True, exist_ok=True)
-    outtype = gguf.sixteen_bit_type({"torch_dtype": plan.facts.torch_dtype})
+    outtype = gguf_files.sixteen_bit_type({"torch_dtype": plan.facts.torch_dtype})
     name = plan.facts.name
     base = work / f"{name}.{outtype.upper()}.gguf"
     timings: dict[str, float] = {}
@@ -50,7 +86,7 @@ def build_gguf_set(plan: Plan, jobs: list[Job], model_dir: Path, out: Path, mode
         timings["convert_seconds"] = round(llamacpp.convert(model_dir, base, outtype, general_metadata(plan, jobs)), 2)
         log.info("GGUF: converted in %.1fs -> %s (%.1f MB)", timings["convert_seconds"], base,
                  base.stat().st_size / 1e6)
-    workers = gguf.workers_for(len(jobs), base.stat().st_size)
+    workers = gguf_files.workers_for(len(jobs), base.stat().st_size)
     threads = max(1, cores // workers)
     failed: dict[str, Outcome] = {}
     with isolate.Isolated(log_dir, workers, preload=("llama_cpp",)) as pool:
@@ -72,7 +108,7 @@ def build_gguf_set(plan: Plan, jobs: list[Job], model_dir: Path, out: Path, mode
                          imatrix_record["tensors"], imatrix_record["samples"], imatrix_record["seconds"],
                          imatrix_file.name)
         try:
-            reference = pool.call(outtype.upper(), "reference", gguf.evaluate, base, text, VALIDATION_TOKENS, cores)
+            reference = pool.call(outtype.upper(), "reference", gguf_files.validate_file, base, text, VALIDATION_TOKENS, cores)
         except isolate.Ended as exc:  # nothing can be judged without it: every type fails, once, with this reason
             return [failed.get(j.id) or Outcome.ended(j.id, exc) for j in jobs]
         kv = imatrix_metadata(imatrix, calib, imatrix_file) if imatrix is not None else {}
@@ -82,7 +118,7 @@ def build_gguf_set(plan: Plan, jobs: list[Job], model_dir: Path, out: Path, mode
         context = dict(base=base, out=out, model=model, outtype=outtype, imatrix=imatrix,
                        imatrix_record=imatrix_record, imatrix_file=imatrix_file, kv=kv, calib=calib,
                        reference=reference, expect=expect, text=text, text_source=text_source, threads=threads,
-                       split_max_bytes=split_max_bytes, timings=timings, write_manifest=write_manifest,
+                       split_max_bytes=split_max_bytes, timings=timings,
                        device=device, pool=pool)
 
         def run(job: Job):
@@ -111,7 +147,7 @@ def build_gguf_set(plan: Plan, jobs: list[Job], model_dir: Path, out: Path, mode
 
 def _build_one(job: Job, *, base: Path, out: Path, model: str, outtype: str, imatrix, imatrix_record,
                imatrix_file: Path | None, kv: dict, calib, reference, expect, text: str, text_source: str, threads: int,
-               split_max_bytes: int, timings: dict, write_manifest, device: str, pool: isolate.Isolated) -> Path:
+               split_max_bytes: int, timings: dict, device: str, pool: isolate.Isolated) -> Path:
     variant = job.variant.params
     final = out / job.id
     partial = out / f".partial-{job.id}-{os.getpid()}"
@@ -123,33 +159,29 @@ def _build_one(job: Job, *, base: Path, out: Path, model: str, outtype: str, ima
             imatrix, imatrix_record, imatrix_file, kv = None, None, None, {}
             expect = replace(expect, metadata={k: v for k, v in expect.metadata.items()
                                                if not k.startswith("quantize.imatrix.")})
-        seconds = pool.call(job.id, "quantize", llamacpp.quantize, base, target, variant, imatrix=imatrix,
+        seconds = pool.call(job.id, "quantize", llamacpp.quantize_file, base, target, variant, imatrix=imatrix,
                             threads=threads, kv=kv)
-        files = gguf.split(target, split_max_bytes) if target.stat().st_size > split_max_bytes else [target]
-        meta, tensors = gguf.read(files)
-        problems = gguf.check_mix(variant, tensors) + gguf.check_metadata(meta, variant.type, expect)
+        files = gguf_files.split(target, split_max_bytes) if target.stat().st_size > split_max_bytes else [target]
+        meta, tensors = gguf_files.read(files)
+        problems = gguf_files.check_mix(variant, tensors) + gguf_files.check_metadata(meta, variant.type, expect)
         if len(files) > 1 and meta.get("split.count") != len(files):
             problems.append(f"split.count is {meta.get('split.count')}, expected {len(files)}")
         if problems:
             raise QuantizeError(job.id, model, "; ".join(problems))
         progress.report(job.id, "validating")
-        result = pool.call(job.id, "validate", gguf.evaluate, files[0], text, VALIDATION_TOKENS, threads)
-        broken = gguf.garbage(result, reference)
+        result = pool.call(job.id, "validate", gguf_files.validate_file, files[0], text, VALIDATION_TOKENS, threads)
+        broken = gguf_files.garbage(result, reference)
         if broken:
             raise QuantizeError(job.id, model, broken)
         validation = {**result, "text": text_source, "reference_perplexity": reference["perplexity"],
-                      "type_mix": gguf.type_mix(tensors), "metadata_checked": _checked(expect),
+                      "type_mix": gguf_files.type_mix(tensors), "metadata_checked": _checked(expect),
                       "shards": len(files)}
         if imatrix_file is not None:  # published beside the files: one link per variant, one file on disk
             _link(imatrix_file, partial / imatrix_file.name)
-        extra: dict[str, Any] = {"sixteen_bit": outtype, "imatrix": imatrix_record, "quantize_seconds":
-                                 round(seconds, 3), **timings,
-                                 "size": sum(f.stat().st_size for f in files)}  # the model, not the imatrix
-        write_manifest(partial, job, calib if imatrix is not None else None, model, device, seconds, validation,
-                       None, extra)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
+        write_manifest(partial, job, calib if imatrix is not None else None, model, device, round(seconds, 3),
+                       validation, sixteen_bit=outtype, imatrix=imatrix_record, **timings,
+                       size=sum(f.stat().st_size for f in files))  # the model, not the imatrix
+        move_into_place(partial, final)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -188,14 +220,14 @@ def imatrix_metadata(imatrix: dict, calib: calibration.CalibrationSet, imatrix_f
             "quantize.imatrix.entries_count": len(imatrix), "quantize.imatrix.chunks_count": calib.n_samples}
 
 
-def _expectations(tokenizer, plan: Plan, metadata: dict[str, Any]) -> gguf.Expectations:
-    return gguf.Expectations(
+def _expectations(tokenizer, plan: Plan, metadata: dict[str, Any]) -> gguf_files.Expectations:
+    return gguf_files.Expectations(
         context_length=plan.facts.context_length, rope_scaling=plan.facts.rope_scaling,
         chat_template=getattr(tokenizer, "chat_template", None) or None,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, metadata=metadata)
 
 
-def _checked(expect: gguf.Expectations) -> list[str]:
+def _checked(expect: gguf_files.Expectations) -> list[str]:
     keys = ["context_length", "file_type", *expect.metadata]
     keys += ["rope_scaling"] if expect.rope_scaling else []
     keys += ["chat_template"] if expect.chat_template else []
@@ -211,6 +243,6 @@ def _imatrix(model_dir: Path, calib: calibration.CalibrationSet, n_layers: int, 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=device)
     model.eval()
     try:
-        return gguf.compute_imatrix(model, [list(s) for s in calib.samples], n_layers)
+        return gguf_files.compute_imatrix(model, [list(s) for s in calib.samples], n_layers)
     finally:
         del model

@@ -22,7 +22,7 @@ import numpy as np
 
 from quantpub import machine
 from quantpub.backends import llamacpp
-from quantpub.quants import GgufVariant
+from quantpub.gguf_types import GgufVariant
 
 log = logging.getLogger(__name__)
 HUB_FILE_LIMIT = 50 * 1000 ** 3
@@ -339,7 +339,7 @@ def split(path: Path, max_bytes: int) -> list[Path]:
 
 
 # evaluation through llama.cpp
-def evaluate(first_file: Path, text: str, n_tokens: int, threads: int) -> dict[str, Any]:
+def validate_file(first_file: Path, text: str, n_tokens: int, threads: int) -> dict[str, Any]:
     """Load with llama.cpp, evaluate ``n_tokens`` of ``text``: perplexity and logit sanity."""
     llm = llamacpp.load(first_file, n_ctx=n_tokens + 8, n_batch=n_tokens + 8, logits_all=True, n_threads=threads,
                         verbose=False)

@@ -11,7 +11,7 @@ output at ``Q8_0``).
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, SerializerFunctionWrapHandler, model_serializer, \
     model_validator
@@ -143,9 +143,14 @@ class GgufVariant(BaseModel):
         """``(pattern, tensor type)`` pairs, in the matrix's order (llama.cpp uses the first match)."""
         return [tuple(t.rsplit("=", 1)) for t in self.tensor_types]  # type: ignore[misc]
 
+    CALIBRATED_BY: ClassVar[str] = " imatrix"  # how a plan says this variant uses the calibration windows
+
     def takes_imatrix(self) -> bool:
         """Whether an importance matrix changes this file (16-bit files are not quantized)."""
         return self.type not in SIXTEEN_BIT
+
+    def calibrated(self) -> bool:
+        return self.takes_imatrix()
 
     def needs_imatrix(self) -> bool:
         forced = {self.token_embedding_type, self.output_tensor_type, *(k for _, k in self.overrides())}
@@ -160,3 +165,17 @@ class GgufVariant(BaseModel):
             parts.append(f"output {self.output_tensor_type}")
         parts += self.tensor_types
         return ", ".join(parts)
+
+
+class GgufParameters(BaseModel):
+    """A GGUF variant's manifest ``parameters``: its file label (``name``: Q4_K_L), llama.cpp's file type
+    (``type``: Q4_K_M), the tensor-type overrides and whether an importance matrix was used."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    type: str
+    token_embedding_type: str | None = None
+    output_tensor_type: str | None = None
+    tensor_types: list[str] = []
+    imatrix: bool = False

@@ -1,0 +1,96 @@
+"""The quantize stage: a plan's variants, each stage's builder in turn (``backends.STAGES``).
+
+Each variant lands in ``OUT/<variant id>/``, built in a ``.partial-`` directory and moved into
+place whole (``built``); a re-run skips variants whose manifest exists and builds the rest. The
+builders: ``build_session`` (GPTQ, AWQ: the model loaded once) and ``build_gguf`` (one conversion,
+every GGUF type).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from quantpub import __version__
+from quantpub.artifacts import MANIFEST, RUN_RECORD, write_text_atomic
+from quantpub.backends import STAGES, backend
+from quantpub.built import Outcome
+from quantpub.errors import PlanError, QuantpubError
+from quantpub.plan import Job, Plan, make_plan
+from quantpub.source import local_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> str:
+    """``auto``: cuda when this process sees a GPU, else cpu."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def select_jobs(plan: Plan, only: list[str] | None) -> list[Job]:
+    jobs = list(plan.jobs)
+    if only:
+        known = {j.id for j in jobs}
+        unknown = [v for v in only if v not in known]
+        if unknown:
+            raise QuantpubError(f"--only {', '.join(unknown)}: no such variant in {plan.matrix_path}; "
+                                f"choose from {', '.join(sorted(known))}")
+        jobs = [j for j in jobs if j.id in only]
+    return jobs
+
+
+def build_from_matrix(matrix_path: str | Path, model: str, out: str | Path, *, only: list[str] | None = None,
+             calibration_file: str | Path | None = None, device: str = "auto",
+             n_samples: int | None = None, seq_len: int | None = None,
+             source: str | Path | None = None, stream: bool = False) -> list[Outcome]:
+    """Build every GPTQ/AWQ variant of the matrix that is not built yet.
+
+    ``n_samples`` / ``seq_len`` override the matrix's calibration size for every variant
+    (smoke runs on CPU); the manifest records what was used. One variant's failure does not
+    stop the others; it is reported in its ``Outcome``. ``source`` is the checkpoint directory
+    when ``model`` (a hub id) was already downloaded. ``stream``: GPTQ and AWQ read the model
+    layer by layer from the checkpoint instead of loading it (for models larger than host
+    memory; the shared GPTQ mode needs the whole model, so its variants are built in exact mode).
+
+    Raises:
+        MatrixError, ModelError, PlanError, CalibrationError: before any model is loaded.
+    """
+    from quantpub.memory import release_large_blocks_on_free
+
+    release_large_blocks_on_free()  # freed layers and models go back to the system, not to the heap
+    device = resolve_device(device)
+    plan = make_plan(matrix_path, model, device="cpu" if device == "cpu" else "cuda")
+    if plan.problems:
+        raise PlanError(model, list(plan.problems))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [replace(j, n_samples=n_samples or j.n_samples, seq_len=seq_len or j.seq_len)
+            for j in select_jobs(plan, only)]
+    _write_run_record(out, plan, model)
+    todo = [j for j in jobs if not (out / j.id / MANIFEST).is_file()]
+    outcomes = [Outcome(j.id, out / j.id, skipped=True) for j in jobs if j not in todo]
+    for o in outcomes:
+        log.info("%s: already built in %s, skipped", o.variant, o.path)
+    if not todo:
+        return outcomes
+    model_dir = Path(source) if source is not None else local_checkpoint(model)
+    for stage in STAGES.values():
+        stage_jobs = [j for j in todo if backend(j.method).stage == stage.name]
+        if stage_jobs:
+            outcomes += stage.build().build(plan, stage_jobs, model_dir, out, model=model, device=device,
+                                            calibration_file=calibration_file, stream=stream)
+    order = {j.id: i for i, j in enumerate(jobs)}
+    return sorted(outcomes, key=lambda o: order[o.variant])
+
+
+def _write_run_record(out: Path, plan: Plan, model: str) -> None:
+    """What the card stage needs beyond the manifests: the source model and the matrix's card settings."""
+    record = {"model": model, "matrix": str(plan.matrix_path), "card": plan.matrix.card.model_dump(mode="json"),
+              "repos": plan.repos, "variants": [j.id for j in plan.jobs], "quantpub": __version__}
+    write_text_atomic(out / RUN_RECORD, json.dumps(record, indent=2) + "\n")
