@@ -172,3 +172,16 @@ def commit_counts(work: Path, repos=("quantpub/tiny-llama-GPTQ", "quantpub/tiny-
     finally:
         server.shutdown()
         server.server_close()
+
+
+def typed(manifests):
+    """A test's manifest dicts as quantpub reads them (``manifest.Manifest``); the fields a test does not care
+    about (device, timings, validation) filled in."""
+    from quantpub.manifest import Manifest
+
+    def one(m):
+        return m if isinstance(m, Manifest) else Manifest.model_validate(
+            {"device": "cpu", "quantize_seconds": 0.0, "validation": {}, **m})
+    if manifests is None:
+        return None
+    return [one(m) for m in manifests] if isinstance(manifests, list) else one(manifests)

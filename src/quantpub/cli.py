@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from quantpub import __version__
+from quantpub.naming import HUB_URL
 from quantpub.errors import EXIT_BUG, EXIT_FAILED, EXIT_HUB, EXIT_MACHINE, EXIT_OK, PlanError, QuantpubError
 from quantpub.hub.commands import add_commands as add_hub_commands
 
@@ -438,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("card", help="render the README.md of every repo of a finished run, without publishing")
     c.add_argument("dir", help="the quantize output directory")
-    c.add_argument("--hub", default="https://huggingface.co", help="hub URL the card links to")
+    c.add_argument("--hub", default=HUB_URL, help=f"hub URL the card links to (default {HUB_URL})")
     c.add_argument("--namespace", help="the namespace the repos will be published under (as for publish)")
     c.set_defaults(func=_card)
 

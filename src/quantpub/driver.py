@@ -8,7 +8,6 @@ stages themselves (``stages.py``) only return what they did.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import shutil
@@ -20,6 +19,7 @@ from quantpub import isolate, machine, naming, stages
 from quantpub.artifacts import MANIFEST, sha256_file
 from quantpub.backends import BACKENDS, STAGES, Stage, backend, stage_methods
 from quantpub.errors import QuantpubError
+from quantpub.manifest import read as read_manifest
 from quantpub.executors import Resources, Task
 from quantpub.ledger import DONE, FAILED, Ledger
 from quantpub.plan import Plan
@@ -209,16 +209,13 @@ class Driver:
                                        ended["ending"] if ended else "failed")
             self._retry(task, [v for v, ended in result.items() if ended and ended["ending"] != "crashed"])
         elif task.stage == "evaluate":
-            for variant, evaluation in result.items():
-                if "error" in evaluation:
-                    if self.ledger.get(model, variant).state in DONE:  # the event did not reach us
-                        self._record_build(model, variant, evaluation["error"], task.log, evaluation["ending"])
-                    continue
-                path = self.out(model) / variant / MANIFEST
-                if path.is_file() and self.ledger.get(model, variant).state in DONE:
-                    self.ledger.advance(model, variant, "evaluated", manifest_sha256=sha256_file(path),
-                                        metrics=_metrics(evaluation),
-                                        timings={"evaluate_seconds": evaluation.get("seconds", 0)})
+            for variant, ended in result.items():
+                if self.ledger.get(model, variant).state not in DONE:
+                    continue  # its crash was recorded when it happened
+                if ended is not None:  # the event did not reach us
+                    self._record_build(model, variant, ended["error"], task.log, ended["ending"])
+                elif (self.out(model) / variant / MANIFEST).is_file():
+                    self._record_build(model, variant, None)  # its manifest now has the evaluation
         elif task.stage == "publish":
             for record in result:
                 self.ledger.advance(model, record["variant"], "published", commit_oid=record["commit"])
@@ -313,8 +310,8 @@ class Driver:
 
     def _unevaluated(self, model: str) -> bool:
         for row in self.ledger.rows(model):
-            path = self.out(model) / row.variant / MANIFEST
-            if row.state in DONE and path.is_file() and not json.loads(path.read_text()).get("evaluation"):
+            path = self.out(model) / row.variant
+            if row.state in DONE and (path / MANIFEST).is_file() and not read_manifest(path).evaluation:
                 return True
         return False
 
@@ -328,9 +325,8 @@ class Driver:
             manifest_path = out / variant / MANIFEST
             ok = False
             if manifest_path.is_file():
-                manifest = {**json.loads(manifest_path.read_text()), "dir": out / variant}
                 try:
-                    local_files(manifest, None)
+                    local_files(out / variant, read_manifest(out / variant), None)  # every file, hashed once
                     ok = True
                 except QuantpubError as exc:
                     log.warning("%s: %s; rebuilding it", variant, exc)
@@ -367,18 +363,20 @@ class Driver:
                 final = self.ledger.get(model, variant).attempts >= self.options.max_attempts or ending == "crashed"
                 self.observer.failed(model, variant, error, log_file, final, ending)
             return
-        path = self.out(model) / variant / MANIFEST
-        manifest = json.loads(path.read_text())
-        timings = {k: manifest[k] for k in ("quantize_seconds", "convert_seconds") if k in manifest}
-        state = "evaluated" if manifest.get("evaluation") else "validated"
-        self.ledger.advance(model, variant, state, size=manifest["size"], manifest_sha256=sha256_file(path),
-                            tools=manifest["tools"], timings=timings, metrics=_metrics(manifest.get("evaluation")))
+        path = self.out(model) / variant
+        manifest = read_manifest(path)
+        timings = manifest.timings()
+        if manifest.evaluation and manifest.evaluation.seconds is not None:
+            timings["evaluate_seconds"] = manifest.evaluation.seconds
+        self.ledger.advance(model, variant, "evaluated" if manifest.evaluation else "validated", size=manifest.size,
+                            manifest_sha256=sha256_file(path / MANIFEST), tools=manifest.tools, timings=timings,
+                            metrics=manifest.evaluation.metrics() if manifest.evaluation else {})
 
     def summary(self, seconds: float) -> Summary:
         rows = self.ledger.rows()
         namespace = self.options.namespace
-        repos = sorted({r.repo if not namespace else f"{namespace}/{r.repo.split('/', 1)[1]}"
-                        for r in rows if r.state == "published" and r.model in self.plans})
+        repos = sorted({naming.in_namespace(r.repo, namespace) for r in rows
+                        if r.state == "published" and r.model in self.plans})
         return Summary(endpoint=self.endpoint, ledger=str(self.ledger.path), work=str(self.work), run_id=self.run_id,
                        repos=repos, failed=[f"{r.model} {r.variant}" for r in rows
                                             if r.model in self.plans and r.state in FAILED],
@@ -388,10 +386,3 @@ class Driver:
 def _signature(error: str | None) -> str:
     """What makes two crashes of a variant the same crash: the message without its log path and last lines."""
     return (error or "").split(" (log: ", 1)[0]
-
-
-def _metrics(evaluation: dict[str, Any] | None) -> dict[str, Any]:
-    """What the ledger keeps of an evaluation: the numbers, not the windows' description."""
-    if not evaluation:
-        return {}
-    return {k: v for k, v in evaluation.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

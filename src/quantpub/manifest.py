@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from quantpub.artifacts import MANIFEST, sha256_file, write_text_atomic
+from quantpub.artifacts import MANIFEST, digests, write_text_atomic
 from quantpub.errors import QuantpubError
 
 SCHEMA_VERSION = 2
@@ -42,6 +42,7 @@ class FileEntry(BaseModel):
 
     size: int
     sha256: str
+    git_oid: str | None = None  # the git blob id (older manifests lack it): how the hub names a regular file
 
 
 class CalibrationRecord(Record):
@@ -151,7 +152,7 @@ class Build(Record):
 class Manifest(BaseModel):
     """One built variant."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     schema_version: int = SCHEMA_VERSION
     variant: str
@@ -210,8 +211,11 @@ class ManifestError(QuantpubError):
 
 def files_of(directory: Path) -> dict[str, FileEntry]:
     """Every file of a built variant's directory (but the manifest) with its size and sha256."""
-    return {f.name: FileEntry(size=f.stat().st_size, sha256=sha256_file(f))
-            for f in sorted(p for p in Path(directory).iterdir() if p.is_file() and p.name != MANIFEST)}
+    found = {}
+    for f in sorted(p for p in Path(directory).iterdir() if p.is_file() and p.name != MANIFEST):
+        sha256, oid = digests(f)
+        found[f.name] = FileEntry(size=f.stat().st_size, sha256=sha256, git_oid=oid)
+    return found
 
 
 def files_digest(files: dict[str, FileEntry]) -> str:

@@ -23,6 +23,8 @@ import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+HUB_URL = "https://huggingface.co"  # where published repos live; cards link here unless told otherwise
+
 DEFAULT_DAMP = 0.01
 MAIN_BRANCH = "main"
 
@@ -185,3 +187,13 @@ def repo_id(namespace: str, template: str, model_name: str) -> str:
 
 def is_valid_branch(name: str) -> bool:
     return bool(_BRANCH_RE.match(name)) and ".." not in name and not name.endswith((".lock", "."))
+
+
+def repo_name(repo_id: str) -> str:
+    """``name`` of ``namespace/name``."""
+    return repo_id.split("/", 1)[1]
+
+
+def in_namespace(repo_id: str, namespace: str | None) -> str:
+    """``repo_id`` moved to ``namespace`` (``--namespace``); as it is when no namespace is given."""
+    return f"{namespace}/{repo_name(repo_id)}" if namespace else repo_id

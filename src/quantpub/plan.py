@@ -126,7 +126,7 @@ def _prompt_note(model: str, matrix: Matrix) -> str | None:
     """Warn before any work when the cards would have to say "Unknown" (local checkpoints only: no network)."""
     if not Path(model).is_dir():
         return None
-    from quantpub.card import read_source
+    from quantpub.source.card import read_source
 
     prompt = read_source(model, matrix.card.model_dump()).prompt
     if prompt.known:

@@ -11,13 +11,14 @@ regular files, sha256 for LFS files) before anything is uploaded; an unchanged v
 no commit, a changed one exactly one, built on the head it was compared with
 (``parent_commit``, so a concurrent writer makes it fail rather than be overwritten).
 
-What is published is what the worker validated: every file is checked against the sha256 in
-the variant's ``quantpub.json`` first, and nothing is rewritten here.
+What is published is what the builder validated, and nothing is rewritten here: every file is
+checked against the sha256 in the variant's ``quantpub.json`` first (``quantpub publish``), or
+was checked once when the run started (``quantpub run`` reconciles every finished variant
+before anything else and publishes with ``verify=False``: a no-op re-run reads each file once).
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -27,8 +28,9 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from quantpub import naming, progress
-from quantpub.artifacts import CARDS_DIR, MANIFEST, sha256_file
+from quantpub.artifacts import CARDS_DIR, MANIFEST, digests, sha256_file
 from quantpub.errors import PublishError
+from quantpub.manifest import Manifest, read as read_manifest
 
 log = logging.getLogger(__name__)
 RETRY_STATUS = (429, 500, 502, 503, 504)
@@ -50,10 +52,11 @@ class LocalFile:
     source: Path
     size: int
     sha256: str
+    git_oid: str | None = None  # known from the manifest: comparing a regular file reads nothing
 
 
-def find_variants(out: str | Path) -> list[dict]:
-    """Manifests of the finished variants in ``out`` (or of ``out`` itself), main branches first."""
+def find_variants(out: str | Path) -> list[tuple[Path, Manifest]]:
+    """The finished variants in ``out`` (or ``out`` itself) with their manifests, main branches first."""
     out = Path(out)
     if out.name.startswith(".partial-"):
         raise PublishError(str(out), None, "an unfinished build (a killed run left it); it is never published: "
@@ -67,31 +70,28 @@ def find_variants(out: str | Path) -> list[dict]:
     if not dirs:
         raise PublishError(str(out), None, f"no finished variant (a directory with {MANIFEST}) found; "
                                            "run `quantpub quantize` first")
-    manifests = []
-    for d in dirs:
-        manifest = json.loads((d / MANIFEST).read_text())
-        manifest["dir"] = d
-        manifests.append(manifest)
-    return sorted(manifests, key=lambda m: (m["repo"], m.get("branch") != "main", m["variant"]))
+    found = [(d, read_manifest(d)) for d in dirs]
+    return sorted(found, key=lambda dm: (dm[1].repo, dm[1].branch != "main", dm[1].variant))
 
 
-def local_files(manifest: dict, card: Path | None) -> list[LocalFile]:
-    """The variant's files, each verified against the sha256 the worker recorded, and the repo's
-    card (``card``: its README.md) with what the card stage put beside it (the quality chart)."""
-    d: Path = manifest["dir"]
+def local_files(d: Path, manifest: Manifest, card: Path | None, *, verify: bool = True) -> list[LocalFile]:
+    """The variant's files (in ``d``), each checked against the sha256 the builder recorded unless the caller
+    did that already (``verify=False``), and the repo's card (``card``: its README.md) with what the card
+    stage put beside it (the quality chart)."""
     files = []
-    for name, meta in sorted(manifest["files"].items()):
+    for name, meta in sorted(manifest.files.items()):
         path = d / name
-        if not path.is_file():
-            raise PublishError(manifest["repo"], manifest.get("branch"),
-                               f"{path} is listed in {d / MANIFEST} but missing; rebuild the variant")
-        if path.stat().st_size != meta["size"] or sha256_file(path) != meta["sha256"]:
-            raise PublishError(manifest["repo"], manifest.get("branch"),
+        if not path.is_file() or path.stat().st_size != meta.size:
+            raise PublishError(manifest.repo, manifest.branch,
+                               f"{path} is listed in {d / MANIFEST} but missing or of another size; rebuild the "
+                               "variant (delete its directory and run the same command again)")
+        if verify and sha256_file(path) != meta.sha256:
+            raise PublishError(manifest.repo, manifest.branch,
                                f"{path} changed after it was validated (sha256 differs from {d / MANIFEST}); "
                                "rebuild the variant instead of editing it")
-        files.append(LocalFile(name, path, meta["size"], meta["sha256"]))
+        files.append(LocalFile(name, path, meta.size, meta.sha256, meta.git_oid))
     manifest_path = d / MANIFEST
-    files.append(LocalFile(manifest_path_in_repo(manifest), manifest_path, manifest_path.stat().st_size,
+    files.append(LocalFile(manifest.path_in_repo, manifest_path, manifest_path.stat().st_size,
                            sha256_file(manifest_path)))
     if card is not None and card.is_file():
         for path in sorted(p for p in card.parent.iterdir() if p.is_file() and not p.name.startswith(".")):
@@ -99,17 +99,8 @@ def local_files(manifest: dict, card: Path | None) -> list[LocalFile]:
     return files
 
 
-def manifest_path_in_repo(manifest: dict) -> str:
-    """``quantpub.json`` on a variant's own branch; ``quantpub/<variant>.json`` where variants share main (GGUF)."""
-    return MANIFEST if manifest.get("branch") is not None else f"quantpub/{manifest['variant']}.json"
-
-
 def git_blob_id(path: Path) -> str:
-    digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return digests(path)[1]
 
 
 def retry(call: Callable[[], T], what: str, *, attempts: int = 5, base_wait: float = 1.0) -> T:
@@ -136,7 +127,8 @@ def retry(call: Callable[[], T], what: str, *, attempts: int = 5, base_wait: flo
 
 
 def publish(out: str | Path, *, endpoint: str | None = None, token: str | None = None, repo: str | None = None,
-            namespace: str | None = None, only: list[str] | None = None, private: bool = False) -> list[Published]:
+            namespace: str | None = None, only: list[str] | None = None, private: bool = False,
+            verify: bool = True) -> list[Published]:
     """Publish every finished variant under ``out``.
 
     Args:
@@ -147,6 +139,7 @@ def publish(out: str | Path, *, endpoint: str | None = None, token: str | None =
         namespace: replace the namespace of the recorded repo ids.
         only: variant ids to publish.
         private: create missing repos as private.
+        verify: check every file against its manifest's sha256 (False: the caller did, e.g. the run's reconcile).
 
     Raises:
         PublishError: bad input, a file changed since validation, or a hub error (named with
@@ -155,26 +148,24 @@ def publish(out: str | Path, *, endpoint: str | None = None, token: str | None =
     from huggingface_hub import HfApi
 
     out = Path(out)
-    manifests = find_variants(out)
+    found = find_variants(out)
     if only:
-        unknown = sorted(set(only) - {m["variant"] for m in manifests})
+        unknown = sorted(set(only) - {m.variant for _, m in found})
         if unknown:
             raise PublishError(str(out), None, f"--only {', '.join(unknown)}: no such finished variant; choose from "
-                                               f"{', '.join(m['variant'] for m in manifests)}")
-        manifests = [m for m in manifests if m["variant"] in only]
+                                               f"{', '.join(m.variant for _, m in found)}")
+        found = [(d, m) for d, m in found if m.variant in only]
     if repo is not None:
-        repos = {m["repo"] for m in manifests}
+        repos = {m.repo for _, m in found}
         if len(repos) > 1:
             raise PublishError(repo, None, f"--repo given but the variants belong to {len(repos)} repos "
                                            f"({', '.join(sorted(repos))}); use --only or --namespace")
     cards_root = (out if not (out / MANIFEST).is_file() else out.parent) / CARDS_DIR
     jobs = []  # every file is verified before anything is sent
-    for manifest in manifests:
-        target = repo or manifest["repo"]
-        if namespace:
-            target = f"{namespace}/{target.split('/', 1)[1]}"
-        card = cards_root / target.split("/", 1)[1] / "README.md"
-        jobs.append((manifest, target, local_files(manifest, card)))
+    for d, manifest in found:
+        target = naming.in_namespace(repo or manifest.repo, namespace)
+        card = cards_root / naming.repo_name(target) / "README.md"
+        jobs.append((manifest, target, local_files(d, manifest, card, verify=verify)))
     from huggingface_hub import constants
 
     constants.HF_HUB_DISABLE_XET = True  # the env var is read at import, which may have happened already
@@ -185,24 +176,24 @@ def publish(out: str | Path, *, endpoint: str | None = None, token: str | None =
             if target not in created:
                 retry(lambda: api.create_repo(target, private=private, exist_ok=True), f"create {target}")
                 created.add(target)
-            progress.report(manifest["variant"], "uploading")
+            progress.report(manifest.variant, "uploading")
             result = _publish_variant(api, manifest, target, files)
             results.append(result)
-            progress.report(manifest["variant"], "published", commit=result.commit, changed=result.changed,
+            progress.report(manifest.variant, "published", commit=result.commit, changed=result.changed,
                             repo=result.repo, branch=result.branch)
         except PublishError:
             raise
         except Exception as exc:
-            raise PublishError(target, manifest.get("branch") or "main",
-                               f"{manifest['variant']}: {type(exc).__name__}: {exc}", hub=True) from exc
+            raise PublishError(target, manifest.branch or "main",
+                               f"{manifest.variant}: {type(exc).__name__}: {exc}", hub=True) from exc
     return results
 
 
-def _publish_variant(api, manifest: dict, repo: str, files: list[LocalFile]) -> Published:
+def _publish_variant(api, manifest: Manifest, repo: str, files: list[LocalFile]) -> Published:
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
-    variant, branch = manifest["variant"], manifest.get("branch") or "main"
-    owns_branch = manifest.get("branch") is not None
+    variant, branch = manifest.variant, manifest.branch or "main"
+    owns_branch = manifest.branch is not None
     if branch != "main":
         retry(lambda: api.create_branch(repo, branch=branch, revision="main", exist_ok=True),
               f"create branch {branch} of {repo}")
@@ -238,20 +229,20 @@ def _publish_variant(api, manifest: dict, repo: str, files: list[LocalFile]) -> 
             r.close()
 
 
-def _commit(api, manifest: dict, repo: str, branch: str, head: str, ops: list, remote: dict,
+def _commit(api, manifest: Manifest, repo: str, branch: str, head: str, ops: list, remote: dict,
             stale: list[str]) -> Published:
     from huggingface_hub import CommitOperationAdd
 
-    variant = manifest["variant"]
+    variant = manifest.variant
     changed = sum(isinstance(o, CommitOperationAdd) for o in ops)
     log.info("%s: publishing to %s@%s: %d files added or changed, %d deleted", variant, repo, branch,
              changed, len(stale))
-    own = {*manifest["files"], manifest_path_in_repo(manifest)}
+    own = {*manifest.files, manifest.path_in_repo}
     if not stale and not any(o.path_in_repo in own for o in ops):  # the variant is as published: only its card moved
         message = f"Card: update ({', '.join(sorted(o.path_in_repo for o in ops))}; {variant}'s files unchanged)"
     else:
         message = (f"{variant}: {'add' if not remote.keys() - {'.gitattributes'} else 'update'} "
-                   f"({manifest['method']}, built by quantpub {manifest['tools']['quantpub']})")
+                   f"({manifest.method}, built by quantpub {manifest.quantpub_version})")
     commit = retry(lambda: api.create_commit(
         repo, operations=ops, revision=branch, parent_commit=head, commit_message=message,
         commit_description=_description(manifest)), f"commit {variant} to {repo}@{branch}")
@@ -277,23 +268,23 @@ def _same(remote, local: LocalFile) -> bool:
         return False
     if remote.lfs is not None:
         return remote.lfs.sha256 == local.sha256
-    return remote.blob_id == git_blob_id(local.source)
+    return remote.blob_id == (local.git_oid or git_blob_id(local.source))
 
 
-def _owned_by(path: str, manifest: dict) -> bool:
+def _owned_by(path: str, manifest: Manifest) -> bool:
     """A GGUF repo file belongs to this variant if it is one of its files, whole or split, under
     the variant's ``<model>.<TYPE>`` stem (``Qwen2.5-0.5B.Q4_K_M``: a model name may hold "-0")."""
-    if path == manifest_path_in_repo(manifest):
+    if path == manifest.path_in_repo:
         return True
-    stems = {naming.gguf_stem(name) for name in manifest["files"] if name.endswith(".gguf")}
+    stems = {naming.gguf_stem(name) for name in manifest.files if name.endswith(".gguf")}
     return path.endswith(".gguf") and naming.gguf_stem(path) in stems
 
 
-def _description(manifest: dict) -> str:
-    calib = manifest.get("calibration") or {}
-    lines = [f"Variant `{manifest['variant']}` of `{manifest['model']}`.",
-             f"Parameters: `{json.dumps(manifest.get('parameters'), sort_keys=True)}`."]
+def _description(manifest: Manifest) -> str:
+    calib = manifest.calibration
+    lines = [f"Variant `{manifest.variant}` of `{manifest.model}`.",
+             f"Parameters: `{json.dumps(manifest.parameters, sort_keys=True)}`."]
     if calib:
-        lines.append(f"Calibration: {calib.get('source')}, {calib.get('n_samples')} x {calib.get('seq_len')} tokens, "
-                     f"sha256 {str(calib.get('sha256'))[:16]}.")
+        lines.append(f"Calibration: {calib.source}, {calib.n_samples} x {calib.seq_len} tokens, "
+                     f"sha256 {str(calib.sha256)[:16]}.")
     return "\n".join(lines)

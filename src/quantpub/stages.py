@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from quantpub import naming, progress
 
@@ -73,15 +72,17 @@ def build_group(matrix: str, model: str, source: str, out: str, variants: list[s
     return {o.variant: None if o.error is None else {"error": o.error, "ending": o.ending} for o in outcomes}
 
 
-def evaluate(matrix: str, source: str, out: str, options: RunOptions) -> dict[str, dict[str, Any]]:
-    """Measure every built variant that has no evaluation yet; returns their results."""
+def evaluate(matrix: str, source: str, out: str, options: RunOptions) -> dict[str, dict[str, str] | None]:
+    """Measure every built variant that has no evaluation yet (each manifest gets its ``evaluation``); returns
+    for each variant None, or ``{"error": ..., "ending": ...}`` when loading it crashed or was killed."""
+    from quantpub.build import resolve_device
     from quantpub.evaluate import evaluate as measure
     from quantpub.matrix import load_matrix
-    from quantpub.build import resolve_device
 
     spec = load_matrix(matrix)[0].evaluation
-    return measure(out, model=source, eval_file=options.eval_file, context=options.context or spec.context,
-                   windows=options.windows or spec.windows, device=resolve_device(options.device), spec=spec)
+    results = measure(out, model=source, eval_file=options.eval_file, context=options.context or spec.context,
+                      windows=options.windows or spec.windows, device=resolve_device(options.device), spec=spec)
+    return {v: {"error": r["error"], "ending": r["ending"]} if "error" in r else None for v, r in results.items()}
 
 
 def publish(out: str, endpoint: str, token: str | None, variants: list[str], options: RunOptions) -> list[dict]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -75,3 +76,12 @@ def nearest_line(lines: dict[KeyPath, int], path: KeyPath) -> int | None:
         if path[:end] in lines:
             return lines[path[:end]]
     return None
+
+
+_FRONT = re.compile(r"^---\s*\n(.*?)\n---\s*(?:\n|$)", re.S)
+
+
+def front_matter(text: str) -> tuple[str | None, str]:
+    """The YAML between a card's leading ``---`` lines (None when there is none) and the body after it."""
+    match = _FRONT.match(text)
+    return (match.group(1), text[match.end():]) if match else (None, text)

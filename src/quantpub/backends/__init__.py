@@ -63,12 +63,19 @@ class Backend:
     size: Callable[[Any, Any], int]  # (ModelFacts, the variant's parameters) -> estimated bytes on disk
     params_type: str = ""       # "module:Class" of the typed parameters the manifest's ``parameters`` hold
     loader: str | None = None   # "module:function" giving from_pretrained's extra arguments (transformers runtime)
+    card_rows: str = ""         # "module:function": (manifests, source, hub, repo, quality) -> the card table's rows
+    card_tags: str = "quantpub.card.formats:tags"  # (manifests) -> the card's front-matter tags
+    card_tested: str | None = None  # (manifests) -> a "Tested to load in" section, for formats without one in the template
     model_types: frozenset[str] = DECODERS
     solves_hessians: bool = False  # GPTQ-style solve: its memory holds each linear's Hessian
 
     def read_parameters(self, parameters: dict[str, Any]):
         """A manifest's ``parameters``, typed (``params_type``)."""
         return _resolve(self.params_type).model_validate(parameters)
+
+    def card_function(self, what: str) -> Callable:
+        """The card stage's ``rows``, ``tags`` or ``tested`` function for this format."""
+        return _resolve(getattr(self, f"card_{what}"))
 
     def loader_kwargs(self, model_dir, params, device: str) -> dict[str, Any]:
         """Extra ``from_pretrained`` arguments that load a variant (typed ``params``) on ``device``."""
@@ -120,6 +127,18 @@ def _gguf_parameters(job) -> dict[str, Any]:
             "imatrix": job.variant.calibration is not None and p.takes_imatrix()}
 
 
+def _runtime_parameters(module: str) -> Callable[[Any], dict[str, Any]]:
+    def parameters(job) -> dict[str, Any]:
+        return import_module(f"quantpub.backends.{module}").manifest_parameters(job.variant.params)
+    return parameters
+
+
+def _runtime_size(module: str) -> Callable[[Any, Any], int]:
+    def size(facts, params) -> int:
+        return import_module(f"quantpub.backends.{module}").estimated_size(facts, params)
+    return size
+
+
 def _size(name: str) -> Callable[[Any, Any], int]:
     def size(facts, params) -> int:
         from quantpub import estimate
@@ -131,12 +150,22 @@ def _size(name: str) -> Callable[[Any, Any], int]:
 BACKENDS: dict[str, Backend] = {b.method: b for b in (
     Backend("gptq", "GPTQ", "quantize-gpu", "gptq.md.j2", "transformers", "transformers", False,
             ("gptqmodel", "optimum"), _gptq_parameters, _size("gptq_variant_size"), "quantpub.matrix:GptqVariant",
-            "quantpub.validate:gptq_loader_kwargs", solves_hessians=True),
+            "quantpub.validate:gptq_loader_kwargs", "quantpub.card.render:gptq_rows", solves_hessians=True),
     Backend("awq", "AWQ", "quantize-gpu", "awq.md.j2", "transformers", "transformers", False,
             ("gptqmodel", "optimum"), _gptq_parameters, _size("awq_variant_size"), "quantpub.matrix:AwqTarget",
-            "quantpub.validate:awq_loader_kwargs"),
+            "quantpub.validate:awq_loader_kwargs", "quantpub.card.render:awq_rows", "quantpub.card.formats:awq_tags"),
     Backend("gguf", "GGUF", "quantize-gguf", "gguf.md.j2", "gguf", "llama.cpp", True,
-            ("llama-cpp-python", "gguf"), _gguf_parameters, _size("gguf_size"), "quantpub.gguf_types:GgufParameters"),
+            ("llama-cpp-python", "gguf"), _gguf_parameters, _size("gguf_size"), "quantpub.gguf_types:GgufParameters",
+            card_rows="quantpub.card.render:gguf_rows"),
+    Backend("compressed_tensors", "compressed-tensors", "quantize-gpu", "compressed_tensors.md.j2", "vllm",
+            "compressed-tensors", False, ("compressed-tensors",), _runtime_parameters("ct_variant"),
+            _runtime_size("ct_variant"), "quantpub.matrix_formats:CtScheme", card_rows="quantpub.card.formats:ct_rows",
+            card_tags="quantpub.card.formats:ct_tags",
+            card_tested="quantpub.card.formats:tested_in"),
+    Backend("mlx", "MLX", "quantize-cpu", "mlx.md.j2", "mlx", "mlx", False, ("mlx", "mlx-lm"),
+            _runtime_parameters("mlx_variant"), _runtime_size("mlx_variant"), "quantpub.matrix_formats:MlxTarget",
+            card_rows="quantpub.card.formats:mlx_rows", card_tags="quantpub.card.formats:mlx_tags",
+            card_tested="quantpub.card.formats:tested_in"),
 )}
 
 

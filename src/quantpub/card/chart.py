@@ -17,13 +17,14 @@ MARKERS = {"GPTQ": ("o", "tab:blue"), "AWQ": ("s", "tab:orange"), "GGUF": ("^", 
 
 def short_label(p: Point) -> str:
     """``Q4_K_M`` for a GGUF file; ``4b g32 act`` for GPTQ, ``4b g128`` for AWQ (the legend says which)."""
-    params = p.parameters or {}
+    params = p.parameters
     if p.kind == "GGUF":
-        return params.get("name") or p.variant.removeprefix("gguf-")
-    if "bits" not in params:
+        return params.name if params is not None else p.variant.removeprefix("gguf-")
+    bits = getattr(params, "bits", None)
+    if bits is None:
         return p.label
-    group = params.get("group_size")
-    return f"{params['bits']}b {f'g{group}' if group else 'no group'}{' act' if params.get('act_order') else ''}"
+    group = getattr(params, "group_size", None)
+    return f"{bits}b {f'g{group}' if group else 'no group'}{' act' if getattr(params, 'act_order', False) else ''}"
 
 
 def _place_labels(ax, points: list[Point], scale: float, labels: list[str]) -> None:

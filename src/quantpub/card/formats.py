@@ -18,9 +18,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from quantpub.plan import gb
+from quantpub.backends import backend
+from quantpub.card.quality import dataset_cell, measured
+from quantpub.formatting import gb
+from quantpub.manifest import Manifest
 
-LIBRARY = {"gguf": "gguf", "compressed_tensors": "vllm", "mlx": "mlx"}  # front matter library_name; else transformers
 SCHEMES = {  # how RedHatAI's cards describe each scheme: weights, activations
     "W4A16": ("INT4, symmetric, one scale per group of {group} input columns", "16-bit (not quantized)"),
     "W8A8": ("INT8, symmetric, one scale per output channel", "INT8, symmetric, one scale per token, computed at run time"),
@@ -35,66 +37,75 @@ UNTESTED = {
 }
 
 
-def tags(kind: str, manifests: list[dict]) -> list[str]:
-    """Front-matter tags: the format, ``quantized``, and the scheme or width."""
-    if kind == "compressed_tensors":
-        scheme = manifests[0]["parameters"]["scheme"]
-        return ["compressed-tensors", "quantized", *SCHEME_TAGS[scheme], "vllm"]
-    if kind == "mlx":
-        return ["mlx", "quantized", f"{manifests[0]['parameters']['bits']}-bit"]
-    return [kind, "quantized", *(["4-bit"] if kind == "awq" else [])]
+def tags(manifests: list[Manifest]) -> list[str]:
+    """Front-matter tags: the format and ``quantized`` (GPTQ, GGUF)."""
+    return [manifests[0].method, "quantized"]
 
 
-def ct_rows(manifests: list[dict], hub: str, repo: str, measured) -> list[dict[str, Any]]:
+def awq_tags(manifests: list[Manifest]) -> list[str]:
+    return ["awq", "quantized", "4-bit"]
+
+
+def ct_tags(manifests: list[Manifest]) -> list[str]:
+    """compressed-tensors: the format, the scheme's own tags, and the runtime that serves it."""
+    return ["compressed-tensors", "quantized", *SCHEME_TAGS[_params(manifests[0]).scheme], "vllm"]
+
+
+def mlx_tags(manifests: list[Manifest]) -> list[str]:
+    return ["mlx", "quantized", f"{_params(manifests[0]).bits}-bit"]
+
+
+def _params(m: Manifest):
+    return backend(m.method).read_parameters(m.parameters)
+
+
+def ct_rows(manifests: list[Manifest], source, hub: str, repo: str, q=None) -> list[dict[str, Any]]:
     """One row per variant: scheme, what weights and activations become, the GPTQ solve, size."""
     rows = []
     for m in manifests:
-        p = m["parameters"]
-        weights, activations = SCHEMES[p["scheme"]]
-        calib = m.get("calibration")
-        gptq = "-" if p.get("damp") is None else (
-            f"damp {p['damp']}, act order {_act_order(p['act_order'])}")
-        rows.append({"branch": m["branch"], "url": f"{hub}/{repo}/tree/{m['branch']}", "scheme": p["scheme"],
-                     "weights": weights.format(group=p.get("group_size")), "activations": activations,
-                     "gptq": gptq, "dataset": _dataset(calib), "seq_len": calib["seq_len"] if calib else "-",
-                     "size": gb(m["size"]), "route": (m.get("build") or {}).get("route", "-"), **measured(m)})
+        p = _params(m)
+        weights, activations = SCHEMES[p.scheme]
+        gptq = "-" if p.damp is None else f"damp {p.damp}, act order {_act_order(p.act_order)}"
+        rows.append({"branch": m.branch, "url": f"{hub}/{repo}/tree/{m.branch}", "scheme": p.scheme,
+                     "weights": weights.format(group=p.group_size), "activations": activations,
+                     "gptq": gptq, "dataset": _dataset(m.calibration),
+                     "seq_len": m.calibration.seq_len if m.calibration else "-",
+                     "size": gb(m.size), "route": (m.build.route if m.build else None) or "-", **measured(m, q)})
     return rows
 
 
-def mlx_rows(manifests: list[dict], hub: str, repo: str, measured) -> list[dict[str, Any]]:
-    return [{"branch": m["branch"], "url": f"{hub}/{repo}/tree/{m['branch']}", "bits": m["parameters"]["bits"],
-             "gs": m["parameters"]["group_size"], "size": gb(m["size"]), **measured(m)} for m in manifests]
+def mlx_rows(manifests: list[Manifest], source, hub: str, repo: str, q=None) -> list[dict[str, Any]]:
+    return [{"branch": m.branch, "url": f"{hub}/{repo}/tree/{m.branch}", "bits": _params(m).bits,
+             "gs": _params(m).group_size, "size": gb(m.size), **measured(m, q)} for m in manifests]
 
 
 def _act_order(value) -> str:
     return {True: "yes", False: "no", "group_aware": "group-aware (static)"}.get(value, str(value))
 
 
-def _dataset(calib: dict[str, Any] | None) -> str:
-    from quantpub.card.render import dataset_cell
-
+def _dataset(calib) -> str:
     return dataset_cell(calib) if calib else "none (data-free)"
 
 
-def tested_in(kind: str, manifests: list[dict]) -> dict[str, Any]:
+def tested_in(manifests: list[Manifest]) -> dict[str, Any]:
     """The "Tested to load in" section: per runtime record, what it did, from the manifests only."""
     rows, untested = [], []
     for m in manifests:
-        validation = m.get("validation") or {}
-        for name, r in ((m.get("compat") or {}).get("runtimes") or {}).items():
-            label = r.get("label") or name
-            if r["status"] == "not tested":
-                untested.append(f"{label} ({r.get('reason', 'not installed where the files were made')})")
+        execution = m.validation.execution
+        for name, r in (m.compat.runtimes if m.compat else {}).items():
+            label = r.label or name
+            if r.status == "not tested":
+                untested.append(f"{label} ({r.reason or 'not installed where the files were made'})")
                 continue
-            if r["status"] == "loads":
-                detail = f"{len(r.get('generated_tokens') or [])} tokens generated on {r.get('device', 'cpu').upper()}"
-                if r.get("kld") is not None:
-                    detail += f"; mean KLD {r['kld']:.3g} from the unquantized model over the prompt"
-                if name.startswith("transformers") and validation.get("execution"):
-                    detail += f"; {validation['execution']}"
+            if r.status == "loads":
+                detail = f"{len(r.generated_tokens or [])} tokens generated on {(r.device or 'cpu').upper()}"
+                if r.kld is not None:
+                    detail += f"; mean KLD {r.kld:.3g} from the unquantized model over the prompt"
+                if name.startswith("transformers") and execution:
+                    detail += f"; {execution}"
             else:
-                detail = "`" + " ".join(str(r.get("error", "")).split()).replace("|", "\\|").replace("`", "'")[:300] + "`"
-            rows.append({"runtime": label, "result": "loads" if r["status"] == "loads" else "does not load",
-                         "branch": m.get("branch") or m["variant"], "detail": detail})
-    untested.append(UNTESTED[kind])
+                detail = "`" + " ".join(str(r.error or "").split()).replace("|", "\\|").replace("`", "'")[:300] + "`"
+            rows.append({"runtime": label, "result": "loads" if r.status == "loads" else "does not load",
+                         "branch": m.branch or m.variant, "detail": detail})
+    untested.append(UNTESTED[manifests[0].method])
     return {"rows": rows, "untested": "; ".join(dict.fromkeys(untested))}

@@ -9,10 +9,14 @@ measured.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from quantpub.formatting import column_unit, gb, size
+from quantpub.naming import HUB_URL as HUB
+from quantpub.manifest import CalibrationRecord, Evaluation, Manifest
 
 KLD_LIMITS = (0.01, 0.05, 0.1)  # "smallest file whose mean KLD is at most ..."
 MEMORY_BUDGETS_GIB = (8, 12, 16, 24)  # "lowest KLD whose measured memory fits in ..."
@@ -30,37 +34,38 @@ class Point:
     url: str
     size: int
     kld: float
-    evaluation: dict[str, Any]
-    parameters: dict[str, Any] | None = None
+    evaluation: Evaluation
+    parameters: Any = None  # the backend's typed parameters
 
     @property
     def memory(self) -> int | None:
-        m = self.evaluation.get("memory") or {}
-        return m.get("bytes")
+        return self.evaluation.memory.bytes if self.evaluation.memory else None
 
 
-def _same_text(ev: dict[str, Any]) -> tuple:
-    return ev.get("windows_sha256") or (ev.get("dataset_name"), ev.get("context"), ev.get("tokens"))
+def _same_text(ev: Evaluation) -> tuple:
+    return ev.windows_sha256 or (ev.dataset_name, ev.context, ev.tokens)
 
 
-def points(family: list[dict], hub: str) -> list[Point]:
+def points(family: list[Manifest], hub: str) -> list[Point]:
     """Every variant of ``family`` (manifests of all repos of one model) evaluated on the same
     held-out tokens as most of them, lowest KLD first: numbers from other text do not compare."""
-    evaluated = [m for m in family if (m.get("evaluation") or {}).get("kld") is not None]
-    keys = [_same_text(m["evaluation"]) for m in evaluated]
+    from quantpub.backends import backend
+
+    evaluated = [m for m in family if m.evaluation and m.evaluation.kld is not None]
+    keys = [_same_text(m.evaluation) for m in evaluated]
     common = max(set(keys), key=keys.count) if keys else None
     out = []
     for m in evaluated:
-        ev = m["evaluation"]
+        ev = m.evaluation
         if _same_text(ev) != common:
             continue
-        if m.get("branch"):
-            label, url = m["branch"], f"{hub}/{m['repo']}/tree/{m['branch']}"
+        if m.branch:
+            label, url = m.branch, f"{hub}/{m.repo}/tree/{m.branch}"
         else:
-            label = sorted(n for n in m["files"] if n.endswith(".gguf"))[0]
-            url = f"{hub}/{m['repo']}/blob/main/{label}"
-        out.append(Point(m["variant"], m["method"].upper(), m["repo"], label, url, m["size"], ev["kld"], ev,
-                         m.get("parameters")))
+            label = sorted(n for n in m.files if n.endswith(".gguf"))[0]
+            url = f"{hub}/{m.repo}/blob/main/{label}"
+        b = backend(m.method)
+        out.append(Point(m.variant, b.kind, m.repo, label, url, m.size, ev.kld, ev, b.read_parameters(m.parameters)))
     return sorted(out, key=lambda p: (p.kld, p.size))
 
 
@@ -121,10 +126,10 @@ def percent(value: float | None, err: float | None = None, signed: bool = False)
     return text + (f" ± {100 * err:.2g}%" if err is not None and math.isfinite(err) else "")
 
 
-def memory_cell(evaluation: dict[str, Any] | None, unit: tuple[str, float] | None = None) -> str:
+def memory_cell(evaluation: Evaluation | None, unit: tuple[str, float] | None = None) -> str:
     """Measured memory in ``unit`` (a column's one unit: ``memory_unit``), as ``48.4 MB RAM``."""
-    m = (evaluation or {}).get("memory") or {}
-    return f"{size(m['bytes'], unit)} {m['kind']}" if m.get("bytes") is not None else "-"
+    m = evaluation.memory if evaluation else None
+    return f"{size(m.bytes, unit)} {m.kind}" if m and m.bytes is not None else "-"
 
 
 def memory_unit(pts: list[Point]) -> tuple[str, float]:
@@ -134,17 +139,17 @@ def memory_unit(pts: list[Point]) -> tuple[str, float]:
 
 def table(pts: list[Point], kld_digits: int, ppl_digits: int) -> list[dict[str, str]]:
     """The comparison table's cells, formatted so that no two different measurements print alike."""
-    stat_digits = {k: significant([p.evaluation.get(k) for p in pts]) for k in ("kld_median", "kld_p99", "kld_max")}
+    stat_digits = {k: significant([getattr(p.evaluation, k) for p in pts]) for k in ("kld_median", "kld_p99", "kld_max")}
     unit = memory_unit(pts)
     rows = []
     for p in pts:
         ev = p.evaluation
         rows.append({
             "kind": p.kind, "repo": p.repo, "label": p.label, "url": p.url, "size": gb(p.size),
-            "ppl": pm(ev["perplexity"], ev.get("perplexity_stderr"), ppl_digits),
-            "kld": pm(p.kld, ev.get("kld_stderr"), kld_digits),
-            **{k: fmt(ev.get(k), d) for k, d in stat_digits.items()},
-            "top1": percent(ev.get("top1_agreement")), "delta_p": percent(ev.get("delta_p"), signed=True),
+            "ppl": pm(ev.perplexity, ev.perplexity_stderr, ppl_digits),
+            "kld": pm(p.kld, ev.kld_stderr, kld_digits),
+            **{k: fmt(getattr(ev, k), d) for k, d in stat_digits.items()},
+            "top1": percent(ev.top1_agreement), "delta_p": percent(ev.delta_p, signed=True),
             "memory": memory_cell(ev, unit),
         })
     return rows
@@ -158,39 +163,41 @@ def pick_cell(p: Point | None, show: str, kld_digits: int, unit: tuple[str, floa
     return f"[{p.label}]({p.url}) ({p.kind}, {gb(p.size)}, {extra})"
 
 
-def scored_text(info: dict[str, Any]) -> str:
+def scored_text(info: Evaluation) -> str:
     """What every file was scored on, from the evaluation record (older records say less)."""
-    where = info.get("dataset_name") or info.get("dataset") or "held-out text"
-    if info.get("split"):
-        where += f" ({info['split']} split)"
-    shape = f"{info['windows']} windows of {info['context']} tokens" if info.get("windows") and info.get("context") \
-        else f"windows of {info['context']} tokens" if info.get("context") else None
-    if info.get("tokens_scored"):
-        head = f"{info['tokens_scored']} next-token predictions" + (f" ({shape})" if shape else "")
-    elif info.get("tokens"):
-        head = f"{info['tokens']} tokens" + (f" ({shape})" if shape else "")
+    where = info.dataset_name or info.dataset or "held-out text"
+    if info.split:
+        where += f" ({info.split} split)"
+    shape = f"{info.windows} windows of {info.context} tokens" if info.windows and info.context \
+        else f"windows of {info.context} tokens" if info.context else None
+    if info.tokens_scored:
+        head = f"{info.tokens_scored} next-token predictions" + (f" ({shape})" if shape else "")
+    elif info.tokens:
+        head = f"{info.tokens} tokens" + (f" ({shape})" if shape else "")
     else:
         head = shape or "the same tokens"
     return f"{head} of {where}"
 
 
-def context(family: list[dict], kind: str, hub: str) -> dict[str, Any] | None:
+def context(family: list[Manifest], kind: str, hub: str) -> dict[str, Any] | None:
     """What the quality and "which file" sections render, or None when nothing was measured."""
     pts = points(family, hub)
     if not pts:
         return None
     info = pts[0].evaluation
-    chosen = picks(pts, kind.upper())
+    from quantpub.backends import backend
+
+    chosen = picks(pts, backend(kind).kind)
     kld_digits = significant([p.kld for p in pts])
-    ppl_digits = significant([p.evaluation["perplexity"] for p in pts], least=4)
-    left_out = sum(1 for m in family if (m.get("evaluation") or {}).get("kld") is not None) - len(pts)
+    ppl_digits = significant([p.evaluation.perplexity for p in pts], least=4)
+    left_out = sum(1 for m in family if m.evaluation and m.evaluation.kld is not None) - len(pts)
     return {
         "rows": table(pts, kld_digits, ppl_digits), "info": info, "count": len(pts), "ranks": ranks(pts),
         "kld_digits": kld_digits, "ppl_digits": ppl_digits, "left_out": left_out,
         "scored_on": scored_text(info),
-        "reference_ppl": pm(info.get("reference_perplexity"), info.get("reference_perplexity_stderr"), ppl_digits),
+        "reference_ppl": pm(info.reference_perplexity, info.reference_perplexity_stderr, ppl_digits),
         "measured_memory": any(p.memory is not None for p in pts),
-        "memory_context": next((p.evaluation["memory"]["context"] for p in pts if p.memory is not None), None),
+        "memory_context": next((p.evaluation.memory.context for p in pts if p.memory is not None), None),
         "kld_picks": [{"limit": f"{r['limit']:g}", "any": pick_cell(r["any"], "kld", kld_digits),
                        "own": pick_cell(r["own"], "kld", kld_digits)} for r in chosen["kld"]],
         "memory_unit": memory_unit(pts),
@@ -216,3 +223,24 @@ def _merge_budgets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             f"{low} to {high} GiB" if len(group) > 1 else f"{low} GiB"
         out.append({**group[0], "budget": label})
     return out
+
+
+def dataset_cell(calib: CalibrationRecord | None, hub: str = HUB) -> str:
+    """The calibration dataset, linked on huggingface.co where it lives (whatever hub the card is for)."""
+    if not calib:
+        return "-"
+    source = str(calib.source)
+    match = re.fullmatch(r"([\w./-]+?)/([\w.-]+):(\w+)", source)
+    if match and not Path(source.split(":")[0]).exists():
+        dataset, config, split = match.groups()
+        return f"[{dataset}]({hub}/datasets/{dataset}/viewer/{config}/{split})"
+    return f"{Path(source).name} (local file)"
+
+
+def measured(m: Manifest, q: dict[str, Any] | None) -> dict[str, Any]:
+    """The per-format tables' quality cells of one variant (formatted as in the comparison table)."""
+    ev = m.evaluation
+    if not ev or q is None:
+        return {"eval": None, "ppl": "-", "kld": "-", "memory": "-", "rank": None}
+    return {"eval": ev, "ppl": fmt(ev.perplexity, q["ppl_digits"]), "kld": fmt(ev.kld, q["kld_digits"]),
+            "memory": memory_cell(ev, q["memory_unit"]), "rank": q["ranks"].get(m.variant)}

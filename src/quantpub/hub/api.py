@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 
 from quantpub.hub.auth import require_write, visible_blob, whoami
 from quantpub.hub.bodies import body_chunks, parse, read_body, read_model
-from quantpub.hub.cards import front_matter
+from quantpub.yamlfile import front_matter
 from quantpub.hub.errors import HubError, not_stored
 from quantpub.hub.names import COMMIT_RE, attributes_problem, check_name, check_namespace, check_path
 from quantpub.hub.routing import PREFIX, Ctx, Router, blocking, repo_type

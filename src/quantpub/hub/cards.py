@@ -11,9 +11,10 @@ import nh3
 import yaml
 from markdown_it import MarkdownIt
 
+from quantpub.yamlfile import front_matter
+
 MAX_RESULTS = 500  # evaluation rows shown; a card may hold any number
 _md = MarkdownIt("commonmark", {"html": True, "linkify": False}).enable(["table", "strikethrough"])
-_FRONT = re.compile(r"^---\s*\n(.*?)\n---\s*(?:\n|$)", re.S)
 _TABLE = re.compile(r"<table(?:\s[^>]*)?>")
 
 
@@ -22,12 +23,6 @@ class Card:
     meta: dict = field(default_factory=dict)  # front matter a person reads: text, numbers, lists of them
     results: list[dict] = field(default_factory=list)  # model-index rows: model, task, dataset, metric, value
     html: str = ""
-
-
-def front_matter(text: str) -> tuple[str | None, str]:
-    """The YAML between the leading ``---`` lines (None when there is none) and the body after it."""
-    match = _FRONT.match(text)
-    return (match.group(1), text[match.end():]) if match else (None, text)
 
 
 def render_card(text: str) -> Card:
