@@ -13,8 +13,7 @@ and put first on ``PYTHONPATH``, one after the other (after, before, after, befo
 
 Reported per run: wall seconds, CPU seconds of the whole process tree (user + system of the
 child and everything it waited for: less sensitive to other load on the machine than wall
-time), and the peak of the summed resident memory of the tree (``memory.measure``: sampled
-every 50 ms) beside the largest single process's ``ru_maxrss``.
+time), and the peaks of the tree's summed RSS and PSS (``measure``).
 
     .venv/bin/python benchmarks/containment.py [--model smollm2|tiny] [--groups gguf,gptq-awq]
                                                [--before 89e05b6] [--repeats 1]
@@ -51,9 +50,38 @@ def checkout(ref: str) -> Path:
     return where
 
 
+def measure(cmd: list[str], cwd: Path, log) -> dict:
+    """Wall seconds and the peaks of the process tree's summed resident memory (RSS: shared library pages counted
+    once per process) and proportional set size (PSS: shared pages divided among the processes sharing them, what
+    the tree really adds to the machine), sampled every 0.2 s."""
+    import time
+
+    import psutil
+
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+    root = psutil.Process(proc.pid)
+    peak_rss = peak_pss = 0
+    while proc.poll() is None:
+        rss = pss = 0
+        try:
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            break
+        for p in procs:
+            try:
+                info = p.memory_full_info()
+                rss, pss = rss + info.rss, pss + info.pss
+            except psutil.Error:
+                pass
+        peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+        time.sleep(0.2)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)} (see {log.name})")
+    return {"seconds": round(time.monotonic() - started, 1), "peak_tree_rss": peak_rss, "peak_tree_pss": peak_pss}
+
+
 def run(group: str, code: Path, model: Path, text: Path, work: Path, tag: str) -> dict:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from memory import measure
 
     out = work / f"{group}-{tag}"
     subprocess.run(["rm", "-rf", str(out)], check=True)
@@ -77,7 +105,8 @@ def run(group: str, code: Path, model: Path, text: Path, work: Path, tag: str) -
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     manifests = sorted(out.glob("*/quantpub.json"))
     return {"group": group, "code": tag, "seconds": result["seconds"], "cpu_seconds": round(cpu, 1),
-            "peak_tree_rss": result["peak_tree_rss"], "variants": len(manifests)}
+            "peak_tree_rss": result["peak_tree_rss"], "peak_tree_pss": result["peak_tree_pss"],
+            "variants": len(manifests)}
 
 
 def main() -> None:
@@ -114,9 +143,10 @@ def main() -> None:
     (RESULTS / "containment.json").write_text(json.dumps({"model": args.model, "before": args.before,
                                                           "after": after.name, "rows": rows},
                                                          indent=2) + "\n")
-    lines = ["| group | code | variants | wall s | CPU s | peak tree RSS |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| group | code | variants | wall s | CPU s | peak tree RSS | peak tree PSS |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['group']} | {r['code']} | {r['variants']} | {r['seconds']} | {r['cpu_seconds']} | "
-              f"{r['peak_tree_rss'] / 1e9:.2f} GB |" for r in rows]
+              f"{r['peak_tree_rss'] / 1e9:.2f} GB | {r['peak_tree_pss'] / 1e9:.2f} GB |" for r in rows]
     (RESULTS / "containment.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {RESULTS / 'containment.json'} and .md")

@@ -14,7 +14,7 @@ import pytest
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError
 
-from conftest import HUB_TOKEN
+from conftest import typed, HUB_TOKEN
 from quantpub.card.render import gb
 from quantpub.cli import main
 from quantpub.errors import PublishError
@@ -54,8 +54,10 @@ for repo, branch, manifest in json.loads(sys.argv[1]):
 def test_a_gguf_variant_owns_only_its_own_files():
     from quantpub.publish import _owned_by
 
-    manifest = {"variant": "gguf-Q4_K_M", "branch": None,
-                "files": {"Qwen2.5-0.5B.Q4_K_M.gguf": {}, "Qwen2.5-0.5B.imatrix": {}}}
+    entry = {"size": 1, "sha256": "0" * 64}
+    manifest = typed({"variant": "gguf-Q4_K_M", "method": "gguf", "branch": None, "repo": "ns/Qwen2.5-0.5B-GGUF",
+                      "model": "Qwen/Qwen2.5-0.5B", "parameters": {"name": "Q4_K_M", "type": "Q4_K_M"}, "size": 1,
+                      "tools": {}, "files": {"Qwen2.5-0.5B.Q4_K_M.gguf": entry, "Qwen2.5-0.5B.imatrix": entry}})
     owned = [p for p in ("Qwen2.5-0.5B.Q4_K_M.gguf", "Qwen2.5-0.5B.Q4_K_M-00001-of-00002.gguf",
                          "Qwen2.5-0.5B.Q8_0.gguf", "Qwen2.5-0.5B.imatrix", "README.md", "quantpub/gguf-Q4_K_M.json",
                          "quantpub/gguf-Q8_0.json") if _owned_by(p, manifest)]

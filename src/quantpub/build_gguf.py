@@ -88,26 +88,28 @@ def build_gguf_set(plan: Plan, jobs: list[Job], model_dir: Path, out: Path, mode
     workers = gguf_files.workers_for(len(jobs), base.stat().st_size)
     threads = max(1, cores // workers)
     failed: dict[str, Outcome] = {}
+    imatrix, imatrix_record, imatrix_file = None, None, None
+    if calib is not None and any(j.variant.params.takes_imatrix() for j in jobs):
+        started = time.monotonic()
+        try:  # a process of its own, gone once it is done: the source model it loads is not kept beside the pool
+            with isolate.Isolated(log_dir, 1) as once:
+                matrix = once.call("imatrix", "imatrix", _imatrix, model_dir, calib, plan.facts.num_layers, device)
+        except isolate.Ended as exc:  # only the types that take it fail; the others go on
+            failed.update({j.id: Outcome.ended(j.id, exc) for j in jobs if j.variant.params.takes_imatrix()})
+        else:
+            imatrix_file = work / naming.imatrix_filename(name)
+            matrix.write(imatrix_file, datasets=[_describe(calib)], chunk_size=calib.seq_len)
+            imatrix = matrix.values()
+            imatrix_record = {**matrix.record, "seconds": round(time.monotonic() - started, 2),
+                              "file": imatrix_file.name, "format": "llama.cpp GGUF imatrix",
+                              "datasets": [_describe(calib)]}
+            log.info("GGUF: importance matrix for %d tensors from %d samples in %.1fs -> %s",
+                     imatrix_record["tensors"], imatrix_record["samples"], imatrix_record["seconds"],
+                     imatrix_file.name)
     with isolate.Isolated(log_dir, workers, preload=("llama_cpp",)) as pool:
-        imatrix, imatrix_record, imatrix_file = None, None, None
-        if calib is not None and any(j.variant.params.takes_imatrix() for j in jobs):
-            started = time.monotonic()
-            try:
-                matrix = pool.call("imatrix", "imatrix", _imatrix, model_dir, calib, plan.facts.num_layers, device)
-            except isolate.Ended as exc:  # only the types that take it fail; the others go on
-                failed.update({j.id: Outcome.ended(j.id, exc) for j in jobs if j.variant.params.takes_imatrix()})
-            else:
-                imatrix_file = work / naming.imatrix_filename(name)
-                matrix.write(imatrix_file, datasets=[_describe(calib)], chunk_size=calib.seq_len)
-                imatrix = matrix.values()
-                imatrix_record = {**matrix.record, "seconds": round(time.monotonic() - started, 2),
-                                  "file": imatrix_file.name, "format": "llama.cpp GGUF imatrix",
-                                  "datasets": [_describe(calib)]}
-                log.info("GGUF: importance matrix for %d tensors from %d samples in %.1fs -> %s",
-                         imatrix_record["tensors"], imatrix_record["samples"], imatrix_record["seconds"],
-                         imatrix_file.name)
         try:
-            reference = pool.call(outtype.upper(), "reference", gguf_files.validate_file, base, text, VALIDATION_TOKENS, cores)
+            reference = pool.call(outtype.upper(), "reference", gguf_files.validate_file, base, text, VALIDATION_TOKENS,
+                                  cores)
         except isolate.Ended as exc:  # nothing can be judged without it: every type fails, once, with this reason
             return [failed.get(j.id) or Outcome.ended(j.id, exc) for j in jobs]
         kv = imatrix_metadata(imatrix, calib, imatrix_file) if imatrix is not None else {}
