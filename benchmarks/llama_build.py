@@ -54,8 +54,9 @@ def child(variants: Path, text_file: Path, context: int, windows: int) -> None:
     from quantpub.machine import cpu_count
 
     text = text_file.read_text()
-    record = json.loads((variants / "quantpub-run.json").read_text())
-    tokenizer = AutoTokenizer.from_pretrained(record["model"])
+    from quantpub.plan import load_plan
+
+    tokenizer = AutoTokenizer.from_pretrained(load_plan(variants).record.model)
     ids = tokenizer(text[len(text) // 2:], add_special_tokens=False).input_ids
     data = HeldOut([[tokenizer.bos_token_id] + ids[i * context:(i + 1) * context - 1] for i in range(windows)],
                    "bench", "bench", None, context, context)

@@ -171,7 +171,7 @@ def main() -> None:
                            "group": group, "load_average": os.getloadavg()[0],
                            **measure([sys.executable, "-m", "quantpub", "quantize", str(matrix), "--model", str(model),
                                       "--out", str(out), "--calibration-file", str(calib), "--device", "cpu",
-                                      *(["--stream"] if group in STREAMED else [])],
+                                      *(["--stream", "always"] if group in STREAMED else [])],
                                      work, log)}
                     rows.append(row)
     for row in rows:  # the plan's estimate now, for every measured row

@@ -174,7 +174,7 @@ def test_one_failing_type_does_not_stop_the_others(tiny_models, corpus, tmp_path
     outcomes = build_from_matrix(matrix(tmp_path, ["Q5_0", "Q4_0"]), str(tiny_models("llama")), tmp_path / "o",
                         calibration_file=corpus, device="cpu")
     assert [(o.variant, o.error is None) for o in outcomes] == [("gguf-Q5_0", False), ("gguf-Q4_0", True)]
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [".work", "gguf-Q4_0", "logs", "quantpub-run.json"]  # 16-bit kept
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [".records", ".work", "gguf-Q4_0", "inputs", "logs", "plan.json"]  # 16-bit kept
 
 
 @pytest.mark.parametrize("point", ["quantize:gguf-Q5_0", "validate:gguf-Q5_0:SIGABRT"])

@@ -144,7 +144,7 @@ def test_manifests_record_the_mode_and_nothing_is_left_behind(both_modes):
             assert manifest["gptq_mode"] == mode
             assert manifest["validation"]["loaded_with"] == "transformers.AutoModelForCausalLM"
             assert sorted(manifest["files"]) == sorted(p.name for p in (out / vid).iterdir() if p.name != MANIFEST)
-        assert sorted(p.name for p in out.iterdir()) == sorted(IDS + ["quantpub-run.json"])
+        assert sorted(p.name for p in out.iterdir()) == sorted(IDS + [".records", "inputs", "logs", "plan.json"])
     assert json.loads((both_modes["shared"] / IDS[0] / MANIFEST).read_text())["variants_in_pass"] == 2
 
 
@@ -183,7 +183,7 @@ def test_a_variant_whose_solve_fails_leaves_no_directory_and_the_pass_goes_on(ti
                         **SMALL)
     assert outcomes[0].error is None
     assert "NaN" in outcomes[1].error and outcomes[1].path is None
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [IDS[0], "quantpub-run.json"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [".records", IDS[0], "inputs", "logs", "plan.json"]
     built = tmp_path / "o" / IDS[0]
     index = json.loads((built / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))

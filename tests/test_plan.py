@@ -165,7 +165,7 @@ def test_a_model_larger_than_memory_is_streamed_layer_by_layer(llama7b, tmp_path
                                                                if j.method == "gguf")
 
     def decide(stream: str, machine: int | None) -> tuple[int, bool]:
-        driver = Driver("m.yaml", tmp_path, None, 1, {}, "", None, RunOptions(stream=stream), None)
+        driver = Driver(tmp_path, None, 1, {}, "", None, RunOptions(stream=stream), None)
         driver.scheduler = SimpleNamespace(capacity=SimpleNamespace(memory=machine), executor=None)
         return driver._stage_memory(plan, STAGES["quantize-gpu"], jobs, "cuda")
 

@@ -121,7 +121,7 @@ def test_missing_calibration_file_fails_before_the_model_loads(tiny_models, tmp_
                  "--out", str(tmp_path / "o"), "--calibration-file", str(tmp_path / "none.txt"), "--device", "cpu"])
     assert code == 2
     assert "none.txt: no such file" in capsys.readouterr().err
-    assert [p.name for p in (tmp_path / "o").iterdir()] == ["quantpub-run.json"]  # no variant output
+    assert not (tmp_path / "o").exists()  # the text is read before anything is written
 
 
 def test_a_failing_variant_leaves_no_directory_and_others_finish(tiny_models, corpus, tmp_path, monkeypatch):
@@ -145,7 +145,7 @@ def test_a_failing_variant_leaves_no_directory_and_others_finish(tiny_models, co
         ("gptq-8bit-128g-actorder_False", False), ("gptq-4bit-128g-actorder_False", True)]
     assert "NaN" in outcomes[0].error and outcomes[0].ending == "failed"
     assert sorted(p.name for p in (tmp_path / "o").iterdir() if not p.name.startswith(".")) == [
-        "gptq-4bit-128g-actorder_False", "logs", "quantpub-run.json"]
+        "gptq-4bit-128g-actorder_False", "inputs", "logs", "plan.json"]
 
 
 @pytest.mark.parametrize("shape", ["mistral", "llama-16k", "mixtral"])
@@ -200,11 +200,11 @@ def test_streamed_build_is_byte_identical_to_the_whole_model_build(tiny_models, 
         matrix.write_text(f"gptq:\n  mode: {mode}\n{variants}")
         subprocess.run([sys.executable, "-m", "quantpub", "quantize", str(matrix), "--model", str(tiny_models("llama")),
                         "--out", str(tmp_path / name), "--calibration-file", str(corpus), "--device", "cpu",
-                        "--n-samples", "4", "--seq-len", "64", *(["--stream"] if stream else [])],
+                        "--n-samples", "4", "--seq-len", "64", *(["--stream", "always"] if stream else [])],
                        check=True, env=env, cwd=tmp_path, capture_output=True)
         built[name] = tmp_path / name
         assert sorted(p.name for p in built[name].iterdir()) == [
-            "awq-4bit-32g-GEMM", "gptq-4bit-32g-actorder_False", "quantpub-run.json"]  # no .offload left
+            ".records", "awq-4bit-32g-GEMM", "gptq-4bit-32g-actorder_False", "inputs", "logs", "plan.json"]  # no .offload
     for variant in ("gptq-4bit-32g-actorder_False", "awq-4bit-32g-GEMM"):
         whole = load_file(built["whole"] / variant / "model.safetensors")
         for name in ("streamed", "shared"):

@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 MANIFEST = "quantpub.json"          # per variant: parameters, files with sha256, validation, evaluation
-RUN_RECORD = "quantpub-run.json"    # per output dir: source model, matrix card settings, variant order
 CARDS_DIR = "cards"                 # OUT/cards/<repo name>/README.md
 
 

@@ -38,11 +38,11 @@ def build(plan: Plan, jobs: list[Job], model_dir: Path, out: Path, *, model: str
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     spec = jobs[0].variant.calibration or plan.matrix.calibration
-    text, source = calibration.load_text(spec, calibration_file)
+    text, source, origin = plan.text("calibration", spec, calibration_file)
     calib = None
     if jobs[0].variant.calibration is not None:
         calib = calibration.build(text, source, tokenizer, n_samples=jobs[0].n_samples, seq_len=jobs[0].seq_len,
-                                  seed=spec.seed, origin=calibration.origin(spec, calibration_file))
+                                  seed=spec.seed, origin=origin)
     try:
         return build_gguf_set(plan, jobs, model_dir, out, model, tokenizer=tokenizer, text=text[len(text) // 2:],
                               text_source=f"{source} (second half)", calib=calib, device=_imatrix_device(device),

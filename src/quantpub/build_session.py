@@ -49,7 +49,7 @@ def _build_all(plan: Plan, jobs: list[Job], model_dir: Path, out: Path, model: s
 
     session = ModelSession(model_dir, device, torch.float32 if device == "cpu" else torch.float16, stream=stream,
                            scratch=out / OFFLOAD)
-    calibrations = calibration.sets_for(jobs, session.tokenizer, calibration_file)  # before the model loads
+    calibrations = calibration.sets_for(plan, jobs, session.tokenizer, calibration_file)  # before the model loads
     mode = plan.matrix.gptq.mode if plan.matrix.gptq else "exact"
     if stream and mode == "shared":
         log.warning("gptq.mode: shared holds the whole model in memory; streamed layer by layer, the GPTQ "

@@ -133,19 +133,19 @@ def key(job) -> tuple:
     return (spec.dataset, spec.config, spec.split, spec.text_column, spec.seed, job.seq_len, job.n_samples)
 
 
-def sets_for(jobs, tokenizer, file) -> dict[tuple, CalibrationSet]:
-    """One CalibrationSet per distinct calibration; each source text is loaded once."""
-    texts: dict[tuple, tuple[str, str]] = {}
+def sets_for(plan, jobs, tokenizer, file) -> dict[tuple, CalibrationSet]:
+    """One CalibrationSet per distinct calibration of ``jobs``; each text read once (``plan.text``: the plan's
+    snapshot, or ``file`` / the dataset when the plan has none)."""
+    texts: dict[tuple, tuple[str, str, dict]] = {}
     sets = {}
     for job in jobs:
         k = key(job)
         if k in sets:
             continue
         spec = job.variant.calibration
-        text_key = k[:4]
-        if text_key not in texts:
-            texts[text_key] = load_text(spec, file)
-        text, source = texts[text_key]
+        if k[:4] not in texts:
+            texts[k[:4]] = plan.text("calibration", spec, file)
+        text, source, where = texts[k[:4]]
         sets[k] = build(text, source, tokenizer, n_samples=job.n_samples, seq_len=job.seq_len, seed=spec.seed,
-                        origin=origin(spec, file))
+                        origin=where)
     return sets

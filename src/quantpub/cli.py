@@ -34,7 +34,10 @@ def _plan(args: argparse.Namespace) -> int:
     model = args.model or EXAMPLE_MODEL
     if args.model is None:
         log.info("no --model given: planning for the built-in example config %s", model)
-    plan = make_plan(resolve_matrix(args.matrix), model, device=args.device)
+    from quantpub.build import resolve_device
+
+    device = "cpu" if resolve_device(args.device) == "cpu" else "cuda"
+    plan = make_plan(resolve_matrix(args.matrix), model, device=device)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else render(plan))
     if plan.problems:
         raise PlanError(model, list(plan.problems))
@@ -300,18 +303,19 @@ def _matrices(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from quantpub.evaluate import evaluate
+    from quantpub.build import resolve_device
+    from quantpub.evaluate import Failed, evaluate
 
     results = evaluate(args.dir, model=args.model, eval_file=args.eval_file, context=args.context,
-                       stride=args.stride, windows=args.windows, device=args.device, only=args.only,
+                       stride=args.stride, windows=args.windows, device=resolve_device(args.device), only=args.only,
                        force=args.force)
     for variant, r in results.items():
-        if "error" in r:
-            print(f"{variant}: {r['ending'].upper()}: {r['error']}")
+        if isinstance(r, Failed):
+            print(f"{variant}: {r.ending.upper()}: {r.error}")
         else:
-            print(f"{variant}: perplexity {r['perplexity']:.4f} (unquantised {r['reference_perplexity']:.4f}), "
-                  f"KLD {r['kld']:.5g} via {r['runtime']}")
-    return 1 if any("error" in r for r in results.values()) else 0
+            print(f"{variant}: perplexity {r.perplexity:.4f} (unquantised {r.reference_perplexity:.4f}), "
+                  f"KLD {r.kld:.5g} via {r.runtime}")
+    return EXIT_FAILED if any(isinstance(r, Failed) for r in results.values()) else EXIT_OK
 
 
 def _card(args: argparse.Namespace) -> int:
@@ -407,8 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("matrix", nargs="?", default=DEFAULT_MATRIX, help=f"matrix path or name (default {DEFAULT_MATRIX})")
     p.add_argument("--model", help="hub repo id or local checkpoint directory (only config.json is read); "
                                    "default: a built-in Tulu-7B-shaped example config")
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                   help="estimate memory for quantizing on this device (default cuda)")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="estimate memory for quantizing on this device (default auto: cuda when this machine has "
+                        "one; plan for a GPU run from a CPU machine with cuda)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=_plan)
 
@@ -421,18 +426,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
     q.add_argument("--n-samples", type=int, help="override the matrix's calibration sample count")
     q.add_argument("--seq-len", type=int, help="override the matrix's calibration sequence length")
-    q.add_argument("--stream", action="store_true", help="GPTQ/AWQ read the model layer by layer from the checkpoint "
-                                                         "instead of loading it (models larger than host memory)")
+    q.add_argument("--stream", choices=("auto", "always", "never"), default="auto",
+                   help="GPTQ/AWQ layer by layer from the checkpoint instead of loading the model: auto = when the "
+                        "plan's estimate does not fit this machine's memory (default)")
     q.set_defaults(func=_quantize)
 
     e = sub.add_parser("evaluate", help="perplexity and KL divergence of every variant against the unquantised model")
     e.add_argument("dir", help="the quantize output directory")
     e.add_argument("--model", help="the unquantised model (default: the one the run recorded)")
     e.add_argument("--eval-file", help="held-out local text (default: wikitext-2-raw-v1 test through datasets)")
-    e.add_argument("--context", type=int, default=512, help="tokens per window (default 512)")
+    e.add_argument("--context", type=int, help="tokens per window (default: the matrix's evaluation.context)")
     e.add_argument("--stride", type=int, help="tokens between window starts (default: the context)")
-    e.add_argument("--windows", type=int, default=8, help="number of windows (default 8)")
-    e.add_argument("--device", default="cpu", help="device for the transformers formats (default cpu)")
+    e.add_argument("--windows", type=int, help="number of windows (default: the matrix's evaluation.windows)")
+    e.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
     e.add_argument("--only", nargs="+", metavar="VARIANT", help="evaluate only these variant ids")
     e.add_argument("--force", action="store_true", help="evaluate again variants that already have results")
     e.set_defaults(func=_evaluate)

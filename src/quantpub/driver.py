@@ -15,14 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from quantpub import isolate, machine, naming, stages
+from quantpub import formatting, isolate, machine, naming, stages
 from quantpub.artifacts import MANIFEST, sha256_file
 from quantpub.backends import BACKENDS, STAGES, Stage, backend, stage_methods
 from quantpub.errors import QuantpubError
 from quantpub.manifest import read as read_manifest
 from quantpub.executors import Resources, Task
 from quantpub.ledger import DONE, FAILED, Ledger
-from quantpub.plan import Plan
+from quantpub.plan import Plan, plan_from, write_plan
+from quantpub.plan_record import PLAN_FILE, changes, read as read_record
 from quantpub.scheduler import Scheduler
 from quantpub.stages import RunOptions
 from quantpub.workdir import remove_partials, work_id
@@ -59,9 +60,9 @@ class Summary:
 class Driver:
     """The scheduler's handlers: builds each model's tasks and turns stage results into ledger states."""
 
-    def __init__(self, matrix: str, work: Path, ledger: Ledger, run_id: int, plans: dict[str, Plan], endpoint: str,
+    def __init__(self, work: Path, ledger: Ledger, run_id: int, plans: dict[str, Plan], endpoint: str,
                  token: str | None, options: RunOptions, observer):
-        self.matrix, self.work, self.ledger, self.run_id = matrix, work, ledger, run_id
+        self.work, self.ledger, self.run_id = work, ledger, run_id
         self.plans, self.endpoint, self.token, self.options = plans, endpoint, token, options
         self.observer = observer
         self.scheduler: Scheduler | None = None
@@ -69,6 +70,7 @@ class Driver:
         self.streamed: dict[str, bool] = {}  # model -> its GPTQ/AWQ group streams layers from the checkpoint
         self.active: dict[int, dict[str, str]] = {}  # task id -> variant -> last phase
         self.stage_errors: list[str] = []
+        self.plan_changes: list[str] = []  # what edited matrices changed, one line each, for the summary
         self.publish_errors = 0
         self.repos: dict[str, set[str]] = {}
         self.workdir = (str(work), work_id(work))
@@ -83,12 +85,12 @@ class Driver:
 
     def plan_all(self, models: list[str]) -> None:
         for model in models:
-            plan = self.plans[model]
             out = self.out(model)
             out.mkdir(parents=True, exist_ok=True)
             removed = remove_partials(out)
             if removed:
                 log.info("%s: removed %d unfinished build directories from an earlier run", model, removed)
+            plan = self.plans[model] = self._record_plan(model, out)
             for job in plan.jobs:
                 self.ledger.plan(model, job.id, job.method, job.repo, job.target)
             self._reconcile(model, [j.id for j in plan.jobs])
@@ -98,6 +100,23 @@ class Driver:
             self._add_tasks(model, plan)
         if self.observer:
             self.observer.start(self.plans, self.ledger, self.scheduler)
+
+    def _record_plan(self, model: str, out: Path) -> Plan:
+        """Write the model's plan (``OUT/plan.json``, the texts it reads snapshotted): every stage reads its jobs
+        from it. A plan recorded by an earlier run that differs (an edited matrix) is reported, then replaced."""
+        o = self.options
+        earlier = read_record(out) if (out / PLAN_FILE).is_file() else None
+        plan = write_plan(self.plans[model], out, calibration_file=o.calibration_file, eval_file=o.eval_file,
+                          evaluation=o.evaluate)
+        if earlier is not None:
+            try:
+                before = [j.id for j in plan_from(earlier).jobs]
+            except QuantpubError:  # recorded by a quantpub whose matrix schema was another
+                before = []
+            for line in changes(earlier, plan.record, before, [j.id for j in plan.jobs]):
+                log.warning("%s: the plan changed since the last run: %s", plan.facts.name, line)
+                self.plan_changes.append(f"{plan.facts.name}: {line}")
+        return plan
 
     def _add_tasks(self, model: str, plan: Plan) -> None:
         from quantpub import estimate
@@ -126,24 +145,13 @@ class Driver:
         task("publish", stages.publish, Resources(net=1, cpus=0, memory=GIB // 4), [*groups, evaluate])
 
     def _stage_memory(self, plan: Plan, stage: Stage, jobs: list, device: str) -> tuple[int, bool]:
-        """A model-session stage's host memory, and whether it streams the model layer by layer.
-
-        ``--stream auto`` streams when the whole-model estimate exceeds the largest machine
-        (this one, or the Ray cluster's largest node) and the streamed one does not.
-        """
-        whole = stage.host_memory(plan, jobs, device)
-        streamed = stage.host_memory(plan, jobs, device, stream=True)
-        mode = self.options.stream
-        if mode == "auto":
-            largest = self.largest_memory()
-            stream = largest is not None and whole > largest >= streamed
-            if stream:
-                log.info("%s: the GPTQ/AWQ group needs about %.1f GB whole and %.1f GB is the most a machine has; "
-                         "streaming layers from the checkpoint (about %.1f GB)", plan.facts.name, whole / 1e9,
-                         largest / 1e9, streamed / 1e9)
-        else:
-            stream = mode == "always"
-        return (streamed if stream else whole), stream
+        """A stage's host memory, and whether it streams the model layer by layer (``--stream``; ``auto``: when
+        the whole-model estimate exceeds the largest machine, this one or the Ray cluster's largest node)."""
+        memory, stream = stage.streaming(plan, jobs, device, self.options.stream, self.largest_memory())
+        if stream and self.options.stream == "auto":
+            log.info("%s: %s needs more memory than a machine has with the whole model loaded; streaming layers "
+                     "from the checkpoint (about %s)", plan.facts.name, stage.name, formatting.size(memory))
+        return memory, stream
 
     def largest_memory(self) -> int | None:
         s = self.scheduler
@@ -166,17 +174,18 @@ class Driver:
         if source is None:  # prepare failed, and failed every variant of the model with its reason
             return None
         if task.stage in STAGES:
+            planned = {j.id for j in self.plans[model].jobs}  # a variant the matrix no longer has is left alone
             methods = stage_methods(task.stage)
             todo = [r.variant for r in self.ledger.rows(model) if r.method in methods and r.state not in DONE
-                    and r.attempts < o.max_attempts]
+                    and r.attempts < o.max_attempts and r.variant in planned]
             if not todo:
                 return None
             self.active[task.id] = {v: "queued" for v in todo}
-            return (self.matrix, model, source, out, todo, o, self.streamed.get(model, False))
+            return (out, source, todo, o, self.streamed.get(model, False))
         if task.stage == "evaluate":
             if not o.evaluate or not self._unevaluated(model):
                 return None
-            return (self.matrix, source, out, o)
+            return (source, out, o)
         if task.stage == "publish":
             todo = [r.variant for r in self.ledger.rows(model) if r.state in DONE]
             return (out, self.endpoint, self.token, todo, o) if todo else None

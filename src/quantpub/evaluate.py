@@ -27,14 +27,22 @@ from typing import Any
 import numpy as np
 
 from quantpub import isolate, progress
-from quantpub.artifacts import RUN_RECORD
 from quantpub.backends import backend
 from quantpub.manifest import Evaluation, Manifest, finished, write as write_manifest
+from quantpub.plan import load_plan
 from quantpub.errors import CalibrationError, QuantpubError
 from quantpub.matrix import EvaluationSpec
 from quantpub.memory import peak_memory
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A variant whose evaluation ended without statistics: its load crashed or was killed (``ending``)."""
+
+    error: str
+    ending: str
 
 
 @dataclass(frozen=True)
@@ -58,23 +66,25 @@ class HeldOut:
         return self.digest()[:16]
 
 
-def held_out(tokenizer, *, eval_file: str | Path | None, context: int, stride: int, windows: int,
-             spec: EvaluationSpec | None = None) -> HeldOut:
-    """Token windows of held-out text: a local file, else the matrix's evaluation dataset (wikitext-2 test)."""
-    from quantpub.calibration import load_text
-    from quantpub.matrix import CalibrationSpec
+def load_eval_text(spec: EvaluationSpec, eval_file: str | Path | None) -> tuple[str, dict[str, str | None]]:
+    """(held-out text, its origin record): a local file, else the spec's dataset (wikitext-2 test)."""
+    from quantpub import calibration
 
-    spec = spec or EvaluationSpec()
     try:
-        if eval_file is not None:
-            text, _ = load_text(CalibrationSpec(text_column=spec.text_column), eval_file)
-            dataset = name = Path(eval_file).name
-            split = None
-        else:
-            text, _ = load_text(spec.as_text_source(), None)
-            dataset, name, split = spec.dataset, spec.config or spec.dataset, spec.split
+        text, _ = calibration.load_text(spec.as_text_source(), eval_file)
     except CalibrationError as exc:  # the same loader, but this is evaluation text
         raise CalibrationError(exc.source, exc.reason, role="evaluation") from None
+    return text, calibration.origin(spec.as_text_source(), eval_file)
+
+
+def held_out(tokenizer, text: str, origin: dict[str, str | None], *, context: int, stride: int,
+             windows: int) -> HeldOut:
+    """Token windows of held-out ``text``, named as its ``origin`` says (a file's name, or dataset/config/split)."""
+    if origin.get("file"):
+        dataset = name = origin["file"]
+        split = None
+    else:
+        dataset, name, split = origin["dataset"], origin.get("config") or origin["dataset"], origin.get("split")
     ids = tokenizer(text, add_special_tokens=False).input_ids
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     body = context - len(bos)
@@ -237,14 +247,17 @@ def measure(variant_dir: Path, manifest: Manifest, data: HeldOut, cache: Path, d
 
 
 def evaluate(out: str | Path, *, model: str | None = None, eval_file: str | Path | None = None,
-             context: int = 512, stride: int | None = None, windows: int = 8, device: str = "cpu",
-             only: list[str] | None = None, force: bool = False,
-             spec: EvaluationSpec | None = None) -> dict[str, dict[str, Any]]:
+             context: int | None = None, stride: int | None = None, windows: int | None = None,
+             device: str = "cpu", only: list[str] | None = None, force: bool = False) -> dict[str, Evaluation | Failed]:
     """Evaluate every finished variant under ``out`` that has no evaluation yet (all with ``force``).
 
+    The plan written there (``OUT/plan.json``) gives the model, the matrix's evaluation section
+    (``context``, ``windows``: given here, they win) and the held-out text it snapshotted;
+    ``eval_file`` scores another text instead.
+
     Each variant is loaded in an isolated worker process (``isolate``): a variant whose load or
-    forward crashes gets ``{"error": ..., "ending": "crashed"}`` instead of statistics and the
-    others go on; a crash while scoring the unquantised model gives every variant that error.
+    forward crashes gets ``Failed`` instead of statistics and the others go on; a crash while
+    scoring the unquantised model gives every variant that failure.
     Logs: ``OUT/logs/evaluate/<variant>.log``.
     """
     from transformers import AutoTokenizer
@@ -252,23 +265,25 @@ def evaluate(out: str | Path, *, model: str | None = None, eval_file: str | Path
     from quantpub.source import local_checkpoint
 
     out = Path(out)
-    record = json.loads((out / RUN_RECORD).read_text()) if (out / RUN_RECORD).is_file() else {}
-    model = model or record.get("model")
-    if not model:
-        raise QuantpubError(f"{out}: no {RUN_RECORD}; pass --model")
-    model_dir = local_checkpoint(model)
+    plan = load_plan(out)
+    spec = plan.matrix.evaluation
+    context, windows = context or spec.context, windows or spec.windows
+    model_dir = local_checkpoint(model or plan.record.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    data = held_out(tokenizer, eval_file=eval_file, context=context, stride=stride or context, windows=windows,
-                    spec=spec)
+    if eval_file is not None:
+        text, origin = load_eval_text(spec, eval_file)
+    else:
+        text, _, origin = plan.text("evaluation", spec.as_text_source())
+    data = held_out(tokenizer, text, origin, context=context, stride=stride or context, windows=windows)
     todo = [(d, m) for d, m in finished(out) if not (only and m.variant not in only) and (force or not m.evaluation)]
     cache = out / ".eval" / f"reference-{data.key()}.npy"
-    results: dict[str, dict[str, Any]] = {}
+    results: dict[str, Evaluation | Failed] = {}
     with isolate.Isolated(out / "logs" / "evaluate", 1, preload=("transformers",)) as pool:
         if not cache.is_file():
             try:
                 pool.call("reference", "reference", _reference, model_dir, data, device, cache)
             except isolate.Ended as exc:
-                return {m.variant: {"error": str(exc), "ending": exc.kind} for _, m in todo}
+                return {m.variant: Failed(str(exc), exc.kind) for _, m in todo}
         ref = score((_log_softmax(r.astype(np.float64)) for r in np.load(cache)), data, None)
         info = {"dataset": data.dataset, "dataset_name": data.dataset_name, "split": data.split,
                 "tokens": data.tokens, "windows": len(data.windows), "windows_sha256": data.digest(),
@@ -281,14 +296,14 @@ def evaluate(out: str | Path, *, model: str | None = None, eval_file: str | Path
             try:
                 stats, memory = pool.call(variant, "evaluate", measure, variant_dir, manifest, data, cache, device)
             except isolate.Ended as exc:
-                results[variant] = {"error": str(exc), "ending": exc.kind}
+                results[variant] = Failed(str(exc), exc.kind)
                 progress.report(variant, exc.kind, error=str(exc))
                 continue
-            result = {**stats, **info, "runtime": backend(manifest.method).runtime, "memory": memory,
-                      "seconds": round(time.monotonic() - started, 2)}
-            write_manifest(variant_dir, manifest.model_copy(update={"evaluation": Evaluation(**result)}))
+            result = Evaluation(**stats, **info, runtime=backend(manifest.method).runtime, memory=memory,
+                                seconds=round(time.monotonic() - started, 2))
+            write_manifest(variant_dir, manifest.model_copy(update={"evaluation": result}))
             results[variant] = result
             progress.report(variant, "evaluated")
             log.info("evaluate: %s perplexity %.4f (unquantised %.4f), KLD %.6f, same top %.1f%%", variant,
-                     result["perplexity"], ref["perplexity"], result["kld"], 100 * result["top1_agreement"])
+                     result.perplexity, ref["perplexity"], result.kld, 100 * result.top1_agreement)
     return results

@@ -1,16 +1,25 @@
-"""Matrix + model config -> the ordered jobs, with sizes and memory, before any work starts."""
+"""Matrix + model config -> the ordered jobs, with sizes and memory, before any work starts.
+
+``make_plan`` reads the matrix file and the source's config and card; ``write_plan`` records the
+plan in the output directory (``plan_record``: ``OUT/plan.json`` and the text snapshots), and
+``load_plan`` gives every later stage the same plan back without reading any of them again.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from quantpub import naming
 from quantpub.formatting import gb
 from quantpub.backends import BACKENDS, backend
-from quantpub.matrix import Matrix, VariantSpec, load_matrix
+from quantpub.matrix import Matrix, VariantSpec, expand, load_matrix
+from quantpub.plan_record import (PlanRecord, matrix_sha256, read as read_record, read_snapshot, snapshot,
+                                  source_facts, text_key, write as write_record)
 from quantpub.source import ModelFacts, model_facts
+from quantpub.source.card import Source
+from quantpub.source.prompt import PromptTemplate
 
 AUTO_SEQ_LEN_CAP = 4096
 EXAMPLE_MODEL = str(Path(__file__).parent / "examples" / "tulu-7b")
@@ -54,6 +63,26 @@ class Plan:
     jobs: tuple[Job, ...]
     notes: tuple[str, ...]  # worth knowing, not blocking
     problems: tuple[str, ...]  # blocking: nothing may start while any is present
+    record: PlanRecord | None = None  # what plan.json holds (the matrix's content, the config, the source's card)
+    out: Path | None = None  # where the plan was written or read from (its text snapshots are there)
+
+    @property
+    def source(self) -> Source:
+        """What the source's card says (name, creator, licence, prompt template), as read when the plan was made."""
+        facts = dict(self.record.source)
+        facts["prompt"] = PromptTemplate(**{**facts["prompt"], "alternatives": tuple(facts["prompt"]["alternatives"])})
+        return Source(**facts)
+
+    def text(self, role: str, spec, file: str | Path | None = None) -> tuple[str, str, dict[str, str | None]]:
+        """(text, where it came from, its origin record) for ``spec`` (``role``: calibration or evaluation): the
+        snapshot the plan recorded, else (a plan not written yet) read from ``file`` or the spec's dataset."""
+        from quantpub import calibration
+
+        snap = self.record.texts.get(text_key(role, spec)) if self.record and self.out else None
+        if snap is not None:
+            return read_snapshot(self.out, snap), snap.source, snap.origin
+        text, source = calibration.load_text(spec, file)
+        return text, source, calibration.origin(spec, file)
 
     @property
     def repos(self) -> list[str]:
@@ -84,18 +113,69 @@ class Plan:
 
 
 def make_plan(matrix_path: str | Path, model: str, *, device: Device = "cuda",
-              config: dict[str, Any] | None = None) -> Plan:
-    """Read the matrix and the model's config and decide every job.
+              config: dict[str, Any] | None = None, n_samples: int | None = None,
+              seq_len: int | None = None) -> Plan:
+    """Read the matrix, the model's config and its card, and decide every job.
 
     Problems (unsupported architecture, calibration longer than the context) are collected in
-    ``Plan.problems`` rather than raised, so the whole plan can still be shown.
+    ``Plan.problems`` rather than raised, so the whole plan can still be shown. ``n_samples`` /
+    ``seq_len`` override the matrix's calibration size for every job.
 
     Raises:
         MatrixError: the matrix file is invalid.
         ModelError: the model's config cannot be read.
     """
-    matrix, specs = load_matrix(matrix_path)
-    facts = model_facts(model, config)
+    from quantpub.source import read_config
+    from quantpub.source.card import read_source
+
+    matrix, _ = load_matrix(matrix_path)
+    config = read_config(model) if config is None else config
+    record = PlanRecord(model=model, matrix_path=str(matrix_path), matrix_sha256=matrix_sha256(Path(matrix_path)),
+                        matrix=matrix.model_dump(mode="json"), config=config, device=device, n_samples=n_samples,
+                        seq_len=seq_len, source=source_facts(read_source(model, matrix.card.model_dump())))
+    return plan_from(record)
+
+
+def load_plan(out: str | Path) -> Plan:
+    """The plan written to ``out`` (``write_plan``): the matrix, config and card facts as they were then.
+
+    Raises:
+        PlanFileError: there is none, or it cannot be read.
+    """
+    return replace(plan_from(read_record(Path(out))), out=Path(out))
+
+
+def write_plan(plan: Plan, out: str | Path, *, calibration_file: str | Path | None = None,
+               eval_file: str | Path | None = None, evaluation: bool = True) -> Plan:
+    """Record ``plan`` in ``out`` (``plan.json``), with every calibration text its jobs read (and, with
+    ``evaluation``, the evaluation text) snapshotted into ``OUT/inputs/`` first, each read once, here. Returns the
+    plan as ``load_plan`` gives it.
+    """
+    from quantpub import calibration
+
+    out = Path(out)
+    wanted = {text_key("calibration", j.variant.calibration): (j.variant.calibration, calibration_file)
+              for j in plan.jobs if j.variant.calibration is not None}
+    if any(j.variant.calibration is None for j in plan.jobs):  # GGUF validates on the calibration text's second half
+        wanted[text_key("calibration", plan.matrix.calibration)] = (plan.matrix.calibration, calibration_file)
+    if evaluation:
+        spec = plan.matrix.evaluation
+        wanted[text_key("evaluation", spec)] = (spec.as_text_source(), eval_file)
+    snaps = {}
+    for key, (spec, file) in wanted.items():
+        text, source = calibration.load_text(spec, file)
+        snaps[key] = snapshot(out, key, text, source, calibration.origin(spec, file))
+    record = plan.record.model_copy(update={"texts": snaps})
+    write_record(out, record)
+    return replace(plan, record=record, out=out)
+
+
+def plan_from(record: PlanRecord) -> Plan:
+    """The plan ``record`` describes: the matrix's variants for the model, sized for the device."""
+    matrix = Matrix.model_validate(record.matrix)
+    specs = expand(matrix, record.matrix_path)
+    facts = model_facts(record.model, record.config)
+    model, device = record.model, record.device
     notes: list[str] = []
     problems: list[str] = []
 
@@ -110,29 +190,19 @@ def make_plan(matrix_path: str | Path, model: str, *, device: Device = "cuda",
     jobs = []
     for spec in specs:
         seq_len = _seq_len(spec, facts, notes, problems)
-        jobs.append(_job(spec, matrix, facts, device, seq_len))
+        job = _job(spec, matrix, facts, device, seq_len)
+        if job.seq_len is not None:  # the overrides: a smoke run calibrates on fewer or shorter windows
+            job = replace(job, n_samples=record.n_samples or job.n_samples, seq_len=record.seq_len or job.seq_len)
+        jobs.append(job)
     if facts.num_experts > 1:
         notes.append(f"mixture of experts: {facts.num_experts} experts, {facts.experts_per_token} per token; "
                      "each expert sees about "
                      f"{facts.experts_per_token / facts.num_experts:.0%} of the calibration tokens")
-    prompt = _prompt_note(model, matrix)
-    if prompt:
-        notes.append(prompt)
-    return Plan(str(matrix_path), matrix, facts, device, tuple(jobs),
-                tuple(dict.fromkeys(notes)), tuple(dict.fromkeys(problems)))
-
-
-def _prompt_note(model: str, matrix: Matrix) -> str | None:
-    """Warn before any work when the cards would have to say "Unknown" (local checkpoints only: no network)."""
-    if not Path(model).is_dir():
-        return None
-    from quantpub.source.card import read_source
-
-    prompt = read_source(model, matrix.card.model_dump()).prompt
-    if prompt.known:
-        return None
-    return ("prompt template unknown: no chat_template in the tokenizer config and no known format in the "
-            "model card; the cards will say 'Unknown' unless the matrix sets card.prompt_template")
+    plan = Plan(record.matrix_path, matrix, facts, device, tuple(jobs), (), tuple(dict.fromkeys(problems)), record)
+    if Path(model).is_dir() and not plan.source.prompt.known:  # a hub id's card may just not have been reachable
+        notes.append("prompt template unknown: no chat_template in the tokenizer config and no known format in the "
+                     "model card; the cards will say 'Unknown' unless the matrix sets card.prompt_template")
+    return replace(plan, notes=tuple(dict.fromkeys(notes)))
 
 
 def _seq_len(spec: VariantSpec, facts: ModelFacts, notes: list[str], problems: list[str]) -> int | None:

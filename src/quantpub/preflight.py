@@ -78,7 +78,8 @@ def check(inputs: Inputs) -> Checked:
             continue
         names[name] = model
         try:
-            plan = make_plan(inputs.matrix, model, device="cpu" if inputs.device == "cpu" else "cuda")
+            plan = make_plan(inputs.matrix, model, device="cpu" if inputs.device == "cpu" else "cuda",
+                             n_samples=inputs.n_samples, seq_len=inputs.seq_len)
         except QuantpubError as exc:
             result.problems.append(str(exc))
             continue
@@ -226,7 +227,7 @@ def check_data(model: str, plan: Plan, inputs: Inputs) -> list[str]:
         spec = job.variant.calibration
         if spec is None:
             continue
-        tokens = (inputs.n_samples or job.n_samples) * (inputs.seq_len or job.seq_len)
+        tokens = job.n_samples * job.seq_len  # the plan has the overrides
         key = (inputs.calibration_file,) if inputs.calibration_file else (spec.dataset, spec.config, spec.split,
                                                                             spec.text_column)
         needs[key] = (spec, max(tokens, needs.get(key, (spec, 0))[1]))
@@ -260,14 +261,15 @@ def check_data(model: str, plan: Plan, inputs: Inputs) -> list[str]:
 
 
 def _evaluation_problems(tokenizer, spec, inputs: Inputs) -> list[str]:
-    from quantpub.evaluate import held_out
+    from quantpub.evaluate import held_out, load_eval_text
 
     source = inputs.eval_file or _dataset_name(spec)
     text_problem = _not_text(inputs.eval_file)
     if text_problem:
         return [f"evaluation data {source}: {text_problem}"]
     try:
-        held_out(tokenizer, eval_file=inputs.eval_file, spec=spec, context=inputs.context or spec.context,
+        text, origin = load_eval_text(spec, inputs.eval_file)
+        held_out(tokenizer, text, origin, context=inputs.context or spec.context,
                  stride=inputs.context or spec.context, windows=inputs.windows or spec.windows)
     except QuantpubError as exc:
         return [f"{exc}; pass --eval-file with local held-out text, or --no-evaluate"]

@@ -77,7 +77,7 @@ def run(matrix: str | Path, models: list[str], work: str | Path, *, publish_to: 
             # a stage on a GPU slot sees that one GPU (CUDA_VISIBLE_DEVICES) as cuda:0
             options = replace(options, device=slot_device)
             run_id = ledger.start_run(executor.name, os.getpid())
-            driver = Driver(str(matrix), work, ledger, run_id, checked.plans, endpoint, token, options, observer)
+            driver = Driver(work, ledger, run_id, checked.plans, endpoint, token, options, observer)
             scheduler = Scheduler(executor, ledger, run_id, driver, capacity, window=options.models_in_flight,
                                   on_tick=observer.tick if observer else None)
             driver.scheduler = scheduler

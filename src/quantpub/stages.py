@@ -57,32 +57,32 @@ def prepare(model: str, work: str) -> str:
     return str(target)
 
 
-def build_group(matrix: str, model: str, source: str, out: str, variants: list[str],
-             options: RunOptions, stream: bool = False) -> dict[str, dict[str, str] | None]:
-    """Build ``variants`` (one group); returns for each variant None when it was built and validated, else
-    ``{"error": ..., "ending": "failed" | "crashed" | "interrupted"}``.
+def build_group(out: str, source: str, variants: list[str], options: RunOptions,
+                stream: bool = False) -> dict[str, dict[str, str] | None]:
+    """Build ``variants`` (one quantize stage) from the plan in ``out``; returns for each variant None when it
+    was built and validated, else ``{"error": ..., "ending": "failed" | "crashed" | "interrupted"}``.
 
     ``stream``: the driver found that the model does not fit this stage's memory whole.
     """
-    from quantpub.build import build_from_matrix
+    from quantpub.build import build_plan
+    from quantpub.plan import load_plan
 
-    outcomes = build_from_matrix(matrix, model, out, only=variants, calibration_file=options.calibration_file,
-                     device=options.device, n_samples=options.n_samples, seq_len=options.seq_len, source=source,
-                     stream=stream)
+    outcomes = build_plan(load_plan(out), out, only=variants, device=options.device, source=source, stream=stream)
     return {o.variant: None if o.error is None else {"error": o.error, "ending": o.ending} for o in outcomes}
 
 
-def evaluate(matrix: str, source: str, out: str, options: RunOptions) -> dict[str, dict[str, str] | None]:
-    """Measure every built variant that has no evaluation yet (each manifest gets its ``evaluation``); returns
-    for each variant None, or ``{"error": ..., "ending": ...}`` when loading it crashed or was killed."""
+def evaluate(source: str, out: str, options: RunOptions) -> dict[str, dict[str, str] | None]:
+    """Measure every built variant that has no evaluation yet, on the plan's held-out text (each manifest gets
+    its ``evaluation``); returns for each variant None, or ``{"error": ..., "ending": ...}`` when loading it
+    crashed or was killed."""
     from quantpub.build import resolve_device
     from quantpub.evaluate import evaluate as measure
-    from quantpub.matrix import load_matrix
 
-    spec = load_matrix(matrix)[0].evaluation
-    results = measure(out, model=source, eval_file=options.eval_file, context=options.context or spec.context,
-                      windows=options.windows or spec.windows, device=resolve_device(options.device), spec=spec)
-    return {v: {"error": r["error"], "ending": r["ending"]} if "error" in r else None for v, r in results.items()}
+    from quantpub.evaluate import Failed
+
+    results = measure(out, model=source, context=options.context, windows=options.windows,
+                      device=resolve_device(options.device))
+    return {v: {"error": r.error, "ending": r.ending} if isinstance(r, Failed) else None for v, r in results.items()}
 
 
 def publish(out: str, endpoint: str, token: str | None, variants: list[str], options: RunOptions) -> list[dict]:
@@ -96,7 +96,9 @@ def publish(out: str, endpoint: str, token: str | None, variants: list[str], opt
         constants.HF_HUB_OFFLINE = False
     progress.report(None, "carding")
     render_run(out, hub=endpoint if options.card_hub is None else options.card_hub, namespace=options.namespace)
-    return [asdict(r) for r in push(out, endpoint=endpoint, token=token, namespace=options.namespace, only=variants)]
+    # every file was checked against its manifest when the run started (Driver._reconcile) or written by this run
+    return [asdict(r) for r in push(out, endpoint=endpoint, token=token, namespace=options.namespace, only=variants,
+                                    verify=False)]
 
 
 def _loopback(url: str) -> bool:

@@ -42,6 +42,17 @@ class Stage:
     def build(self):
         return import_module(self.builder)
 
+    def streaming(self, plan, jobs, device: str, mode: str, machine: int | None) -> tuple[int, bool]:
+        """(host bytes to reserve, whether to stream the model layer by layer) for ``--stream`` ``mode``:
+        ``auto`` streams when the whole-model estimate exceeds ``machine`` (the largest machine's memory) and the
+        streamed one does not; ``always`` / ``never`` decide. Only a model-session stage can stream."""
+        whole = self.host_memory(plan, jobs, device)
+        if not self.gpu:
+            return whole, False
+        streamed = self.host_memory(plan, jobs, device, stream=True)
+        stream = mode == "always" or (mode == "auto" and machine is not None and whole > machine >= streamed)
+        return (streamed if stream else whole), stream
+
 
 STAGES = {s.name: s for s in (
     Stage("quantize-gpu", "quantpub.build_session", True, "session_group_memory"),

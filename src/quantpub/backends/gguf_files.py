@@ -316,12 +316,12 @@ def split(path: Path, max_bytes: int) -> list[Path]:
     reader = gguf.GGUFReader(path)
     arch = reader.fields["general.architecture"].contents()
     writer = gguf.GGUFWriter(path, arch, split_max_size=max_bytes)
-    for field in reader.fields.values():
-        if field.name == "general.architecture" or field.name.startswith("GGUF."):
+    for key in reader.fields.values():
+        if key.name == "general.architecture" or key.name.startswith("GGUF."):
             continue
-        kind = field.types[0]
-        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
+        kind = key.types[0]
+        sub = key.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key.name, key.contents(), kind, sub_type=sub)
     for t in reader.tensors:
         writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
     shards = writer.format_shard_names(path)

@@ -7,7 +7,6 @@ evaluation stage when it has run. Nothing is typed by hand; what is not known is
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -16,14 +15,14 @@ from typing import Any
 
 
 from quantpub import naming
-from quantpub.artifacts import CARDS_DIR, RUN_RECORD, write_text_atomic
+from quantpub.artifacts import CARDS_DIR, write_text_atomic
 from quantpub.backends import backend
 from quantpub.gguf_types import GgufParameters
 from quantpub.manifest import Manifest, finished
 from quantpub.matrix import GptqVariant
 from quantpub.card import provenance, quality
 from quantpub.card.chart import CHART, write_chart
-from quantpub.source.card import Source, read_source
+from quantpub.source.card import Source
 from quantpub.formatting import gb
 
 log = logging.getLogger(__name__)
@@ -226,23 +225,24 @@ def _repo_links(repos: list[str], hub: str) -> list[dict[str, str]]:
 
 
 def render_run(out: str | Path, *, hub: str = HUB, namespace: str | None = None) -> list[Path]:
-    """Render ``OUT/cards/<repo name>/README.md`` for every repo of a finished run; returns the paths."""
-    out = Path(out)
-    record_path = out / RUN_RECORD
-    if not record_path.is_file():
-        from quantpub.errors import QuantpubError
+    """Render ``OUT/cards/<repo name>/README.md`` for every repo of a finished run; returns the paths.
 
-        raise QuantpubError(f"{out}: no {RUN_RECORD}; render cards for a directory written by `quantpub quantize`")
-    record = json.loads(record_path.read_text())
+    The plan written there (``OUT/plan.json``) gives the matrix's card settings, the variants' order and what
+    the source's card says; the variants' manifests give everything measured.
+    """
+    from quantpub.plan import load_plan
+
+    out = Path(out)
+    plan = load_plan(out)
     manifests = [m for _, m in finished(out)]
-    order = {v: i for i, v in enumerate(record.get("variants", []))}
+    order = {j.id: i for i, j in enumerate(plan.jobs)}
     manifests.sort(key=lambda m: order.get(m.variant, len(order)))  # the matrix's order
     by_repo: dict[str, list[Manifest]] = {}
     for m in manifests:
         repo = naming.in_namespace(m.repo, namespace)
         by_repo.setdefault(repo, []).append(m.model_copy(update={"repo": repo}))
     family = [m for ms in by_repo.values() for m in ms]
-    source = read_source(record["model"], record.get("card") or {})
+    source = plan.source
     points = quality.points(family, hub)
     paths = []
     for repo, ms in sorted(by_repo.items()):
@@ -257,7 +257,7 @@ def render_run(out: str | Path, *, hub: str = HUB, namespace: str | None = None)
             chart.unlink(missing_ok=True)
         text = render(ms[0].method, repo, ms, source, repos=sorted(by_repo), family=family,
                       chart=CHART if points else None,
-                      quantized_by=(record.get("card") or {}).get("quantized_by") or "quantpub", hub=hub)
+                      quantized_by=plan.matrix.card.quantized_by or "quantpub", hub=hub)
         write_text_atomic(folder / "README.md", text)
         paths.append(folder / "README.md")
     return paths
