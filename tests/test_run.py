@@ -94,10 +94,19 @@ def test_a_third_run_changes_nothing(killed_and_resumed, setup, corpus, local_hu
     root, model = setup
     before = commit_counts(work)
     rows_before = ledger_rows(work)
-    done = subprocess.run(command(root, model, corpus, work), env={**os.environ, "HF_HUB_OFFLINE": "0"},
+    trace = work.parent / "openat.trace"
+    done = subprocess.run(["strace", "-f", "-qq", "-e", "trace=openat", "-o", str(trace),
+                           *command(root, model, corpus, work)], env={**os.environ, "HF_HUB_OFFLINE": "0"},
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert commit_counts(work) == before
+    # every built file is read once (hashed by the reconcile at the start), not again by publishing
+    built = {p for p in (work / "tiny-llama").glob("*/*") if p.parent.name in {r.variant for r in rows_before}
+             and p.name != "quantpub.json"}
+    opened = [line for line in trace.read_text().splitlines() if "ENOENT" not in line]
+    reads = {p: sum(f'"{p}"' in line for line in opened) for p in built}
+    assert built and all(n <= 1 for n in reads.values()), {str(p): n for p, n in reads.items() if n > 1}
+    assert sum(reads.values()) == len(built)  # and every one of them once: the reconcile checks each hash
     assert {r.variant: r.attempts for r in ledger_rows(work)} == {r.variant: r.attempts for r in rows_before}
     assert all(r.attempts == 0 for r in rows_before)  # kills are interruptions, not failed attempts
 

@@ -76,14 +76,14 @@ def build_gguf_set(plan: Plan, jobs: list[Job], model_dir: Path, out: Path, mode
     outtype = gguf_files.sixteen_bit_type({"torch_dtype": plan.facts.torch_dtype})
     name = plan.facts.name
     base = work / f"{name}.{outtype.upper()}.gguf"
-    timings: dict[str, float] = {}
+    convert_seconds = None  # None: converted by an earlier run (its 16-bit file was kept)
     cores = machine.cpu_count()
     for job in jobs:
         progress.report(job.id, "converting")
     if not base.is_file():
         log.info("GGUF: converting %s to %s with llama.cpp's converter", model_dir, outtype)
-        timings["convert_seconds"] = round(llamacpp.convert(model_dir, base, outtype, general_metadata(plan, jobs)), 2)
-        log.info("GGUF: converted in %.1fs -> %s (%.1f MB)", timings["convert_seconds"], base,
+        convert_seconds = round(llamacpp.convert(model_dir, base, outtype, general_metadata(plan, jobs)), 2)
+        log.info("GGUF: converted in %.1fs -> %s (%.1f MB)", convert_seconds, base,
                  base.stat().st_size / 1e6)
     workers = gguf_files.workers_for(len(jobs), base.stat().st_size)
     threads = max(1, cores // workers)
@@ -119,7 +119,7 @@ def build_gguf_set(plan: Plan, jobs: list[Job], model_dir: Path, out: Path, mode
         context = dict(base=base, out=out, model=model, outtype=outtype, imatrix=imatrix,
                        imatrix_record=imatrix_record, imatrix_file=imatrix_file, kv=kv, calib=calib,
                        reference=reference, expect=expect, text=text, text_source=text_source, threads=threads,
-                       split_max_bytes=split_max_bytes, timings=timings,
+                       split_max_bytes=split_max_bytes, convert_seconds=convert_seconds,
                        device=device, pool=pool)
 
         def run(job: Job):
@@ -148,7 +148,7 @@ def build_gguf_set(plan: Plan, jobs: list[Job], model_dir: Path, out: Path, mode
 
 def _build_one(job: Job, *, base: Path, out: Path, model: str, outtype: str, imatrix, imatrix_record,
                imatrix_file: Path | None, kv: dict, calib, reference, expect, text: str, text_source: str, threads: int,
-               split_max_bytes: int, timings: dict, device: str, pool: isolate.Isolated) -> Path:
+               split_max_bytes: int, convert_seconds: float | None, device: str, pool: isolate.Isolated) -> Path:
     variant = job.variant.params
     final = out / job.id
     partial = out / f".partial-{job.id}-{os.getpid()}"
@@ -180,7 +180,7 @@ def _build_one(job: Job, *, base: Path, out: Path, model: str, outtype: str, ima
         if imatrix_file is not None:  # published beside the files: one link per variant, one file on disk
             _link(imatrix_file, partial / imatrix_file.name)
         write_manifest(partial, job, calib if imatrix is not None else None, model, device, round(seconds, 3),
-                       validation, sixteen_bit=outtype, imatrix=imatrix_record, **timings,
+                       validation, sixteen_bit=outtype, imatrix=imatrix_record, convert_seconds=convert_seconds,
                        size=sum(f.stat().st_size for f in files))  # the model, not the imatrix
         move_into_place(partial, final)
     except BaseException:

@@ -226,9 +226,9 @@ class Driver:
                 elif (self.out(model) / variant / MANIFEST).is_file():
                     self._record_build(model, variant, None)  # its manifest now has the evaluation
         elif task.stage == "publish":
-            for record in result:
-                self.ledger.advance(model, record["variant"], "published", commit_oid=record["commit"])
-                self.repos.setdefault(model, set()).add(record["repo"])
+            for published in result:
+                self.ledger.advance(model, published.variant, "published", commit_oid=published.commit)
+                self.repos.setdefault(model, set()).add(published.repo)
         if self.observer:
             self.observer.stage(task, "done", None)
 

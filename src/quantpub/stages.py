@@ -9,7 +9,7 @@ returns a small, picklable result. They know nothing of the scheduler, the execu
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from quantpub import naming, progress
@@ -85,8 +85,9 @@ def evaluate(source: str, out: str, options: RunOptions) -> dict[str, dict[str, 
     return {v: {"error": r.error, "ending": r.ending} if isinstance(r, Failed) else None for v, r in results.items()}
 
 
-def publish(out: str, endpoint: str, token: str | None, variants: list[str], options: RunOptions) -> list[dict]:
-    """Render the cards, then push ``variants``; returns one record per variant (repo, branch, commit, changed)."""
+def publish(out: str, endpoint: str, token: str | None, variants: list[str], options: RunOptions) -> list:
+    """Render the cards, then push ``variants``; returns a ``publish.Published`` per variant (repo, branch,
+    commit, changed)."""
     from quantpub.card import render_run
     from quantpub.publish import publish as push
 
@@ -97,8 +98,7 @@ def publish(out: str, endpoint: str, token: str | None, variants: list[str], opt
     progress.report(None, "carding")
     render_run(out, hub=endpoint if options.card_hub is None else options.card_hub, namespace=options.namespace)
     # every file was checked against its manifest when the run started (Driver._reconcile) or written by this run
-    return [asdict(r) for r in push(out, endpoint=endpoint, token=token, namespace=options.namespace, only=variants,
-                                    verify=False)]
+    return push(out, endpoint=endpoint, token=token, namespace=options.namespace, only=variants, verify=False)
 
 
 def _loopback(url: str) -> bool:

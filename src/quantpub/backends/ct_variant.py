@@ -113,8 +113,7 @@ def build(source_dir: Path, out_dir: Path, params: CtScheme, calib: CalibrationS
             convert_checkpoint(from_gptq, out_dir, GptqToCompressed(
                 params.scheme, variant.bits, variant.group_size, variant.act_order, ignore=ignore, drop=drop),
                 max_workers=1, device="cpu")
-        record["gptq"] = variant.model_dump(mode="json")
-        record["calibration"] = calib.record() if calib is not None else None
+        record["gptq"] = variant.model_dump(mode="json")  # the calibration windows are the manifest's own record
     _ship_only_variant_files(out_dir, source_dir)
     record["seconds"] = round(time.monotonic() - started, 2)
     record["versions"] = versions()

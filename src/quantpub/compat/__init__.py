@@ -165,9 +165,3 @@ def _compare(result: dict[str, Any], logits: Path, reference: Path) -> None:
     if not diff <= TOLERANCE:
         result["status"] = FAILS
         result["error"] = f"logits differ from {REFERENCE}'s by {diff:.4g} (> {TOLERANCE})"
-
-
-def loaded_in(manifest: dict[str, Any]) -> list[str]:
-    """Labels of the model runtimes (not tokenizer-only ones) a variant was tested to load in, from its manifest."""
-    runtimes = ((manifest.get("compat") or {}).get("runtimes") or {}).values()
-    return [r["label"] for r in runtimes if r.get("mode") in ("model", "vllm") and r["status"] == LOADS]
