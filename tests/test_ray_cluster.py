@@ -111,3 +111,37 @@ def test_three_models_on_two_nodes_with_a_killed_worker(cluster, models, corpus,
     for name in MODELS:
         counts = commit_counts(work, repos=(f"quantpub/{name}-GPTQ", f"quantpub/{name}-GGUF"))
         assert counts == {(f"quantpub/{name}-GPTQ", "main"): 2, (f"quantpub/{name}-GGUF", "main"): 2}, counts
+
+
+def test_stages_need_no_input_file_once_the_plan_is_written(cluster, models, corpus, tmp_path, local_hub_online):
+    """The matrix, calibration and evaluation files are deleted as soon as every model's plan.json is written (as
+    if they existed only where the driver started): every stage on either node reads the plan and the texts it
+    snapshotted, and every variant is built and published."""
+    address, env = cluster
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    matrix, calib, held_out = inputs / "m.yaml", inputs / "calibration.txt", inputs / "held-out.txt"
+    matrix.write_text(MATRIX)
+    calib.write_text(corpus.read_text())
+    held_out.write_text(corpus.read_text()[-60_000:])
+    work = tmp_path / "work"
+    names = MODELS[:2]
+    cmd = [sys.executable, "-m", "quantpub", "run", str(matrix), "--model", *[str(models / m) for m in names],
+           "--work", str(work), "--executor", "ray", "--ray-address", address, "--calibration-file", str(calib),
+           "--eval-file", str(held_out), "--device", "cpu", "--n-samples", "4", "--seq-len", "64", "--context", "64",
+           "--windows", "2"]
+    proc = subprocess.Popen(cmd, env={**env, "HF_HUB_OFFLINE": "0"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None and not all(
+            (work / name / "plan.json").is_file() for name in names):
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before its plans were written"
+    shutil.rmtree(inputs)
+    out, err = proc.communicate(timeout=1200)
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    rows = ledger_rows(work)
+    assert len(rows) == 4 and {r.state for r in rows} == {"published"}
+    for name in names:
+        snapshots = sorted(p.name.split("-")[0] for p in (work / name / "inputs").iterdir())
+        assert snapshots == ["calibration", "evaluation"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,3 +133,45 @@ def test_ray_executor_gives_the_same_ledger(killed_and_resumed, setup, corpus, t
                 for p in (ray_work / "tiny-llama").glob("*/quantpub.json")}
     assert streamed == {"gptq-4bit-128g-actorder_False": True, "gptq-4bit-32g-actorder_True": True,
                         "awq-4bit-128g-GEMM": True, "gguf-Q4_K_M": None, "gguf-Q8_0": None}
+
+
+def test_an_edited_matrix_is_reported_and_only_what_is_new_is_built(setup, corpus, tmp_path, local_hub_online):
+    """Between two runs one GGUF type is added to the matrix and one removed: the second run says so, builds the
+    new one only, leaves the removed one (files, ledger row, hub) as it was and makes no commit on the branches
+    of the variants that did not change."""
+    root, model = setup
+    edited = tmp_path / "inputs"
+    edited.mkdir()
+    (edited / "m.yaml").write_text(MATRIX)
+    shutil.copy(root / "held-out.txt", edited / "held-out.txt")
+    work = tmp_path / "work"
+    env = {**os.environ, "HF_HUB_OFFLINE": "0"}
+    first = subprocess.run(command(edited, model, corpus, work), env=env, capture_output=True, text=True, timeout=1500)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    before = commit_counts(work)
+    q8 = work / "tiny-llama" / "gguf-Q8_0" / "quantpub.json"
+    stamp = q8.stat().st_mtime_ns
+    (edited / "m.yaml").write_text(MATRIX.replace("types: [Q4_K_M, Q8_0]", "types: [Q4_K_M, Q5_K_M]"))
+    second = subprocess.run(command(edited, model, corpus, work), env=env, capture_output=True, text=True,
+                            timeout=1500)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    said = second.stdout + second.stderr
+    assert "the plan changed since the last run: new variants, to build: gguf-Q5_K_M" in said
+    assert "no longer in the matrix, left as they are (built files and published branches are kept): gguf-Q8_0" in said
+    rows = {r.variant: r.state for r in ledger_rows(work)}
+    assert rows["gguf-Q5_K_M"] == "published" and rows["gguf-Q8_0"] == "published"  # left as it was
+    assert q8.stat().st_mtime_ns == stamp
+    after = commit_counts(work)
+    for (repo, branch), n in before.items():
+        if branch != "main":
+            assert after[(repo, branch)] == n, (repo, branch)  # their variants did not change
+    assert after[("quantpub/tiny-llama-GGUF", "main")] > before[("quantpub/tiny-llama-GGUF", "main")]
+    from quantpub.ledger import Ledger
+
+    ledger = Ledger(work / "ledger.sqlite3")
+    try:
+        last = ledger.last_run()
+        built = [s.stage for s in ledger.stages(last) if s.stage.startswith("quantize")]
+    finally:
+        ledger.close()
+    assert built == ["quantize-gguf"]  # nothing of the GPTQ/AWQ group was redone

@@ -4,7 +4,9 @@ A variant with a branch (GPTQ, AWQ) makes its branch exactly equal to its direct
 commit adds what changed and deletes what the variant no longer has. The ``main`` variant
 goes first; every other branch is created from main. GGUF variants add their files to their
 repo's main and only ever replace or delete their own files. A repo card rendered by the card
-stage (``OUT/cards/<repo name>/README.md``) travels with every commit to that repo.
+stage (``OUT/cards/<repo name>/README.md``) travels with every commit to that repo; a change of
+the card alone (another variant's numbers, an added variant) is one commit to main that says so,
+and the other branches keep the card they were published with.
 
 Idempotent: the remote tree is compared with the local files by hash (git blob id for
 regular files, sha256 for LFS files) before anything is uploaded; an unchanged variant makes
@@ -219,6 +221,12 @@ def _publish_variant(api, manifest: Manifest, repo: str, files: list[LocalFile])
     else:  # GGUF on a shared main: only this variant's own files (e.g. a split set that shrank)
         stale = [p for p in remote if p not in local and _owned_by(p, manifest)]
     ops += [CommitOperationDelete(path_in_repo=p) for p in stale]
+    own = {*manifest.files, manifest.path_in_repo}
+    if branch != "main" and not stale and not any(f.path in own for f in changed_files):
+        # only the card moved (another variant's numbers): it is updated on main, where the repo page shows it;
+        # a variant's own branch keeps the card it was published with
+        log.info("%s: %s@%s has these files; its card is updated on main only", variant, repo, branch)
+        return Published(variant, repo, branch, head, changed=False)
     if not ops:
         log.info("%s: %s@%s is up to date (commit %s), nothing to publish", variant, repo, branch, head[:10])
         return Published(variant, repo, branch, head, changed=False)
