@@ -8,8 +8,9 @@ and put first on ``PYTHONPATH``, one after the other (after, before, after, befo
 
 * ``gguf``: TheBloke's twelve GGUF types with an importance matrix (``matrices/thebloke.yaml``'s
   GGUF section): conversion, imatrix, the 16-bit reference, every type quantized and validated;
-* ``gptq-awq``: the ``main`` GPTQ branch (4-bit, group 128) and the AWQ target, each validated
-  and probed in transformers 5 (the runtimes in other venvs are switched off in both).
+* ``gptq-awq``: the ``main`` GPTQ branch (4-bit, group 128) and an AWQ target (4-bit, group 64:
+  AWQ's group must divide SmolLM2's 576 columns), each validated and probed in transformers 5 (the
+  runtimes in other venvs are switched off in both).
 
 Reported per run: wall seconds, CPU seconds of the whole process tree (user + system of the
 child and everything it waited for: less sensitive to other load on the machine than wall
@@ -38,7 +39,7 @@ GROUPS = {
     "gguf": CALIBRATION + "gguf:\n  types: [Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_0, Q4_K_S, Q4_K_M, Q5_0, Q5_K_S, "
                           "Q5_K_M, Q6_K, Q8_0]\n  imatrix: true\n",
     "gptq-awq": CALIBRATION + "gptq:\n  variants:\n    - {bits: 4, group_size: 128}\n"
-                              "awq:\n  targets: [{bits: 4, group_size: 128}]\n",
+                              "awq:\n  targets: [{bits: 4, group_size: 64}]\n",  # SmolLM2's 576 columns: 9 groups of 64
 }
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from quantpub import naming
 from quantpub.errors import QuantpubError
-from quantpub.matrix import CalibrationSpec, GptqVariant
+from quantpub.matrix import AwqTarget, CalibrationSpec, GptqVariant
 from quantpub.plan import Plan, make_plan
 
 log = logging.getLogger(__name__)
@@ -202,12 +202,12 @@ def _hub_source_problems(model: str) -> list[str]:
 
 
 def check_group_sizes(model: str, plan: Plan) -> list[str]:
-    """A GPTQ group size must divide the input size of every layer it quantizes."""
+    """A GPTQ or AWQ group size must divide the input size of every layer it quantizes."""
     inputs = sorted({lin.in_features for lin in plan.facts.block_linears()})
     refused: dict[tuple[int, int], list[str]] = {}  # (group size, an input it does not divide) -> variants
     for job in plan.jobs:
         p = job.variant.params
-        if isinstance(p, GptqVariant) and p.group_size is not None:
+        if isinstance(p, (GptqVariant, AwqTarget)) and p.group_size is not None:
             bad = [n for n in inputs if n % p.group_size]
             if bad:
                 refused.setdefault((p.group_size, bad[0]), []).append(job.id)
