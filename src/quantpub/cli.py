@@ -17,14 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-from quantpub import __version__
+from quantpub import __version__, run_output
 from quantpub.naming import HUB_URL
 from quantpub.errors import EXIT_BUG, EXIT_FAILED, EXIT_HUB, EXIT_MACHINE, EXIT_OK, PlanError, QuantpubError
 from quantpub.hub.commands import add_commands as add_hub_commands
 
 DEFAULT_MATRIX = "thebloke"
 log = logging.getLogger("quantpub")
-_terminal = None  # the real stderr once the run has pointed fd 2 at its log
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -91,9 +90,9 @@ def _run(args: argparse.Namespace) -> int:
                          executor=args.executor, ray_address=args.ray_address, slots=args.slots,
                          models_in_flight=args.models_in_flight, stream=args.stream, verbose=args.verbose)
     example = args.example or not models
-    with _Captured(args.verbose) as captured:  # libraries loaded by the preflight (and the example) keep quiet
+    with run_output.Captured(args.verbose) as captured:  # libraries loaded by the preflight (and the example) keep quiet
         if example:
-            models, options = _example(work, options)
+            models, options = run_output.example(work, options)
         checked = check(matrix, models, work, publish_to=args.publish_to, options=options)
     if checked.problems:
         raise preflight.PreflightError(checked.problems)
@@ -104,159 +103,18 @@ def _run(args: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     with WorkLock(work):  # before anything in the work dir is touched; run() holds it again, which is free
         console = make_console(args.quiet)
-        _log_to_file(work, args.verbose, console, captured.text())
+        run_output.log_to_file(work, args.verbose, console, captured.text())
         try:
             summary = run(matrix, models, work, publish_to=args.publish_to, options=options, observer=console,
                           checked=checked)
         finally:
             console.close()
-    _print_summary(work, list(checked.plans), summary, args.publish_to, options.namespace)
+    run_output.print_summary(work, list(checked.plans), summary, args.publish_to, options.namespace)
     if example and args.publish_to is None and not args.quiet:
-        _load_example_back(work, models[0], summary)
+        run_output.load_example_back(work, models[0], summary)
     if summary.ok:
         return EXIT_OK
     return EXIT_HUB if summary.only_publishing_failed else EXIT_FAILED
-
-
-def _print_summary(work: Path, models: list[str], summary, publish_to: str | None, namespace: str | None) -> None:
-    from rich.console import Console
-
-    from quantpub.console import summary_lines, summary_table
-    from quantpub.ledger import Ledger
-
-    ledger = Ledger(Path(summary.ledger))
-    try:
-        rows = [r for r in ledger.rows() if r.model in models]
-    finally:
-        ledger.close()
-    out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 250)
-    out.print(summary_table(rows))
-    for line in summary_lines(rows, publish_to, namespace, summary.stage_errors):
-        out.print(line)
-    out.print(f"done in {summary.seconds:.0f}s; logs under {work}/*/logs; `quantpub status --work {work}`")
-
-
-def _load_example_back(work: Path, model: str, summary) -> None:
-    """The example ends as a user would: the GPTQ branch downloaded by revision from the hub, and generating."""
-    from quantpub.run import embedded_hub, load_back
-
-    gptq = next((r for r in summary.repos if r.endswith("-GPTQ")), None)
-    if gptq is None:
-        return
-    branch = _first_branch(work, model)
-    server, url, _ = embedded_hub(work)
-    try:
-        print(f"from_pretrained('{gptq}', revision='{branch}') through the hub, then generate:")
-        print("  " + load_back(url, gptq, branch).replace("\n", "\n  "))
-    finally:
-        server.shutdown()
-        server.server_close()
-    print(f"serve the repos again: quantpub hub serve --data-dir {work / 'hub'} --port 8765, "
-          "then use them with HF_ENDPOINT=http://127.0.0.1:8765")
-
-
-class _Captured:
-    """Everything written to this process's stdout and stderr (C code included) goes to a temporary file."""
-
-    def __init__(self, verbose: bool):
-        self.verbose = verbose
-        self.file = None
-
-    def __enter__(self) -> _Captured:
-        if self.verbose:
-            return self
-        import tempfile
-
-        sys.stdout.flush()
-        sys.stderr.flush()
-        self.file = tempfile.TemporaryFile()
-        self.saved = os.dup(1), os.dup(2)
-        os.dup2(self.file.fileno(), 1)
-        os.dup2(self.file.fileno(), 2)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.file is not None:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            for fd, saved in zip((1, 2), self.saved):
-                os.dup2(saved, fd)
-                os.close(saved)
-
-    def text(self) -> str:
-        if self.file is None:
-            return ""
-        self.file.seek(0)
-        return self.file.read().decode("utf-8", "replace")
-
-
-def _log_to_file(work: Path, verbose: bool, console, earlier: str = "") -> None:
-    """The driver's log and every stray library line go to WORK/logs/run.log; the console shows
-    quantpub's warnings and errors (everything with -v)."""
-    from quantpub.console import LiveConsole
-    from quantpub.executors.child import log_only_to
-
-    (work / "logs").mkdir(parents=True, exist_ok=True)
-    log_path = work / "logs" / "run.log"
-    with log_path.open("a") as fh:
-        fh.write(f"===== quantpub run, pid {os.getpid()}, {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n{earlier}")
-    screen_stream = sys.stderr
-    if not verbose:  # from here on, fd 2 is the log; the console keeps a copy of the real stderr
-        screen_stream = os.fdopen(os.dup(2), "w", buffering=1)
-        sys.stderr.flush()
-        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
-        os.dup2(fd, 2)
-        os.close(fd)
-        global _terminal
-        _terminal = screen_stream  # quantpub's own messages (and a bug's traceback) still reach the terminal
-    root = log_only_to(logging.FileHandler(log_path))
-    if isinstance(console, LiveConsole):
-        from rich.logging import RichHandler
-
-        screen: logging.Handler = RichHandler(console=console.live.console, show_time=False, show_path=False)
-    else:
-        screen = logging.StreamHandler(screen_stream)
-        screen.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    screen.setLevel(logging.INFO if verbose else logging.WARNING)
-    if not verbose:
-        screen.addFilter(lambda record: record.name.startswith("quantpub"))
-    root.addHandler(screen)
-    root.setLevel(logging.INFO)
-    logging.captureWarnings(True)
-
-
-def _first_branch(work: Path, model: str) -> str:
-    from quantpub.ledger import Ledger
-
-    ledger = Ledger(work / "ledger.sqlite3")
-    try:
-        rows = [r for r in ledger.rows(model) if r.method == "gptq" and r.state == "published"]
-    finally:
-        ledger.close()
-    return next((r.target for r in rows if r.target != "main"), rows[0].target if rows else "main")
-
-
-def _example(work: Path, options):
-    """The offline example: a tiny llama built here, calibrated and evaluated on local text."""
-    from dataclasses import replace
-
-    from quantpub.tiny import build_tiny_model, corpus_text
-
-    data = work / "example"
-    model = data / "tiny-llama"
-    calib, held_out = data / "calibration.txt", data / "held-out.txt"
-    if not (model / "config.json").is_file():
-        text = corpus_text()
-        cut = int(len(text) * 0.8)
-        data.mkdir(parents=True, exist_ok=True)
-        calib.write_text(text[:cut])
-        held_out.write_text(text[cut:])
-        build_tiny_model(model, "llama", text=text[:cut])
-    log.info("example: tiny llama %s, calibration %s, held-out %s", model, calib, held_out)
-    return [str(model)], replace(options, calibration_file=options.calibration_file or str(calib),
-                                 eval_file=options.eval_file or str(held_out), device="cpu",
-                                 n_samples=options.n_samples or 16, seq_len=options.seq_len or 256,
-                                 context=min(options.context or 256, 256), windows=min(options.windows or 8, 8))
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -507,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         from quantpub.preflight import PreflightError
 
         for problem in exc.problems if isinstance(exc, PreflightError) else [str(exc)]:
-            print(f"error: {problem}", file=_terminal or sys.stderr)
+            print(f"error: {problem}", file=run_output.terminal or sys.stderr)
         return exc.exit_code
     except (OSError, sqlite3.OperationalError) as exc:
         message = _system_error(exc)
@@ -515,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if message is None:
             return _report_bug()
-        print(f"error: {message}", file=_terminal or sys.stderr)
+        print(f"error: {message}", file=run_output.terminal or sys.stderr)
         return EXIT_MACHINE
     except Exception:  # noqa: BLE001 - a bug: its traceback, and the code that says so
         if args.debug:
@@ -527,9 +385,9 @@ def _report_bug() -> int:
     """A bug's traceback, on the terminal even when fd 2 is the run's log (and in the log as well)."""
     import traceback
 
-    for stream in {sys.stderr, _terminal or sys.stderr}:
+    for stream in {sys.stderr, run_output.terminal or sys.stderr}:
         traceback.print_exc(file=stream)
-    print("error: this is a bug in quantpub; please report it with the traceback above", file=_terminal or sys.stderr)
+    print("error: this is a bug in quantpub; please report it with the traceback above", file=run_output.terminal or sys.stderr)
     return EXIT_BUG
 
 
