@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from quantpub import calibration, isolate, progress
+from quantpub.backends import backend
 from quantpub.built import Outcome, move_into_place, partial_dir, write_manifest
 from quantpub.errors import QuantizeError
 from quantpub.moe import expert_coverage
@@ -36,8 +37,19 @@ def build(plan: Plan, jobs: list[Job], model_dir: Path, out: Path, *, model: str
     are built in exact mode). Each built variant is loaded back (validation, runtime probes) in a
     process of its own, which imports its libraries while the model loads and calibrates.
     """
+    from quantpub.build_each import build_jobs, convertible
+
+    on_session = [j for j in jobs if backend(j.method).module is None]
+    each = [j for j in jobs if j not in on_session]  # compressed-tensors: after the GPTQ branches it may convert
+    outcomes: list[Outcome] = []
     with isolate.Isolated(out / "logs" / "quantize-gpu", 1, preload=VALIDATION_LIBRARIES) as pool:
-        return _build_all(plan, jobs, model_dir, out, model, device, calibration_file, stream, pool)
+        if on_session:
+            outcomes += _build_all(plan, on_session, model_dir, out, model, device, calibration_file, stream, pool)
+        if each:
+            from_built = {j.id: found for j in each if (found := convertible(plan, j, out)) is not None}
+            outcomes += build_jobs(plan, each, model_dir, out, pool, model=model, device=device,
+                                   calibration_file=calibration_file, from_built=from_built)
+    return outcomes
 
 
 def _build_all(plan: Plan, jobs: list[Job], model_dir: Path, out: Path, model: str, device: str,

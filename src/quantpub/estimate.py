@@ -129,6 +129,12 @@ def streamed_host_memory(facts: ModelFacts, *, dtype_bytes: int, cpu_work: int |
     return held + max(cpu_work, LIBRARIES + facts.total_params * FP16)
 
 
+def convert_memory(facts: ModelFacts, device: str) -> int:
+    """Host bytes of a data-free conversion (FP8, MLX): the source model loaded and its converted copy beside it,
+    with the libraries."""
+    return facts.total_params * (FP32 if device == "cpu" else FP16) * 2 + LIBRARIES
+
+
 def gguf_memory(facts: ModelFacts) -> int:
     """Host bytes for convert + quantize: a few copies of the largest tensor in fp32."""
     return 3 * facts.largest_tensor_params * FP32 + GIB

@@ -237,7 +237,15 @@ def measure(variant_dir: Path, manifest: Manifest, data: HeldOut, cache: Path, d
     from quantpub.machine import cpu_count
 
     reference = np.load(cache, mmap_mode="r")
-    runtime = backend(manifest.method).runtime
+    b = backend(manifest.method)
+    if b.module is not None:  # the format's own runtime (compressed-tensors through transformers, mlx-lm)
+        with peak_memory("cpu") as peak:
+            stats = score(b.builder().logprobs(variant_dir, data.windows), data, reference)
+        memory = _memory(peak, b.runtime, "cpu", data)
+        if memory:
+            memory["how"] = "peak resident memory of loading it and scoring every window, less what was resident before"
+        return stats, memory
+    runtime = b.runtime
     if runtime == "llama.cpp":
         first = variant_dir / sorted(n for n in manifest.files if n.endswith(".gguf"))[0]
         memory = gguf_memory(first, data, cpu_count())

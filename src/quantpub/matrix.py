@@ -25,7 +25,6 @@ from quantpub.gguf_types import GgufVariant
 
 Bits = Literal[2, 3, 4, 8]
 Method = Literal["gptq", "awq", "gguf", "compressed_tensors", "mlx"]
-RUNTIME_METHODS = ("compressed_tensors", "mlx")  # expanded by runtime_specs, not (yet) by expand
 GROUP_SIZES = (32, 64, 128)
 PERPLEXITY_SPLIT = "test"
 
@@ -374,10 +373,10 @@ def load_matrix(path: str | Path) -> tuple[Matrix, list[VariantSpec]]:
 
 
 def expand(matrix: Matrix, path: str | Path = "<matrix>", lines: dict | None = None) -> list[VariantSpec]:
-    """All GPTQ, AWQ and GGUF variants of ``matrix`` in publication order (see ``runtime_specs`` for the rest)."""
+    """All variants of ``matrix`` in publication order: GPTQ, AWQ, GGUF, compressed-tensors, MLX."""
     lines = lines or {}
-    specs = _gptq_specs(matrix, path, lines) + _awq_specs(matrix) + _gguf_specs(matrix)
-    if not specs and not runtime_specs(matrix):
+    specs = _gptq_specs(matrix, path, lines) + _awq_specs(matrix) + _gguf_specs(matrix) + runtime_specs(matrix)
+    if not specs:
         raise MatrixError(str(path), "the matrix declares no variants; add gptq, awq, gguf, compressed_tensors "
                                      "or mlx entries")
     return specs

@@ -237,7 +237,7 @@ def _rope(facts: ModelFacts) -> str:
 def _job(spec: VariantSpec, matrix: Matrix, facts: ModelFacts, device: Device, seq_len: int | None) -> Job:
     b = backend(spec.method)
     n_samples = spec.calibration.n_samples if spec.calibration else None
-    repo = naming.repo_id(matrix.repos.namespace, getattr(matrix.repos, spec.method), facts.name)
+    repo = b.repo_id(matrix, spec, facts.name)
     # files side by side on main are named by the section's file name template; the others get a branch each
     target = naming.gguf_filename(facts.name, spec.params.label, getattr(matrix, spec.method).file_name) \
         if b.files_on_main else spec.branch

@@ -57,6 +57,7 @@ class Stage:
 STAGES = {s.name: s for s in (
     Stage("quantize-gpu", "quantpub.build_session", True, "session_group_memory"),
     Stage("quantize-gguf", "quantpub.build_gguf", False, "gguf_group_memory"),
+    Stage("quantize-cpu", "quantpub.build_each", False, "session_group_memory"),
 )}
 
 
@@ -77,6 +78,9 @@ class Backend:
     card_rows: str = ""         # "module:function": (manifests, source, hub, repo, quality) -> the card table's rows
     card_tags: str = "quantpub.card.formats:tags"  # (manifests) -> the card's front-matter tags
     card_tested: str | None = None  # (manifests) -> a "Tested to load in" section, for formats without one in the template
+    module: str | None = None   # a format built one variant at a time from the checkpoint (``build_each``): the module
+    #                             with build, validate, logprobs, estimated_size, manifest_parameters
+    repo: str | None = None     # "module:function" (matrix, spec, model name) -> its repo id; default: repos.<method>
     model_types: frozenset[str] = DECODERS
     solves_hessians: bool = False  # GPTQ-style solve: its memory holds each linear's Hessian
 
@@ -115,8 +119,23 @@ class Backend:
 
         if self.stage == "quantize-gguf":
             return None, estimate.gguf_memory(facts), None
-        return estimate.session_memory(facts, n_samples=n_samples, seq_len=seq_len, device=device,
-                                       hessians=self.solves_hessians)
+        if self.module is not None and job_spec.calibration is None:  # a data-free conversion of the checkpoint
+            return None, estimate.convert_memory(facts, device), None
+        dev, host, streamed = estimate.session_memory(facts, n_samples=n_samples, seq_len=seq_len, device=device,
+                                                      hessians=self.solves_hessians)
+        return dev, host, streamed if self.module is None else None
+
+    def repo_id(self, matrix, spec, model_name: str) -> str:
+        """The repo a variant of this format is published to."""
+        if self.repo:
+            return _resolve(self.repo)(matrix, spec, model_name)
+        from quantpub import naming
+
+        return naming.repo_id(matrix.repos.namespace, getattr(matrix.repos, self.method), model_name)
+
+    def builder(self):
+        """The module that builds one variant of a per-variant format (``module``)."""
+        return import_module(self.module)
 
 
 def _resolve(path: str):
@@ -168,15 +187,18 @@ BACKENDS: dict[str, Backend] = {b.method: b for b in (
     Backend("gguf", "GGUF", "quantize-gguf", "gguf.md.j2", "gguf", "llama.cpp", True,
             ("llama-cpp-python", "gguf"), _gguf_parameters, _size("gguf_size"), "quantpub.gguf_types:GgufParameters",
             card_rows="quantpub.card.render:gguf_rows"),
+    # after the GPTQ variants of the same stage: a W4A16/W8A8 solve equal to a built GPTQ branch is converted from it
     Backend("compressed_tensors", "compressed-tensors", "quantize-gpu", "compressed_tensors.md.j2", "vllm",
-            "compressed-tensors", False, ("compressed-tensors",), _runtime_parameters("ct_variant"),
-            _runtime_size("ct_variant"), "quantpub.matrix_formats:CtScheme", card_rows="quantpub.card.formats:ct_rows",
-            card_tags="quantpub.card.formats:ct_tags",
-            card_tested="quantpub.card.formats:tested_in"),
-    Backend("mlx", "MLX", "quantize-cpu", "mlx.md.j2", "mlx", "mlx", False, ("mlx", "mlx-lm"),
+            "transformers (compressed-tensors)", False, ("compressed-tensors", "gptqmodel"),
+            _runtime_parameters("ct_variant"), _runtime_size("ct_variant"), "quantpub.matrix_formats:CtScheme",
+            card_rows="quantpub.card.formats:ct_rows", card_tags="quantpub.card.formats:ct_tags",
+            card_tested="quantpub.card.formats:tested_in", module="quantpub.backends.ct_variant",
+            repo="quantpub.matrix:runtime_repo", solves_hessians=True),
+    Backend("mlx", "MLX", "quantize-cpu", "mlx.md.j2", "mlx", "mlx-lm", False, ("mlx", "mlx-lm"),
             _runtime_parameters("mlx_variant"), _runtime_size("mlx_variant"), "quantpub.matrix_formats:MlxTarget",
             card_rows="quantpub.card.formats:mlx_rows", card_tags="quantpub.card.formats:mlx_tags",
-            card_tested="quantpub.card.formats:tested_in"),
+            card_tested="quantpub.card.formats:tested_in", module="quantpub.backends.mlx_variant",
+            repo="quantpub.matrix:runtime_repo"),
 )}
 
 

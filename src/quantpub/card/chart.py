@@ -12,7 +12,8 @@ from pathlib import Path
 from quantpub.card.quality import Point
 
 CHART = "quality.png"  # beside README.md in every repo of the model
-MARKERS = {"GPTQ": ("o", "tab:blue"), "AWQ": ("s", "tab:orange"), "GGUF": ("^", "tab:green")}  # same in every chart
+MARKERS = {"GPTQ": ("o", "tab:blue"), "AWQ": ("s", "tab:orange"), "GGUF": ("^", "tab:green"),  # same in every chart
+           "compressed-tensors": ("D", "tab:red"), "MLX": ("v", "tab:purple")}
 
 
 def short_label(p: Point) -> str:

@@ -206,7 +206,7 @@ def render(kind: str, repo: str, manifests: list[Manifest], source: Source, *, r
     rows = b.card_function("rows")(manifests, source, hub, repo, q)
     data = card_data(kind, source, manifests, quantized_by)
     body = env.get_template(backend(kind).card_template).render(
-        kind=kind, repo=repo, hub=hub, shell_hub=hub or "$HF_ENDPOINT", source_hub=HUB, source=source, rows=rows, repos=_repo_links(repos, hub),
+        kind=kind, repo=repo, hub=hub, shell_hub=hub or "$HF_ENDPOINT", source_hub=HUB, source=source, rows=rows, repos=_repo_links(repos, hub, family or manifests),
         evaluated=any(r["eval"] for r in rows), measured_memory=any(r["memory"] != "-" for r in rows),
         quality=q, chart=chart if q else None, provenance=provenance.context(manifests, hub, repo),
         tools=manifests[0].tools, quantized_by=quantized_by, prompt=source.prompt,
@@ -218,10 +218,29 @@ def render(kind: str, repo: str, manifests: list[Manifest], source: Source, *, r
     return f"---\n{data.to_yaml()}\n---\n{body}"
 
 
-def _repo_links(repos: list[str], hub: str) -> list[dict[str, str]]:
-    order = {"-AWQ": 0, "-GPTQ": 1, "-GGUF": 2}
-    return [{"repo": r, "url": f"{hub}/{r}", "kind": next((k[1:] for k in order if r.endswith(k)), "")}
-            for r in sorted(repos, key=lambda r: next((v for k, v in order.items() if r.endswith(k)), 9))]
+REPO_LINES = {  # "Repositories available": what each format's repo is for (TheBloke's words for his three)
+    "AWQ": "AWQ model(s) for GPU inference.",
+    "GPTQ": "GPTQ models for GPU inference, with multiple quantisation parameter options.",
+    "GGUF": "GGUF models for CPU+GPU inference with llama.cpp.",
+    "compressed-tensors": "compressed-tensors {scheme} model for vLLM and SGLang.",
+    "MLX": "MLX {bits}-bit model for Apple silicon (mlx-lm).",
+}
+ORDER = ("AWQ", "GPTQ", "GGUF", "compressed-tensors", "MLX")
+
+
+def _repo_links(repos: list[str], hub: str, family: list[Manifest]) -> list[dict[str, str]]:
+    """Every repo of the model with a line that says what it is for, from a manifest of it (else its name)."""
+    links = []
+    for r in repos:
+        m = next((m for m in family if m.repo == r), None)
+        if m is not None:
+            kind = backend(m.method).kind
+            line = REPO_LINES[kind].format_map(vars(_params(m)) if hasattr(_params(m), "__dict__") else {})
+        else:
+            kind = next((k for k in ("AWQ", "GPTQ", "GGUF") if r.endswith(f"-{k}")), "")
+            line = REPO_LINES.get(kind, "")
+        links.append({"repo": r, "url": f"{hub}/{r}", "kind": kind, "line": line})
+    return sorted(links, key=lambda x: ORDER.index(x["kind"]) if x["kind"] in ORDER else len(ORDER))
 
 
 def render_run(out: str | Path, *, hub: str = HUB, namespace: str | None = None) -> list[Path]:
