@@ -292,7 +292,7 @@ def test_every_number_in_the_comparison_table_is_a_manifest_field(tmp_path):
     units = {row[-1].split()[1] for row in rows}
     assert len(units) == 1, f"the memory column mixes units: {units}"
     unit = column_unit(m["evaluation"]["memory"]["bytes"] for m in manifests)
-    for kind, link, size, ppl, kld, median, p99, kmax, top1, delta_p, memory in rows:
+    for kind, link, size, bpw, ppl, kld, median, p99, kmax, top1, delta_p, memory in rows:
         label = link.split("]")[0][1:]
         m = next(x for x in manifests if x["method"].upper() == kind and
                  (x.get("branch") == label or label in x["files"]))
@@ -372,7 +372,7 @@ def test_measurements_missing_are_not_invented(tmp_path):
     rows = table_rows(section(cards["GGUF"], "quantpub-quality"))[1:]
     assert [(r[0], r[1].split("]")[0][1:]) for r in rows] == [("GPTQ", "main"), ("GGUF", "tulu-7b.Q4_K_M.gguf")][
         ::(1 if rows[0][0] == "GPTQ" else -1)]
-    assert {r[10] for r in rows if r[0] == "GPTQ"} == {"-"}  # its memory was not measured: not shown
+    assert {r[11] for r in rows if r[0] == "GPTQ"} == {"-"}  # its memory was not measured: not shown
     provided = cards["GGUF"].split("<!-- README_GGUF.md-provided-files end -->")[0]
     gguf_rows = table_rows(provided)[1:]
     assert sum("(rule)" in r[4] for r in gguf_rows) == 11 and "RAM figures marked (rule)" in provided

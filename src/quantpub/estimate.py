@@ -145,7 +145,7 @@ def session_group_memory(plan, jobs, device: str, stream: bool = False) -> int:
 
     ``stream``: the model is read layer by layer from the checkpoint.
     """
-    return max(j.stream_host_memory if stream else j.host_memory for j in jobs)
+    return max((j.stream_host_memory or j.host_memory) if stream else j.host_memory for j in jobs)
 
 
 def gguf_group_memory(plan, jobs, device: str, stream: bool = False) -> int:

@@ -137,7 +137,12 @@ def memory_unit(pts: list[Point]) -> tuple[str, float]:
     return column_unit(p.memory for p in pts)
 
 
-def table(pts: list[Point], kld_digits: int, ppl_digits: int) -> list[dict[str, str]]:
+def bits_per_weight(size: int, parameters: int | None) -> str:
+    """A file's bits per weight of the model (its size over the source's parameters, as llama.cpp reports it)."""
+    return f"{size * 8 / parameters:.2f}" if parameters else "-"
+
+
+def table(pts: list[Point], kld_digits: int, ppl_digits: int, parameters: int | None = None) -> list[dict[str, str]]:
     """The comparison table's cells, formatted so that no two different measurements print alike."""
     stat_digits = {k: significant([getattr(p.evaluation, k) for p in pts]) for k in ("kld_median", "kld_p99", "kld_max")}
     unit = memory_unit(pts)
@@ -146,6 +151,7 @@ def table(pts: list[Point], kld_digits: int, ppl_digits: int) -> list[dict[str, 
         ev = p.evaluation
         rows.append({
             "kind": p.kind, "repo": p.repo, "label": p.label, "url": p.url, "size": gb(p.size),
+            "bpw": bits_per_weight(p.size, parameters),
             "ppl": pm(ev.perplexity, ev.perplexity_stderr, ppl_digits),
             "kld": pm(p.kld, ev.kld_stderr, kld_digits),
             **{k: fmt(getattr(ev, k), d) for k, d in stat_digits.items()},
@@ -179,7 +185,7 @@ def scored_text(info: Evaluation) -> str:
     return f"{head} of {where}"
 
 
-def context(family: list[Manifest], kind: str, hub: str) -> dict[str, Any] | None:
+def context(family: list[Manifest], kind: str, hub: str, parameters: int | None = None) -> dict[str, Any] | None:
     """What the quality and "which file" sections render, or None when nothing was measured."""
     pts = points(family, hub)
     if not pts:
@@ -192,7 +198,7 @@ def context(family: list[Manifest], kind: str, hub: str) -> dict[str, Any] | Non
     ppl_digits = significant([p.evaluation.perplexity for p in pts], least=4)
     left_out = sum(1 for m in family if m.evaluation and m.evaluation.kld is not None) - len(pts)
     return {
-        "rows": table(pts, kld_digits, ppl_digits), "info": info, "count": len(pts), "ranks": ranks(pts),
+        "rows": table(pts, kld_digits, ppl_digits, parameters), "info": info, "count": len(pts), "ranks": ranks(pts),
         "kld_digits": kld_digits, "ppl_digits": ppl_digits, "left_out": left_out,
         "scored_on": scored_text(info),
         "reference_ppl": pm(info.reference_perplexity, info.reference_perplexity_stderr, ppl_digits),

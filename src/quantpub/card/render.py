@@ -187,12 +187,13 @@ def card_data(kind: str, source: Source, manifests: list[Manifest], quantized_by
 
 def render(kind: str, repo: str, manifests: list[Manifest], source: Source, *, repos: list[str],
            quantized_by: str | None = "quantpub", hub: str = HUB, family: list[Manifest] | None = None,
-           chart: str | None = None) -> str:
+           chart: str | None = None, parameters: int | None = None) -> str:
     """The README.md of one published repo (kind: gptq, awq, gguf, compressed_tensors or mlx).
 
     ``family``: the manifests of every repo of the model (default: ``manifests``), for the
     comparison table and "Which file should I choose?"; ``chart``: the file name of the
-    KLD-against-size chart beside the card, when one was drawn. ``hub`` is the URL links point
+    KLD-against-size chart beside the card, when one was drawn; ``parameters``: the source's parameter count
+    (the tables' bits per weight). ``hub`` is the URL links point
     to; "" gives site-relative links (``/ns/repo``), stable across the built-in hub's ports,
     with shell commands written against ``$HF_ENDPOINT``.
     """
@@ -201,7 +202,7 @@ def render(kind: str, repo: str, manifests: list[Manifest], source: Source, *, r
     env = Environment(loader=PackageLoader("quantpub.card", "templates"), undefined=StrictUndefined,
                       keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
     manifests = sorted(manifests, key=lambda m: m.branch != "main")  # main first, then as given
-    q = quality.context(family or manifests, kind, hub)
+    q = quality.context(family or manifests, kind, hub, parameters)
     b = backend(kind)
     rows = b.card_function("rows")(manifests, source, hub, repo, q)
     data = card_data(kind, source, manifests, quantized_by)
@@ -276,7 +277,8 @@ def render_run(out: str | Path, *, hub: str = HUB, namespace: str | None = None)
             chart.unlink(missing_ok=True)
         text = render(ms[0].method, repo, ms, source, repos=sorted(by_repo), family=family,
                       chart=CHART if points else None,
-                      quantized_by=plan.matrix.card.quantized_by or "quantpub", hub=hub)
+                      quantized_by=plan.matrix.card.quantized_by or "quantpub", hub=hub,
+                      parameters=plan.facts.total_params)
         write_text_atomic(folder / "README.md", text)
         paths.append(folder / "README.md")
     return paths
