@@ -50,8 +50,8 @@ def test_summary_lists_each_variant_and_each_failure_with_its_log():
             row("gptq-b", "failed", error="RuntimeError: out of memory\ntraceback...", log="/w/tiny/logs/q.log"),
             row("gguf-Q8_0", "validated", method="gguf", target="tiny.Q8_0.gguf", interruptions=2)]
     table = render(summary_table(rows))
-    assert re.search(r"gptq-a\s+main\s+5\.2 MB\s+12\.35\s+4\.56e-05\s+published\s+aaaaaaaaaa", table), table
-    assert re.search(r"gguf-Q8_0\s+tiny\.Q8_0\.gguf\s+-\s+-\s+-\s+validated \(2 interrupted\)", table), table
+    assert re.search(r"gptq-a\s+main\s+5\.2 MB\s+-\s+12\.35\s+4\.56e-05\s+published\s+aaaaaaaaaa", table), table
+    assert re.search(r"gguf-Q8_0\s+tiny\.Q8_0\.gguf\s+-\s+-\s+-\s+-\s+validated \(2 interrupted\)", table), table
     lines = summary_lines(rows, "http://hub", None, ["tiny: publish failed: HTTP 500 (log: /w/p.log)"])
     assert "open http://hub/ns/tiny-GPTQ" in lines
     assert "FAILED tiny gptq-b: RuntimeError: out of memory (log: /w/tiny/logs/q.log)" in lines

@@ -24,7 +24,8 @@ RUNTIME_VARIANTS = [  # (id, method, repo for model "m", calibrated)
 
 def test_runtimes_matrix_has_every_format():
     matrix, specs = load_matrix(MATRICES / "runtimes.yaml")
-    assert [(s.method, s.branch) for s in specs] == [("gptq", "main"), ("awq", "main"), ("gguf", None), ("gguf", None)]
+    assert [(s.method, s.branch) for s in specs] == [("gptq", "main"), ("awq", "main"), ("gguf", None), ("gguf", None)] \
+        + [(method, "main") for _, method, _, _ in RUNTIME_VARIANTS]  # every format, in publication order
     assert [s.params.label for s in specs if s.method == "gguf"] == ["Q4_K_M", "Q8_0"]
     runtime = runtime_specs(matrix)
     got = [(s.id, s.method, runtime_repo(matrix, s, "m"), s.calibration is not None) for s in runtime]

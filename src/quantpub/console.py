@@ -276,16 +276,19 @@ class LiveConsole(View):
 
 
 def summary_table(rows: list[Row], endpoint: str | None = None, namespace: str | None = None) -> Table:
-    """Per variant: its branch or file, size, PPL, KLD, state and commit; failures with reason and log."""
+    """Per variant (every format of a model side by side): its branch or file, size, bits per weight, PPL, KLD,
+    state and commit; failures with reason and log."""
     table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
-    for name in ("model", "variant", "branch / file", "size", "PPL", "KLD", "state", "commit"):
+    for name in ("model", "variant", "branch / file", "size", "bits/w", "PPL", "KLD", "state", "commit"):
         table.add_column(name, no_wrap=True)
     for r in rows:
         metrics = r.metrics or {}
         state = Text(r.state, style="red" if r.state in FAILED else ("green" if r.state == "published" else ""))
         if r.interruptions:
             state.append(f" ({r.interruptions} interrupted)", style="dim")
-        table.add_row(short(r.model), r.variant, r.target, _size(r.size), fmt_metric(metrics.get("perplexity")),
+        bpw = metrics.get("bits_per_weight")
+        table.add_row(short(r.model), r.variant, r.target, _size(r.size), f"{bpw:.2f}" if bpw else "-",
+                      fmt_metric(metrics.get("perplexity")),
                       fmt_metric(metrics.get("kld"), 3), state, (r.commit_oid or "-")[:10])
     return table
 

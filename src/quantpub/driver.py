@@ -377,9 +377,12 @@ class Driver:
         timings = manifest.timings()
         if manifest.evaluation and manifest.evaluation.seconds is not None:
             timings["evaluate_seconds"] = manifest.evaluation.seconds
+        metrics = manifest.evaluation.metrics() if manifest.evaluation else {}
+        if model in self.plans:
+            metrics["bits_per_weight"] = round(manifest.size * 8 / self.plans[model].facts.total_params, 3)
         self.ledger.advance(model, variant, "evaluated" if manifest.evaluation else "validated", size=manifest.size,
                             manifest_sha256=sha256_file(path / MANIFEST), tools=manifest.tools, timings=timings,
-                            metrics=manifest.evaluation.metrics() if manifest.evaluation else {})
+                            metrics=metrics)
 
     def summary(self, seconds: float) -> Summary:
         rows = self.ledger.rows()
