@@ -10,15 +10,13 @@ Loading back and probing run in an isolated worker process (a crash costs that v
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 
 from quantpub import calibration, isolate, progress
 from quantpub.artifacts import MANIFEST
 from quantpub.backends import backend
-from quantpub.built import Outcome, move_into_place, partial_dir, write_manifest
-from quantpub.errors import QuantizeError
+from quantpub.built import Outcome, building, move_into_place, partial_dir, write_manifest
 from quantpub.plan import Job, Plan
 
 log = logging.getLogger(__name__)
@@ -72,7 +70,7 @@ def build_one(job: Job, model_dir: Path, out: Path, pool: isolate.Isolated, *, m
     module = b.builder()
     partial = partial_dir(out, job.id)
     started = time.monotonic()
-    try:
+    with building(partial, job.id, model):
         isolate.maybe_crash("quantize", job.id)
         extra = {"from_gptq": from_built} if from_built is not None else {}
         record = module.build(model_dir, partial, job.variant.params, calib, device, **extra)
@@ -82,12 +80,6 @@ def build_one(job: Job, model_dir: Path, out: Path, pool: isolate.Isolated, *, m
         compat = pool.call(job.id, "compat", check_variant, partial, job.method, prompt)
         write_manifest(partial, job, calib, model, device, round(seconds, 2), validation, compat=compat, build=record)
         move_into_place(partial, out / job.id)
-    except isolate.Ended:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    except Exception as exc:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise QuantizeError(job.id, model, f"{type(exc).__name__}: {exc}") from exc
     log.info("%s: built in %.1fs (%s), validated -> %s", job.id, seconds, record.get("route", b.kind), out / job.id)
     return out / job.id
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from quantpub import calibration, isolate, progress
 from quantpub.backends import backend
-from quantpub.built import Outcome, move_into_place, partial_dir, write_manifest
+from quantpub.built import Outcome, building, move_into_place, partial_dir, write_manifest
 from quantpub.errors import QuantizeError
 from quantpub.moe import expert_coverage
 from quantpub.plan import Job, Plan
@@ -185,7 +185,7 @@ def finish_variant(session, job: Job, calib: calibration.CalibrationSet, partial
 
     final = out / job.id
     started = time.monotonic()
-    try:
+    with building(partial, job.id, model):
         experts = expert_coverage(quant_log, min_tokens=expert_min_tokens)
         if experts and experts["starved"]:
             log.warning("%s: %d experts got fewer than %d calibration tokens: %s", job.id, len(experts["starved"]),
@@ -200,11 +200,5 @@ def finish_variant(session, job: Job, calib: calibration.CalibrationSet, partial
         write_manifest(partial, job, calib, model, session.device, round(quantized_s, 2), validation, experts=experts,
                        streamed=session.stream, compat=compat, **(extra or {}))
         move_into_place(partial, final)
-    except isolate.Ended:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    except Exception as exc:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise QuantizeError(job.id, model, f"{type(exc).__name__}: {exc}") from exc
     log.info("%s: quantized in %.1fs, validated in %.1fs -> %s", job.id, quantized_s, time.monotonic() - started, final)
     return final

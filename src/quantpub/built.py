@@ -10,12 +10,15 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from quantpub import isolate, manifest
 from quantpub.backends import backend
+from quantpub.errors import QuantizeError
 from quantpub.manifest import CalibrationRecord, Manifest, Validation
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,20 @@ def partial_dir(out: Path, variant: str) -> Path:
     partial = Path(out) / f".partial-{variant}-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     return partial
+
+
+@contextmanager
+def building(partial: Path, variant: str, model: str) -> Iterator[None]:
+    """The body builds ``variant`` in ``partial``. On a failure ``partial`` is removed: a crash or kill of a worker
+    (``isolate.Ended``) goes on as it is, anything else as the variant's ``QuantizeError``."""
+    try:
+        yield
+    except isolate.Ended:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    except Exception as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise QuantizeError(variant, model, f"{type(exc).__name__}: {exc}") from exc
 
 
 def move_into_place(partial: Path, final: Path) -> None:
