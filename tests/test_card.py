@@ -295,7 +295,8 @@ def test_every_number_in_the_comparison_table_is_a_manifest_field(tmp_path):
     for kind, link, size, bpw, ppl, kld, median, p99, kmax, top1, delta_p, memory in rows:
         label = link.split("]")[0][1:]
         m = next(x for x in manifests if x["method"].upper() == kind and
-                 (x.get("branch") == label or label in x["files"]))
+                 (x.get("branch") == label or label in x["files"]
+                  or x.get("branch") == "main" and x["repo"].endswith(f"/{label}")))
         ev = m["evaluation"]
         assert size == gb(m["size"]) and memory == f"{format_size(ev['memory']['bytes'], unit)} RAM"
         for cell, field in ((ppl, "perplexity"), (kld, "kld")):
@@ -370,7 +371,7 @@ def test_measurements_missing_are_not_invented(tmp_path):
             m["evaluation"] = evaluation(m["size"], memory=m["method"] == "gguf")
     cards = render_family(tmp_path, manifests)
     rows = table_rows(section(cards["GGUF"], "quantpub-quality"))[1:]
-    assert [(r[0], r[1].split("]")[0][1:]) for r in rows] == [("GPTQ", "main"), ("GGUF", "tulu-7b.Q4_K_M.gguf")][
+    assert [(r[0], r[1].split("]")[0][1:]) for r in rows] == [("GPTQ", "tulu-7b-GPTQ"), ("GGUF", "tulu-7b.Q4_K_M.gguf")][
         ::(1 if rows[0][0] == "GPTQ" else -1)]
     assert {r[11] for r in rows if r[0] == "GPTQ"} == {"-"}  # its memory was not measured: not shown
     provided = cards["GGUF"].split("<!-- README_GGUF.md-provided-files end -->")[0]
@@ -378,7 +379,7 @@ def test_measurements_missing_are_not_invented(tmp_path):
     assert sum("(rule)" in r[4] for r in gguf_rows) == 11 and "RAM figures marked (rule)" in provided
     assert all(r[6:] == ["-", "-"] for r in gguf_rows if "Q4_K_M" not in r[0])
     memory = section(cards["GGUF"], "quantpub-which-file").split("within a memory budget")[1]
-    assert "tulu-7b.Q4_K_M.gguf" in memory and "[main]" not in memory  # only measured memory is used
+    assert "tulu-7b.Q4_K_M.gguf" in memory and "[tulu-7b-GPTQ]" not in memory  # only measured memory is used
     awq = cards["AWQ"]
     assert "| PPL |" not in awq.split("<!-- README_AWQ.md-provided-files end -->")[0]  # AWQ itself not measured
     assert "quantpub-quality" in awq  # but the family comparison is there
@@ -389,7 +390,8 @@ def test_pick_rules_on_fixed_numbers():
         from quantpub.manifest import Evaluation
 
         ev = Evaluation(kld=kld, perplexity=1.0, memory={"bytes": memory, "kind": "RAM"} if memory else None)
-        return quality.Point(name, "GGUF" if name.startswith("Q") else "GPTQ", "r", name, "u", size, kld, ev)
+        kind = "GGUF" if name.startswith("Q") else "GPTQ"
+        return quality.Point(name, kind, f"ns/m-{kind}", name, "u", size, kld, ev)
 
     gib = quality.GIB
     pts = [point("Q8_0", 8 * gib, 0.001, 9 * gib), point("Q6_K", 6 * gib, 0.004, 7 * gib),
@@ -403,7 +405,7 @@ def test_pick_rules_on_fixed_numbers():
     assert quality.best_within(pts, 12 * gib).variant == "Q8_0"
     assert quality.best_within(pts, 4 * gib).variant == "Q2_K"
     assert quality.best_within(pts, 3 * gib) is None
-    chosen = quality.picks(pts, "GPTQ")
+    chosen = quality.picks(pts, "ns/m-GPTQ")
     assert [r["own"] and r["own"].variant for r in chosen["kld"]] == ["", "main", "main"][:0] + [None, "main", "main"]
     assert quality.ranks(sorted(pts, key=lambda p: p.kld))["Q8_0"] == 1
 

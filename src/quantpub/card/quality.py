@@ -30,7 +30,7 @@ class Point:
     variant: str
     kind: str           # GPTQ, AWQ, GGUF
     repo: str
-    label: str          # branch (GPTQ, AWQ) or file name (GGUF)
+    label: str          # the branch (the repo's name for main) or the GGUF file's name
     url: str
     size: int
     kld: float
@@ -59,8 +59,9 @@ def points(family: list[Manifest], hub: str) -> list[Point]:
         ev = m.evaluation
         if _same_text(ev) != common:
             continue
-        if m.branch:
-            label, url = m.branch, f"{hub}/{m.repo}/tree/{m.branch}"
+        if m.branch:  # "main" is every repo's first branch: the repo's name tells which
+            label = m.repo.rsplit("/", 1)[-1] if m.branch == "main" else m.branch
+            url = f"{hub}/{m.repo}/tree/{m.branch}"
         else:
             label = sorted(n for n in m.files if n.endswith(".gguf"))[0]
             url = f"{hub}/{m.repo}/blob/main/{label}"
@@ -81,10 +82,10 @@ def best_within(pts: list[Point], budget: int) -> Point | None:
     return min(fits, key=lambda p: (p.kld, p.size)) if fits else None
 
 
-def picks(pts: list[Point], kind: str) -> dict[str, list[dict[str, Any]]]:
+def picks(pts: list[Point], repo: str) -> dict[str, list[dict[str, Any]]]:
     """The rows of "Which file should I choose?": per KLD limit and memory budget, the pick among
-    all formats and among this repo's ``kind``."""
-    own = [p for p in pts if p.kind == kind]
+    all formats and among this repo's files."""
+    own = [p for p in pts if p.repo == repo]
     return {
         "kld": [{"limit": limit, "any": smallest_within(pts, limit), "own": smallest_within(own, limit)}
                 for limit in KLD_LIMITS],
@@ -185,15 +186,13 @@ def scored_text(info: Evaluation) -> str:
     return f"{head} of {where}"
 
 
-def context(family: list[Manifest], kind: str, hub: str, parameters: int | None = None) -> dict[str, Any] | None:
-    """What the quality and "which file" sections render, or None when nothing was measured."""
+def context(family: list[Manifest], repo: str, hub: str, parameters: int | None = None) -> dict[str, Any] | None:
+    """What the quality and "which file" sections of ``repo``'s card render, or None when nothing was measured."""
     pts = points(family, hub)
     if not pts:
         return None
     info = pts[0].evaluation
-    from quantpub.backends import backend
-
-    chosen = picks(pts, backend(kind).kind)
+    chosen = picks(pts, repo)
     kld_digits = significant([p.kld for p in pts])
     ppl_digits = significant([p.evaluation.perplexity for p in pts], least=4)
     left_out = sum(1 for m in family if m.evaluation and m.evaluation.kld is not None) - len(pts)

@@ -202,7 +202,7 @@ def render(kind: str, repo: str, manifests: list[Manifest], source: Source, *, r
     env = Environment(loader=PackageLoader("quantpub.card", "templates"), undefined=StrictUndefined,
                       keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
     manifests = sorted(manifests, key=lambda m: m.branch != "main")  # main first, then as given
-    q = quality.context(family or manifests, kind, hub, parameters)
+    q = quality.context(family or manifests, repo, hub, parameters)
     b = backend(kind)
     rows = b.card_function("rows")(manifests, source, hub, repo, q)
     data = card_data(kind, source, manifests, quantized_by)
