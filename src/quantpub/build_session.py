@@ -113,7 +113,7 @@ def _build_shared(session, jobs: list[Job], calibrations: dict, out: Path, model
             targets = [Target(j.id, j.variant.params, partial_dir(out, j.id)) for j in group]
             started = time.monotonic()
 
-            def finish(t: Target, calib=calib, started=started, n=len(group)) -> Path:
+            def finish(t: Target, calib=calib, started=started, n=len(group), by_id=by_id) -> Path:
                 return finish_variant(session, by_id[t.id], calib, t.out, out, model, time.monotonic() - started,
                                       t.quant_log, pool, expert_min_tokens=expert_min_tokens,
                                       extra={"gptq_mode": "shared", "variants_in_pass": n})
