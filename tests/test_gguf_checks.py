@@ -114,3 +114,25 @@ def test_doctor_names_the_cpu_and_what_llama_cpp_was_built_for():
     assert report["llama.cpp on this CPU"] == "every feature it needs is here"
     assert "AVX512" not in report["llama.cpp CPU backend"] and "AMX" not in report["llama.cpp CPU backend"]
     assert report["extra buffer types"].startswith("on")
+
+
+def test_logit_stats_in_blocks_match_the_whole_array():
+    import numpy as np
+
+    from quantpub.backends.gguf_files import logit_stats
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(2, 3, (100, 500)).astype(np.float32)
+    tokens = [int(t) for t in rng.integers(0, 500, 100)]
+    whole = logits.astype(np.float64)
+    shifted = whole[:-1] - whole[:-1].max(-1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    expected_ppl = float(np.exp(-logp[np.arange(99), tokens[1:]].mean()))
+    for rows in (1, 7, 32, 100, 256):
+        stats = logit_stats(logits, tokens, rows=rows)
+        assert stats["finite"]
+        assert abs(stats["perplexity"] - expected_ppl) < 1e-9 * expected_ppl
+        assert abs(stats["logit_std"] - float(whole.std())) < 1e-9
+    logits[60, 3] = np.nan
+    assert logit_stats(logits, tokens)["finite"] is False
+    assert logit_stats(np.full((40, 10), 1.5, np.float32), list(range(10)) * 4)["logit_std"] < 1e-9
