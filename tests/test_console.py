@@ -165,7 +165,8 @@ def test_live_view_in_a_real_terminal(tmp_path, tiny_models, corpus):
                          r"validating|queued)", f) for f in live), live[-1]
     assert any(re.search(r"gguf-Q8_0\s+tiny-llama\.Q8_0\.gguf\s+\S", f) for f in live)
     assert re.search(r"variants 4/4 built, 4 published", final), final
-    assert re.search(r"gptq-4bit-128g-actorder_False\s+main\s+[\d.]+ MB\s+[\d.]+\s+[\d.e-]+\s+published", final)
+    assert re.search(r"variant\s+branch / file\s+size\s+bits/w\s+PPL\s+KLD\s+state", final), final
+    assert re.search(r"gptq-4bit-128g-actorder_False\s+main\s+[\d.]+ MB\s+[\d.]+\s+[\d.]+\s+[\d.e-]+\s+published", final)
 
 
 def test_rows_of_a_stage_that_ended_show_how_it_ended_not_its_last_progress(tmp_path):

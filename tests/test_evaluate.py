@@ -28,18 +28,18 @@ def test_every_variant_is_scored_in_its_runtime(evaluated):
     out, results, _ = evaluated
     assert len(results) == 19
     for variant, r in results.items():
-        assert math.isfinite(r["perplexity"]) and r["kld"] >= 0, variant
-        assert r["runtime"] == ("llama.cpp" if variant.startswith("gguf-") else "transformers")
-        assert r["tokens"] == 4 * 128 and r["context"] == 128 and r["tokens_scored"] == 4 * 127
-        assert 0 < r["perplexity_stderr"] < r["perplexity"] and 0 <= r["kld_median"] <= r["kld_p99"] <= r["kld_max"]
-        assert 0 < r["top1_agreement"] <= 1 and -1 < r["delta_p"] < 1 and len(r["windows_sha256"]) == 64
-        assert r["memory"]["kind"] == "RAM" and r["memory"]["context"] == 128 and r["memory"]["bytes"] > 0
-        assert json.loads((out / variant / MANIFEST).read_text())["evaluation"] == r
+        assert math.isfinite(r.perplexity) and r.kld >= 0, variant
+        assert r.runtime == ("llama.cpp" if variant.startswith("gguf-") else "transformers")
+        assert r.tokens == 4 * 128 and r.context == 128 and r.tokens_scored == 4 * 127
+        assert 0 < r.perplexity_stderr < r.perplexity and 0 <= r.kld_median <= r.kld_p99 <= r.kld_max
+        assert 0 < r.top1_agreement <= 1 and -1 < r.delta_p < 1 and len(r.windows_sha256) == 64
+        assert r.memory.kind == "RAM" and r.memory.context == 128 and r.memory.bytes > 0
+        assert json.loads((out / variant / MANIFEST).read_text())["evaluation"] == r.model_dump(mode="json")
 
 
 def test_orderings_are_sane(evaluated):
     _, r, _ = evaluated
-    kld = {v: x["kld"] for v, x in r.items()}
+    kld = {v: x.kld for v, x in r.items()}
     assert kld["gptq-8bit-128g-actorder_False"] < kld["gptq-4bit-128g-actorder_False"]
     assert kld["gptq-8bit--1g-actorder_True"] < kld["gptq-4bit-32g-actorder_True"]
     assert kld["gguf-Q8_0"] < kld["gguf-Q6_K"] < kld["gguf-Q4_K_M"] < kld["gguf-Q2_K"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -54,7 +55,7 @@ def family(tiny_models, corpus, tmp_path_factory):
         record = BUILDERS[spec.method].build(source, out, spec.params, calib if spec.calibration else None, "cpu",
                                              **({"from_gptq": gptq_dir} if reuse else {}))
         built[spec.id] = (spec, out, record)
-    gptq_manifest = {"method": "gptq", "parameters": main.params.model_dump(mode="json")}
+    gptq_manifest = SimpleNamespace(method="gptq", parameters=main.params.model_dump(mode="json"))  # what _load_hf reads
     gptq_kld = score(hf_logprobs(_load_hf(gptq_dir, "cpu", gptq_manifest), data), data, reference)["kld"]
     return source, calib, data, reference, built, gptq_kld
 

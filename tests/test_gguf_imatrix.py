@@ -114,7 +114,7 @@ def test_kld_ranks_the_types_as_llama_cpp_documents_them(ranked):
     order agrees (Kendall's tau).
     """
     _, _, results = ranked
-    kld = {t: results[f"gguf-{t}"]["kld"] for t in RANKED}
+    kld = {t: results[f"gguf-{t}"].kld for t in RANKED}
     documented = [t for t in DOCUMENTED_ORDER if t in kld]
     assert documented == RANKED
     pairs = [(a, b) for i, a in enumerate(documented) for b in documented[i + 1:]]
@@ -123,7 +123,7 @@ def test_kld_ranks_the_types_as_llama_cpp_documents_them(ranked):
     assert far == [], {p: (kld[p[0]], kld[p[1]]) for p in far}
     tau = 1 - 2 * len(discordant) / len(pairs)
     assert tau >= 0.85, (tau, discordant)
-    assert results["gguf-Q4_K_L"]["kld"] < kld["Q4_K_M"]  # Q8_0 embeddings and output: closer than Q4_K_M
+    assert results["gguf-Q4_K_L"].kld < kld["Q4_K_M"]  # Q8_0 embeddings and output: closer than Q4_K_M
     for variant, r in results.items():
         assert r["memory"]["kind"] == "RAM" and r["memory"]["bytes"] > 0 and r["memory"]["context"] == 256
         assert 0 < r["top1_agreement"] <= 1 and r["kld_median"] <= r["kld_p99"] <= r["kld_max"]

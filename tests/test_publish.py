@@ -142,8 +142,13 @@ def test_a_file_changed_after_validation_is_not_published(tulu_build, hub, tmp_p
     out, _ = tulu_build
     copy = tmp_path / "v" / "awq-4bit-128g-GEMM"
     shutil.copytree(out / "awq-4bit-128g-GEMM", copy)
-    (copy / "config.json").write_text("{}")
+    config = copy / "config.json"
+    original = config.read_bytes()
+    config.write_bytes(original.replace(b"{", b" ", 1))  # same size, other bytes: only the sha256 tells
     with pytest.raises(PublishError, match="changed after it was validated"):
+        publish(copy.parent, endpoint=hub.url, token=HUB_TOKEN, namespace="alice")
+    config.write_text("{}")
+    with pytest.raises(PublishError, match="missing or of another size"):
         publish(copy.parent, endpoint=hub.url, token=HUB_TOKEN, namespace="alice")
     assert not HfApi(endpoint=hub.url).repo_exists("alice/tiny-llama-AWQ")
 

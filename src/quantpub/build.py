@@ -64,6 +64,7 @@ def build_from_matrix(matrix_path: str | Path, model: str, out: str | Path, *, o
                      seq_len=seq_len)
     if plan.problems:
         raise PlanError(model, list(plan.problems))
+    select_jobs(plan, only)  # a mistyped --only is reported before any text is read or written
     plan = write_plan(plan, out, calibration_file=calibration_file, evaluation=False)
     if isinstance(stream, str):
         session = [j for j in select_jobs(plan, only) if STAGES[backend(j.method).stage].gpu]
