@@ -8,7 +8,8 @@ GPTQ (AutoGPTQ's layout, ``checkpoint_format: gptq``): ``qweight`` int32 ``[in *
 packs the input rows and ``qzeros`` int32 ``[groups, out * bits / 32]`` the output columns, each a
 little-endian bit stream (3-bit values straddle words); ``scales`` ``[groups, out]``; ``g_idx``
 ``[in]`` gives each input row's group (act order); v1 stores each zero minus one (``gptq_v2``
-does not). ``W[o, i] = scales[g, o] * (q[i, o] - zero[g, o])`` with ``g = g_idx[i]``.
+does not; so v1 cannot hold a zero of 0, which only asymmetric files need, and its readers disagree
+there). ``W[o, i] = scales[g, o] * (q[i, o] - zero[g, o])`` with ``g = g_idx[i]``.
 
 AWQ GEMM (AutoAWQ's layout): ``qweight`` int32 ``[in, out * bits / 32]`` and ``qzeros``
 ``[groups, out * bits / 32]`` pack the output columns in the order 0 2 4 6 1 3 5 7 within each
