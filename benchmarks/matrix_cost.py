@@ -88,7 +88,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from quantpub.calibration import build, load_text
-    from quantpub.matrix import load_matrix
+    from quantpub.variants import load_matrix
     from quantpub.tiny import corpus_text
     from transformers import AutoTokenizer
 

@@ -17,7 +17,7 @@ from conftest import typed, FIXTURES, MATRICES
 from quantpub.backends import ct_variant, mlx_variant
 from quantpub.card import render
 from quantpub.source.card import read_source
-from quantpub.matrix import load_matrix, runtime_repo, runtime_specs
+from quantpub.variants import load_matrix, runtime_repo, runtime_specs
 from quantpub.source import model_facts
 from test_card import CALIBRATION_SHA, CASES, TOOLS, source_dir
 

@@ -20,7 +20,7 @@ from conftest import MATRICES
 from quantpub import calibration
 from quantpub.backends import ct_variant, mlx_variant
 from quantpub.evaluate import HeldOut, _load_hf, hf_logprobs, score
-from quantpub.matrix import load_matrix, runtime_specs
+from quantpub.variants import load_matrix, runtime_specs
 from quantpub.runtime_quality import reference_logprobs, runtime_klds
 
 pytestmark = pytest.mark.slow

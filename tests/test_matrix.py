@@ -8,7 +8,8 @@ import yaml
 from conftest import CONFIGS, MATRICES
 from quantpub.cli import main
 from quantpub.errors import MatrixError
-from quantpub.matrix import GptqVariant, Matrix, expand, load_matrix
+from quantpub.matrix import GptqVariant, Matrix
+from quantpub.variants import expand, load_matrix
 
 TULU_BRANCHES = [  # (branch, bits, group size, act order) as on TheBloke's card, in its order
     ("main", 4, 128, False),

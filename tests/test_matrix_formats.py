@@ -10,7 +10,8 @@ import yaml
 from conftest import CONFIGS, MATRICES
 from quantpub import naming
 from quantpub.cli import main
-from quantpub.matrix import GptqVariant, Matrix, load_matrix, runtime_repo, runtime_specs
+from quantpub.matrix import GptqVariant, Matrix
+from quantpub.variants import load_matrix, runtime_repo, runtime_specs
 from quantpub.matrix_formats import CtScheme
 
 RUNTIME_VARIANTS = [  # (id, method, repo for model "m", calibrated)

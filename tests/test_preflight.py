@@ -236,7 +236,7 @@ def test_shipped_matrices_work_from_any_directory(capfd, empty_cwd, inputs, corp
 
 
 def test_shipped_matrix_is_the_repository_file():
-    from quantpub.matrix import resolve_matrix, shipped_matrices
+    from quantpub.variants import resolve_matrix, shipped_matrices
 
     assert resolve_matrix("thebloke").read_bytes() == (MATRICES / "thebloke.yaml").read_bytes()
     assert set(shipped_matrices()) >= {"thebloke", "thebloke-gptq"}

@@ -27,7 +27,7 @@ log = logging.getLogger("quantpub")
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from quantpub.matrix import resolve_matrix
+    from quantpub.variants import resolve_matrix
     from quantpub.plan import EXAMPLE_MODEL, make_plan, render
 
     model = args.model or EXAMPLE_MODEL
@@ -44,7 +44,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from quantpub.matrix import resolve_matrix
+    from quantpub.variants import resolve_matrix
     from quantpub.build import build_from_matrix
 
     outcomes = build_from_matrix(resolve_matrix(args.matrix), args.model, args.out, only=args.only,
@@ -73,7 +73,7 @@ def _publish(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from quantpub import preflight
     from quantpub.console import make_console
-    from quantpub.matrix import resolve_matrix
+    from quantpub.variants import resolve_matrix
     from quantpub.run import RunOptions, check, run
     from quantpub.workdir import WorkLock
 
@@ -151,7 +151,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _matrices(args: argparse.Namespace) -> int:
-    from quantpub.matrix import shipped_matrices
+    from quantpub.variants import shipped_matrices
 
     found = shipped_matrices()
     width = max(map(len, found))

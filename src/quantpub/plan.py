@@ -14,7 +14,8 @@ from typing import Any, Literal
 from quantpub import naming
 from quantpub.formatting import gb
 from quantpub.backends import BACKENDS, backend
-from quantpub.matrix import Matrix, VariantSpec, expand, load_matrix
+from quantpub.matrix import Matrix
+from quantpub.variants import VariantSpec, expand, load_matrix
 from quantpub.plan_record import (PlanRecord, matrix_sha256, read as read_record, read_snapshot, snapshot,
                                   source_facts, text_key, write as write_record)
 from quantpub.source import ModelFacts, model_facts

@@ -1,7 +1,7 @@
 """The one backend table: every format quantpub builds, and what the rest of quantpub asks of it.
 
 A format is one ``Backend`` entry here plus the modules it names; its variants come from the
-matrix section of the same name (``matrix.expand``). Everything else dispatches through this
+matrix section of the same name (``variants.expand``). Everything else dispatches through this
 table, never on the format's name:
 
 * the driver makes one quantize task per ``stage`` a model's variants need, and the stage's
@@ -193,12 +193,12 @@ BACKENDS: dict[str, Backend] = {b.method: b for b in (
             _runtime_parameters("ct_variant"), _runtime_size("ct_variant"), "quantpub.matrix_formats:CtScheme",
             card_rows="quantpub.card.formats:ct_rows", card_tags="quantpub.card.formats:ct_tags",
             card_tested="quantpub.card.formats:tested_in", module="quantpub.backends.ct_variant",
-            repo="quantpub.matrix:runtime_repo", solves_hessians=True),
+            repo="quantpub.variants:runtime_repo", solves_hessians=True),
     Backend("mlx", "MLX", "quantize-cpu", "mlx.md.j2", "mlx", "mlx-lm", False, ("mlx", "mlx-lm"),
             _runtime_parameters("mlx_variant"), _runtime_size("mlx_variant"), "quantpub.matrix_formats:MlxTarget",
             card_rows="quantpub.card.formats:mlx_rows", card_tags="quantpub.card.formats:mlx_tags",
             card_tested="quantpub.card.formats:tested_in", module="quantpub.backends.mlx_variant",
-            repo="quantpub.matrix:runtime_repo"),
+            repo="quantpub.variants:runtime_repo"),
 )}
 
 

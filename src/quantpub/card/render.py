@@ -76,7 +76,7 @@ def loaded_in_cell(manifest: Manifest) -> str:
 
 def compat_section(manifests: list[Manifest]) -> dict[str, Any]:
     """The Compatibility section: per runtime tried, the branches that loaded and the ones that failed, with why."""
-    from quantpub.compat import LOADS, NOT_TESTED, REFERENCE, RUNTIMES, TOLERANCE
+    from quantpub.compat import EXACT, LOADS, NOT_TESTED, REFERENCE, RUNTIMES, TOLERANCE
 
     rows, untested = [], []
     results = [(m.branch or m.variant, m.compat.runtimes if m.compat else {}) for m in manifests]
@@ -96,10 +96,14 @@ def compat_section(manifests: list[Manifest]) -> dict[str, Any]:
                       if r.status == LOADS and r.mode == "model"}) or ["CPU"]
     reference = next((r.label for _, rs in results for n, r in rs.items() if n == REFERENCE and r.label),
                      "transformers")
+    tolerance = TOLERANCE
+    if manifests and all(m.compat and m.compat.reference == EXACT for m in manifests if m.compat and m.compat.runtimes):
+        reference = "the weights dequantized exactly from the file's integers and scales (float32, no runtime's kernel)"
+        tolerance = f"{TOLERANCE:g} of the largest logit"
     untested.insert(0, "ExLlama, ExLlamaV2 and Hugging Face Text Generation Inference (TGI), which need a GPU; "
                        "none loaded these files")
     return {"tested": bool(rows), "rows": rows, "untested": "; ".join(untested), "devices": " and ".join(devices),
-            "reference": reference, "tolerance": TOLERANCE}
+            "reference": reference, "tolerance": tolerance}
 
 
 def _cell_text(text: str, limit: int = 200) -> str:

@@ -25,7 +25,7 @@ from quantpub.compat import venvs
 
 log = logging.getLogger(__name__)
 PROBE = Path(__file__).with_name("probe.py")
-TOLERANCE = 1e-2  # max |logit difference| from today's stack for a runtime to count as loading correctly
+TOLERANCE = 1e-2  # max |logit difference| from the reference, per unit of its largest |logit| (at least 1)
 PROMPT_TOKENS = 16
 TOKENIZER_TEXT = "Tell me about AI"  # the prompt of the card's snippet
 LOADS, FAILS, NOT_TESTED = "loads", "fails", "not tested"
@@ -53,7 +53,8 @@ RUNTIMES: tuple[Runtime, ...] = (
     Runtime("transformers5-ct", "model", None, ("compressed_tensors",), ("transformers", "compressed-tensors")),
     Runtime("mlx-lm", "mlx", None, ("mlx",), ("mlx-lm", "mlx")),
 )
-REFERENCE = "transformers5"
+REFERENCE = "transformers5"  # the reference when the exact one cannot be computed
+EXACT = "exact dequantization"  # the file's integers and scales by the format's definition (``dequant``)
 
 
 def label(result: dict[str, Any]) -> str:
@@ -68,9 +69,10 @@ def check_variant(variant_dir: str | Path, method: str, prompt_ids: list[int], *
     """Load ``variant_dir`` in every runtime available here; returns the record for its manifest.
 
     ``runtimes`` limits the check to those names (default: all of :data:`RUNTIMES`). A model
-    runtime loads the way the card's snippet does and must give logits within
-    :data:`TOLERANCE` of today's stack on ``prompt_ids``; a runtime whose venv is absent is
-    ``not tested``. Never raises for a runtime's failure: that failure is the result.
+    runtime loads the way the card's snippet does and must give logits on ``prompt_ids`` within
+    :data:`TOLERANCE` (per unit of the largest logit) of the file's exact dequantization
+    (:mod:`quantpub.dequant`; today's stack when that cannot be computed: the record's ``reference``
+    says which); a runtime whose venv is absent is ``not tested``. Never raises for a runtime's failure: that failure is the result.
     ``logits_dir``: keep each probe's output there (``<runtime>.pt``: logits of a model probe,
     the prompt's log-probabilities of a vLLM probe; ``<runtime>.pt.npy``: an MLX probe's logits).
     """
@@ -85,16 +87,40 @@ def check_variant(variant_dir: str | Path, method: str, prompt_ids: list[int], *
         tmp = Path(logits_dir) if logits_dir is not None else Path(scratch)
         for venv, group in by_venv.items():  # one process per venv: imports are most of the cost
             results.update(_check(venv, group, variant_dir, ids, tmp, prompt_logprobs=logits_dir is not None))
-        reference = tmp / f"{REFERENCE}.pt"
+        loaded = any(results[rt.name]["status"] == LOADS for rt in chosen if rt.mode == "model")
+        exact, why_not = _exact_logits(variant_dir, method, ids, tmp) if loaded else (None, None)
+        reference, name = (exact, EXACT) if exact is not None else (tmp / f"{REFERENCE}.pt", REFERENCE)
         for rt in chosen:
             result = results[rt.name]
             compared = method in next(r.methods for r in RUNTIMES if r.name == REFERENCE)
-            if rt.mode == "model" and rt.name != REFERENCE and compared and result["status"] == LOADS:
-                _compare(result, tmp / f"{rt.name}.pt", reference)
-    for name, result in results.items():
-        log.info("%s: %s: %s%s", variant_dir.name, name, result["status"],
+            if rt.mode == "model" and rt.name != name and compared and result["status"] == LOADS:
+                _compare(result, tmp / f"{rt.name}.pt", reference, name)
+    for runtime, result in results.items():
+        log.info("%s: %s: %s%s", variant_dir.name, runtime, result["status"],
                  f" ({result['error']})" if result.get("error") else "")
-    return {"prompt_tokens": len(ids), "tolerance": TOLERANCE, "reference": REFERENCE, "runtimes": results}
+    record = {"prompt_tokens": len(ids), "tolerance": TOLERANCE, "reference": name, "runtimes": results}
+    return record if why_not is None else {**record, "exact_reference": why_not}
+
+
+def _exact_logits(variant_dir: Path, method: str, ids: list[int], tmp: Path) -> tuple[Path | None, str | None]:
+    """Logits of the variant's weights dequantized exactly (``dequant``), saved under ``tmp``; or ``None``
+    and why not (a format it does not read, or a float32 copy that would not fit in memory)."""
+    import torch
+
+    from quantpub import dequant, machine
+
+    if method not in ("gptq", "awq"):
+        return None, None
+    need = 8 * sum(f.stat().st_size for f in variant_dir.glob("*.safetensors"))  # float32 of <= 4-bit weights
+    if need > machine.available_memory() // 2:
+        return None, f"not computed: a float32 copy needs about {need / 1e9:.1f} GB"
+    try:
+        logits = dequant.logits(variant_dir, ids)
+    except dequant.DequantError as exc:
+        return None, f"not computed: {exc}"
+    out = tmp / f"{EXACT}.pt"
+    torch.save(logits, out)
+    return out, None
 
 
 def _check(venv: str | None, group: list[Runtime], variant_dir: Path, ids: list[int],
@@ -152,16 +178,18 @@ def _subprocess(python: Path | str, args: dict[str, Any], timeout: int, tmp: Pat
     return found
 
 
-def _compare(result: dict[str, Any], logits: Path, reference: Path) -> None:
+def _compare(result: dict[str, Any], logits: Path, reference: Path, name: str) -> None:
+    """Largest logit difference from the reference's, allowed up to ``TOLERANCE`` of its largest logit."""
     import torch
 
     if not reference.is_file():
         result["max_abs_diff"] = None
-        result["note"] = f"not compared: {REFERENCE} did not load"
+        result["note"] = f"not compared: {name} did not load"
         return
     a, b = torch.load(logits), torch.load(reference)
-    diff = float((a - b).abs().max()) if a.shape == b.shape else float("inf")
+    diff = float((a.float() - b).abs().max()) if a.shape == b.shape else float("inf")
+    allowed = TOLERANCE * max(1.0, float(b.abs().max()))
     result["max_abs_diff"] = round(diff, 6)
-    if not diff <= TOLERANCE:
+    if not diff <= allowed:
         result["status"] = FAILS
-        result["error"] = f"logits differ from {REFERENCE}'s by {diff:.4g} (> {TOLERANCE})"
+        result["error"] = f"logits differ from {name}'s by {diff:.4g} (> {allowed:.4g})"
