@@ -125,5 +125,5 @@ def test_kld_ranks_the_types_as_llama_cpp_documents_them(ranked):
     assert tau >= 0.85, (tau, discordant)
     assert results["gguf-Q4_K_L"].kld < kld["Q4_K_M"]  # Q8_0 embeddings and output: closer than Q4_K_M
     for variant, r in results.items():
-        assert r["memory"]["kind"] == "RAM" and r["memory"]["bytes"] > 0 and r["memory"]["context"] == 256
-        assert 0 < r["top1_agreement"] <= 1 and r["kld_median"] <= r["kld_p99"] <= r["kld_max"]
+        assert r.memory.kind == "RAM" and r.memory.bytes > 0 and r.memory.context == 256
+        assert 0 < r.top1_agreement <= 1 and r.kld_median <= r.kld_p99 <= r.kld_max

@@ -5,8 +5,10 @@ one (a kill, the OOM killer, a crash in C code) loses only that stage: the drive
 process gone without a result and reports how it ended from its exit status: ``crashed`` (a
 crash signal), or ``lost`` as killed from outside (with "probably out of memory" when the cgroup's
 OOM-kill count rose or the process tree's sampled peak came near the machine's memory). Results,
-errors and progress events come back over one queue. GPU slots are given to a stage through
-``CUDA_VISIBLE_DEVICES``.
+errors and progress events come back over one pipe (a ``SimpleQueue``: a stage's ``put`` has written
+its event before it returns, so the phase a stage reported just before it crashed reaches the
+driver, which names the variant that crash belongs to; a ``Queue``'s feeder thread would lose it
+with the process). GPU slots are given to a stage through ``CUDA_VISIBLE_DEVICES``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import threading
 import traceback
 from typing import Any
 
@@ -43,7 +46,6 @@ def _worker(task_id: int, fn, args: tuple, out, log_file: str, model: str, stage
     else:
         send("result", result)
     out.close()
-    out.join_thread()
 
 
 class LocalExecutor:
@@ -54,7 +56,9 @@ class LocalExecutor:
     def __init__(self, gpu_slots: list[str | None], verbose: bool = False):
         self.gpu_slots = gpu_slots
         self.verbose = verbose
-        self.queue = _CTX.Queue()
+        self.queue = _CTX.SimpleQueue()  # written by the stages, read by one thread into ``inbox``
+        self.inbox: queue.Queue = queue.Queue()
+        threading.Thread(target=self._forward, daemon=True, name="stage-messages").start()
         self.procs: dict[int, Any] = {}
         self.slot_of: dict[int, int] = {}
         self.finished: set[int] = set()
@@ -105,16 +109,24 @@ class LocalExecutor:
                                         {"kind": end.kind, "reason": reason, "signal": end.signal}))
         return messages
 
+    def _forward(self) -> None:
+        while True:
+            try:
+                item = self.queue.get()
+            except (EOFError, OSError):  # closed at shutdown
+                return
+            self.inbox.put(item)
+
     def _drain(self, timeout: float) -> list[Message]:
         messages = []
         try:
-            item = self.queue.get(timeout=timeout)
+            item = self.inbox.get(timeout=timeout)
             while True:
                 task_id, kind, payload = item
                 if kind in ("result", "error"):
                     self.finished.add(task_id)
                 messages.append(Message(task_id, kind, payload))
-                item = self.queue.get_nowait()
+                item = self.inbox.get_nowait()
         except queue.Empty:
             pass
         return messages
