@@ -49,12 +49,13 @@ def child(variants: Path, text_file: Path, context: int, windows: int) -> None:
     """In the child: time validation and evaluation of every GGUF variant with the library it loaded."""
     from transformers import AutoTokenizer
 
-    from quantpub.backends import gguf_files as gguf, llamacpp
+    from quantpub.backends import gguf_files, llamacpp
     from quantpub.evaluate import HeldOut, gguf_logprobs
     from quantpub.machine import cpu_count
 
-    text = text_file.read_text()
     from quantpub.plan import load_plan
+
+    text = text_file.read_text()
 
     tokenizer = AutoTokenizer.from_pretrained(load_plan(variants).record.model)
     ids = tokenizer(text[len(text) // 2:], add_special_tokens=False).input_ids
@@ -64,7 +65,7 @@ def child(variants: Path, text_file: Path, context: int, windows: int) -> None:
     validate = evaluate = 0.0
     for f in files:
         started = time.monotonic()
-        gguf.validate_file(f, text[len(text) // 2:], 256, cpu_count())
+        gguf_files.validate_file(f, text[len(text) // 2:], 256, cpu_count())
         validate += time.monotonic() - started
         started = time.monotonic()
         for _ in gguf_logprobs(f, data, cpu_count()):
@@ -77,7 +78,7 @@ def child(variants: Path, text_file: Path, context: int, windows: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", required=True, help="a quantize output directory with GGUF variants")
-    parser.add_argument("--native-wheel", required=True)
+    parser.add_argument("--native-wheel", help="required, but in the child")
     parser.add_argument("--text", default=str(RESULTS / "containment-work" / "calibration.txt"))
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--windows", type=int, default=8)
@@ -87,6 +88,8 @@ def main() -> None:
     if args.child:
         child(Path(args.variants), Path(args.text), args.context, args.windows)
         return
+    if not args.native_wheel:
+        parser.error("--native-wheel is required")
     builds = {"portable": None, "native": unpack(Path(args.native_wheel))}
     rows = []
     for _ in range(args.repeats):
