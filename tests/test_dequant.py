@@ -102,7 +102,7 @@ def test_a_file_of_another_format_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {
         "quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"}}))
     with pytest.raises(dequant.DequantError, match="checkpoint_format 'marlin'"):
-        dequant.state_dict(tmp_path)
+        dequant.read_config(tmp_path)
 
 
 @pytest.mark.slow

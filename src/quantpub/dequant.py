@@ -19,6 +19,7 @@ word; the zeros are stored as they are; input row ``i`` is in group ``i // group
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -66,58 +67,77 @@ def awq_weight(qweight, qzeros, scales, bits: int, group_size: int) -> np.ndarra
     return (scales.astype(np.float32)[g] * (q - zeros[g])).T
 
 
-def state_dict(variant_dir: str | Path) -> tuple[dict[str, np.ndarray], dict]:
-    """Every tensor of a GPTQ or AWQ variant as float32, quantized linears dequantized to ``<name>.weight``;
-    returns it and the config without its ``quantization_config``.
+def read_config(variant_dir: str | Path) -> tuple[dict, dict]:
+    """The variant's config without its ``quantization_config``, and that quantization config.
 
     Raises:
         DequantError: not a GPTQ or AWQ file this module reads (quant method, checkpoint format, packing).
     """
-    from safetensors.numpy import load_file
-
     variant_dir = Path(variant_dir)
     config = json.loads((variant_dir / "config.json").read_text())
     q = config.pop("quantization_config", None) or {}
-    method, bits = q.get("quant_method"), int(q.get("bits", 0))
+    method = q.get("quant_method")
     if method == "gptq" and q.get("checkpoint_format", "gptq") not in ("gptq", "gptq_v2"):
         raise DequantError(f"{variant_dir}: GPTQ checkpoint_format {q.get('checkpoint_format')!r} is not read here")
     if method == "awq" and str(q.get("version", "gemm")).lower() != "gemm":
         raise DequantError(f"{variant_dir}: AWQ version {q.get('version')!r} is not read here (only GEMM)")
     if method not in ("gptq", "awq"):
         raise DequantError(f"{variant_dir}: quant_method {method!r} is neither gptq nor awq")
-    tensors: dict[str, np.ndarray] = {}
-    for f in sorted(variant_dir.glob("*.safetensors")):
-        tensors.update(load_file(f))
-    out: dict[str, np.ndarray] = {}
-    linears = {k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")}
-    for name in linears:
-        qweight, qzeros, scales = (tensors.pop(f"{name}.{p}") for p in ("qweight", "qzeros", "scales"))
-        if method == "gptq":
-            g_idx = tensors.pop(f"{name}.g_idx")
-            out[f"{name}.weight"] = gptq_weight(qweight, qzeros, scales, g_idx, bits,
+    return config, q
+
+
+def weights(variant_dir: str | Path, q: dict) -> Iterator[tuple[str, np.ndarray]]:
+    """Every tensor of the variant as float32, one at a time (quantized linears dequantized to
+    ``<name>.weight``, their all-zero biases dropped): only one layer's float32 copy is held here."""
+    from safetensors import safe_open
+
+    files = {}
+    where: dict[str, Path] = {}
+    for f in sorted(Path(variant_dir).glob("*.safetensors")):
+        files[f] = safe_open(f, framework="numpy")
+        where.update({k: f for k in files[f].keys()})
+
+    def get(key: str) -> np.ndarray:
+        return files[where.pop(key)].get_tensor(key)
+
+    bits = int(q.get("bits", 0))
+    for name in sorted(k[: -len(".qweight")] for k in list(where) if k.endswith(".qweight")):
+        qweight, qzeros, scales = (get(f"{name}.{p}") for p in ("qweight", "qzeros", "scales"))
+        if q.get("quant_method") == "gptq":
+            yield f"{name}.weight", gptq_weight(qweight, qzeros, scales, get(f"{name}.g_idx"), bits,
                                                 zeros_minus_one=q.get("checkpoint_format", "gptq") == "gptq")
         else:
-            out[f"{name}.weight"] = awq_weight(qweight, qzeros, scales, bits, int(q.get("group_size", -1)))
-        bias = tensors.pop(f"{name}.bias", None)
+            yield f"{name}.weight", awq_weight(qweight, qzeros, scales, bits, int(q.get("group_size", -1)))
+        bias = get(f"{name}.bias") if f"{name}.bias" in where else None
         if bias is not None and np.any(bias):
-            out[f"{name}.bias"] = bias.astype(np.float32)
-    out.update({k: v.astype(np.float32) for k, v in tensors.items()})
-    return out, config
+            yield f"{name}.bias", bias.astype(np.float32)
+    for key in list(where):
+        yield key, get(key).astype(np.float32)
 
 
 def model(variant_dir: str | Path):
-    """The variant as an unquantized float32 transformers model of the same architecture."""
+    """The variant as an unquantized float32 transformers model of the same architecture, filled tensor by
+    tensor (the float32 model plus one tensor at a time, not a second copy of it)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    weights, config = state_dict(variant_dir)
+    config, q = read_config(variant_dir)
     cfg = AutoConfig.for_model(**config)
     m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    missing, unexpected = m.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=False)
+    params = dict(m.named_parameters(remove_duplicate=False))
+    filled, unexpected = set(), []
+    with torch.no_grad():
+        for name, array in weights(variant_dir, q):
+            if name in params and tuple(params[name].shape) == array.shape:
+                params[name].copy_(torch.from_numpy(array))
+                filled.add(name)
+            else:
+                unexpected.append(name)
     tied = {"lm_head.weight"} if getattr(cfg, "tie_word_embeddings", False) else set()
-    if set(missing) - tied or unexpected:
+    missing = set(params) - filled - tied
+    if missing or unexpected:
         raise DequantError(f"{variant_dir}: dequantized weights do not fit {cfg.model_type}: missing "
-                           f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}")
+                           f"{sorted(missing)[:3]}, unexpected or of another shape {sorted(unexpected)[:3]}")
     if tied:
         m.tie_weights()
     return m.eval()
