@@ -241,3 +241,17 @@ def test_shipped_matrix_is_the_repository_file():
     assert resolve_matrix("thebloke").read_bytes() == (MATRICES / "thebloke.yaml").read_bytes()
     assert set(shipped_matrices()) >= {"thebloke", "thebloke-gptq"}
     assert os.path.samefile(resolve_matrix("thebloke-gptq"), MATRICES / "thebloke-gptq.yaml")
+
+
+def test_runtime_formats_group_sizes_are_checked_too(corpus, tmp_path):
+    """compressed-tensors W4A16 at group 128 on 320-wide layers: transformers would refuse the built files."""
+    from quantpub.plan import make_plan
+    from quantpub.preflight import check_group_sizes
+    from quantpub.tiny import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "tiny-320", "llama", hidden_size=320, intermediate_size=640,
+                             text=corpus.read_text())
+    problems = check_group_sizes(str(model), make_plan(MATRICES / "runtimes.yaml", str(model), device="cpu"))
+    refused = " ".join(problems)
+    assert "ct-w4a16-128g-actorder_GroupAware" in refused and "group size 128 does not divide" in refused
+    assert "mlx-4bit-64g" not in refused  # 64 divides 320 and 640

@@ -23,6 +23,7 @@ from typing import Any
 from quantpub import naming
 from quantpub.errors import QuantpubError
 from quantpub.matrix import AwqTarget, CalibrationSpec, GptqVariant
+from quantpub.matrix_formats import CtScheme, MlxTarget
 from quantpub.plan import Plan, make_plan
 
 log = logging.getLogger(__name__)
@@ -202,15 +203,19 @@ def _hub_source_problems(model: str) -> list[str]:
 
 
 def check_group_sizes(model: str, plan: Plan) -> list[str]:
-    """A GPTQ or AWQ group size must divide the input size of every layer it quantizes."""
+    """A group size must divide the input size of every layer it quantizes: GPTQ, AWQ (GPTQModel's AWQ
+    raises mid-run otherwise), compressed-tensors W4A16 (transformers refuses to load it: "tensor column
+    shape must be divisible by the given group_size") and MLX."""
     inputs = sorted({lin.in_features for lin in plan.facts.block_linears()})
     refused: dict[tuple[int, int], list[str]] = {}  # (group size, an input it does not divide) -> variants
     for job in plan.jobs:
         p = job.variant.params
-        if isinstance(p, (GptqVariant, AwqTarget)) and p.group_size is not None:
-            bad = [n for n in inputs if n % p.group_size]
+        group = p.resolved_group_size if isinstance(p, CtScheme) else \
+            p.group_size if isinstance(p, (GptqVariant, AwqTarget, MlxTarget)) else None
+        if group is not None:
+            bad = [n for n in inputs if n % group]
             if bad:
-                refused.setdefault((p.group_size, bad[0]), []).append(job.id)
+                refused.setdefault((group, bad[0]), []).append(job.id)
     return [f"model {model}: variant{'s' * (len(ids) > 1)} {', '.join(ids)}: group size {group} does not divide the "
             f"layer input size {size}; use a group size that divides {', '.join(map(str, inputs))} (or none) for "
             "this model" for (group, size), ids in refused.items()]
