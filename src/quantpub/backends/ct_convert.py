@@ -108,11 +108,10 @@ class GptqToCompressed(_Converter):
         """(signed integers [out, in], scales [groups, out]) of one module, checked against the target format."""
         import torch
 
-        per_word = 32 // self.bits
-        shifts = torch.arange(0, 32, self.bits, dtype=torch.int32)
-        mask = (1 << self.bits) - 1
-        q = ((qweight.unsqueeze(1) >> shifts.view(1, -1, 1)) & mask).reshape(qweight.shape[0] * per_word, -1)
-        zeros = ((qzeros.unsqueeze(2) >> shifts.view(1, 1, -1)) & mask).reshape(qzeros.shape[0], -1)
+        from quantpub.dequant import unpack
+
+        q = torch.from_numpy(unpack(qweight.numpy(), self.bits, len(g_idx)))  # [in, out]
+        zeros = torch.from_numpy(unpack(qzeros.numpy().T, self.bits, scales.shape[1]).T)  # [groups, out]
         half = 1 << (self.bits - 1)
         if not bool((zeros + 1 == half).all()):  # AutoGPTQ v1 stores zero - 1
             raise ValueError(f"{module}.qzeros: asymmetric GPTQ weights (zero points other than {half}); "
