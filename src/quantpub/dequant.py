@@ -19,11 +19,13 @@ word; the zeros are stored as they are; input row ``i`` is in group ``i // group
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+log = logging.getLogger(__name__)
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's 4-bit GEMM packing: slot k of a word holds column AWQ_ORDER[k]
 
 
@@ -50,7 +52,7 @@ def gptq_weight(qweight, qzeros, scales, g_idx, bits: int, *, zeros_minus_one: b
     if zeros_minus_one:
         zeros = zeros + 1
     g = np.asarray(g_idx, dtype=np.int64)
-    return (scales.astype(np.float32)[g] * (q - zeros[g])).T
+    return (scales.astype(np.float32)[g] * (q - zeros[g]).astype(np.float32)).T  # one rounding, as in float64
 
 
 def awq_weight(qweight, qzeros, scales, bits: int, group_size: int) -> np.ndarray:
@@ -64,7 +66,7 @@ def awq_weight(qweight, qzeros, scales, bits: int, group_size: int) -> np.ndarra
     zeros = np.empty((qzeros.shape[0], n_out), dtype=np.int64)
     zeros[:, order] = unpack(qzeros.T, bits, n_out).T
     g = np.arange(n_in) // (group_size if group_size > 0 else n_in)
-    return (scales.astype(np.float32)[g] * (q - zeros[g])).T
+    return (scales.astype(np.float32)[g] * (q - zeros[g]).astype(np.float32)).T  # one rounding, as in float64
 
 
 def read_config(variant_dir: str | Path) -> tuple[dict, dict]:
@@ -86,66 +88,115 @@ def read_config(variant_dir: str | Path) -> tuple[dict, dict]:
     return config, q
 
 
-def weights(variant_dir: str | Path, q: dict) -> Iterator[tuple[str, np.ndarray]]:
-    """Every tensor of the variant as float32, one at a time (quantized linears dequantized to
-    ``<name>.weight``, their all-zero biases dropped): only one layer's float32 copy is held here."""
-    from safetensors import safe_open
+class _Tensors:
+    """The variant's tensors by the name of the unquantized parameter they stand for, read on demand in
+    float32 (a quantized linear's ``qweight`` / ``qzeros`` / ``scales`` / ``g_idx`` as ``<name>.weight``)."""
 
-    files = {}
-    where: dict[str, Path] = {}
-    for f in sorted(Path(variant_dir).glob("*.safetensors")):
-        files[f] = safe_open(f, framework="numpy")
-        where.update({k: f for k in files[f].keys()})
+    def __init__(self, variant_dir: Path, q: dict) -> None:
+        from safetensors import safe_open
 
-    def get(key: str) -> np.ndarray:
-        return files[where.pop(key)].get_tensor(key)
+        self.q, self.bits = q, int(q.get("bits", 0))
+        self.where: dict[str, Any] = {}
+        for f in sorted(variant_dir.glob("*.safetensors")):
+            handle = safe_open(f, framework="numpy")
+            self.where.update({k: handle for k in handle.keys()})
+        self.quantized = {k[: -len(".qweight")] for k in self.where if k.endswith(".qweight")}
+        parts = {f"{m}.{p}" for m in self.quantized for p in ("qweight", "qzeros", "scales", "g_idx")}
+        self.names = {f"{m}.weight" for m in self.quantized} | {k for k in self.where if k not in parts}
 
-    bits = int(q.get("bits", 0))
-    for name in sorted(k[: -len(".qweight")] for k in list(where) if k.endswith(".qweight")):
-        qweight, qzeros, scales = (get(f"{name}.{p}") for p in ("qweight", "qzeros", "scales"))
-        if q.get("quant_method") == "gptq":
-            yield f"{name}.weight", gptq_weight(qweight, qzeros, scales, get(f"{name}.g_idx"), bits,
-                                                zeros_minus_one=q.get("checkpoint_format", "gptq") == "gptq")
-        else:
-            yield f"{name}.weight", awq_weight(qweight, qzeros, scales, bits, int(q.get("group_size", -1)))
-        bias = get(f"{name}.bias") if f"{name}.bias" in where else None
-        if bias is not None and np.any(bias):
-            yield f"{name}.bias", bias.astype(np.float32)
-    for key in list(where):
-        yield key, get(key).astype(np.float32)
+    def optional(self, name: str) -> bool:
+        """A quantized linear's bias that is all zeros: the builders write one where the model has none."""
+        return name.endswith(".bias") and name[: -len(".bias")] in self.quantized and not np.any(self.get(name))
+
+    def get(self, name: str) -> np.ndarray:
+        if name.endswith(".weight") and name[: -len(".weight")] in self.quantized:
+            m = name[: -len(".weight")]
+            qweight, qzeros, scales = (self._raw(f"{m}.{p}") for p in ("qweight", "qzeros", "scales"))
+            if self.q.get("quant_method") == "gptq":
+                return gptq_weight(qweight, qzeros, scales, self._raw(f"{m}.g_idx"), self.bits,
+                                   zeros_minus_one=self.q.get("checkpoint_format", "gptq") == "gptq")
+            return awq_weight(qweight, qzeros, scales, self.bits, int(self.q.get("group_size", -1)))
+        return self._raw(name).astype(np.float32)
+
+    def _raw(self, key: str) -> np.ndarray:
+        return self.where[key].get_tensor(key)
 
 
-def model(variant_dir: str | Path):
-    """The variant as an unquantized float32 transformers model of the same architecture, filled tensor by
-    tensor (the float32 model plus one tensor at a time, not a second copy of it)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config, q = read_config(variant_dir)
-    cfg = AutoConfig.for_model(**config)
-    m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    params = dict(m.named_parameters(remove_duplicate=False))
-    filled, unexpected = set(), []
-    with torch.no_grad():
-        for name, array in weights(variant_dir, q):
-            if name in params and tuple(params[name].shape) == array.shape:
-                params[name].copy_(torch.from_numpy(array))
-                filled.add(name)
-            else:
-                unexpected.append(name)
-    tied = {"lm_head.weight"} if getattr(cfg, "tie_word_embeddings", False) else set()
-    missing = set(params) - filled - tied
-    if missing or unexpected:
-        raise DequantError(f"{variant_dir}: dequantized weights do not fit {cfg.model_type}: missing "
-                           f"{sorted(missing)[:3]}, unexpected or of another shape {sorted(unexpected)[:3]}")
-    if tied:
-        m.tie_weights()
-    return m.eval()
+def peak_bytes(variant_dir: str | Path) -> int:
+    """About the most memory ``logits`` holds: twice the float32 of the larger of the embedding and one
+    decoder layer (llama-shaped: four attention and three MLP matrices), or, for a config without
+    those sizes, a float32 copy of every weight of the file (8 bytes per byte of <= 4-bit weights)."""
+    config, _ = read_config(variant_dir)
+    try:
+        h, inter, vocab = (int(config[k]) for k in ("hidden_size", "intermediate_size", "vocab_size"))
+    except (KeyError, TypeError, ValueError):
+        return 8 * sum(f.stat().st_size for f in Path(variant_dir).glob("*.safetensors"))
+    return 2 * 4 * max(vocab * h, 4 * h * h + 3 * h * inter)
 
 
 def logits(variant_dir: str | Path, prompt_ids: list[int]):
-    """Float32 logits ``[1, T, vocab]`` of the exactly dequantized variant on ``prompt_ids``."""
-    import torch
+    """Float32 logits ``[1, T, vocab]`` of the exactly dequantized variant on ``prompt_ids``.
 
-    with torch.no_grad():
-        return model(variant_dir)(torch.tensor([prompt_ids])).logits.float()
+    The model is built empty (``accelerate.init_empty_weights``) and each module's weights are
+    dequantized just before its forward and dropped after it, so only one layer's float32 weights are
+    held at a time, not a float32 copy of the model. A model whose forward reads another module's
+    weights directly (not through that module's forward) is run again with every weight loaded.
+
+    Raises:
+        DequantError: the file is not one this module reads, or its tensors do not fit the architecture.
+    """
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    variant_dir = Path(variant_dir)
+    config, q = read_config(variant_dir)
+    cfg = AutoConfig.for_model(**config)
+    with init_empty_weights(include_buffers=False):
+        m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    tensors = _Tensors(variant_dir, q)
+    params = {n for n, _ in m.named_parameters(remove_duplicate=False)}
+    tied = {"lm_head.weight"} if getattr(cfg, "tie_word_embeddings", False) else set()
+    missing = params - tensors.names - tied
+    unexpected = {n for n in tensors.names - params if not tensors.optional(n)}
+    if missing or unexpected:
+        raise DequantError(f"{variant_dir}: dequantized weights do not fit {cfg.model_type}: missing "
+                           f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+    embeddings = m.get_input_embeddings()
+    embed_name = next(n for n, mod in m.named_modules() if mod is embeddings) + ".weight"
+    owners = [(prefix, mod) for prefix, mod in m.named_modules() if any(True for _ in mod.parameters(recurse=False))]
+
+    def load(prefix: str, module) -> None:
+        for n, p in list(module.named_parameters(recurse=False)):
+            full = f"{prefix}.{n}" if prefix else n
+            array = tensors.get(embed_name if full in tied and full not in tensors.names else full)
+            if array.shape != tuple(p.shape):
+                raise DequantError(f"{variant_dir}: {full} is {array.shape} in the file, {tuple(p.shape)} in "
+                                   f"{cfg.model_type}")
+            module._parameters[n] = torch.nn.Parameter(torch.from_numpy(array), requires_grad=False)
+
+    def drop(module) -> None:
+        for n, p in list(module.named_parameters(recurse=False)):
+            module._parameters[n] = torch.nn.Parameter(torch.empty(p.shape, device="meta"), requires_grad=False)
+
+    ids = torch.tensor([prompt_ids])
+    hooks = [h for prefix, mod in owners for h in (
+        mod.register_forward_pre_hook(lambda module, _args, prefix=prefix: load(prefix, module)),
+        mod.register_forward_hook(lambda module, _args, _out: drop(module)))]
+    try:
+        with torch.no_grad():
+            return m(ids).logits.float()
+    except (RuntimeError, NotImplementedError) as exc:  # a weight read outside its module's forward (still on meta)
+        from quantpub import machine
+
+        full = 8 * sum(f.stat().st_size for f in variant_dir.glob("*.safetensors"))  # float32 of <= 4-bit weights
+        if full > machine.available_memory() // 2:
+            raise DequantError(f"{variant_dir}: {cfg.model_type} reads weights outside their modules' forward "
+                               f"({exc}), and a float32 copy of the model needs about {full / 1e9:.1f} GB") from exc
+        log.info("%s: %s; running again with every weight loaded", variant_dir, exc)
+        for h in hooks:
+            h.remove()
+        for prefix, mod in owners:
+            load(prefix, mod)
+        with torch.no_grad():
+            return m(ids).logits.float()

@@ -104,17 +104,17 @@ def check_variant(variant_dir: str | Path, method: str, prompt_ids: list[int], *
 
 def _exact_logits(variant_dir: Path, method: str, ids: list[int], tmp: Path) -> tuple[Path | None, str | None]:
     """Logits of the variant's weights dequantized exactly (``dequant``), saved under ``tmp``; or ``None``
-    and why not (a format it does not read, or a float32 copy that would not fit in memory)."""
+    and why not (a format it does not read, or layers whose float32 weights would not fit in memory)."""
     import torch
 
     from quantpub import dequant, machine
 
     if method not in ("gptq", "awq"):
         return None, None
-    need = 8 * sum(f.stat().st_size for f in variant_dir.glob("*.safetensors"))  # float32 of <= 4-bit weights
-    if need > machine.available_memory() // 2:
-        return None, f"not computed: a float32 copy needs about {need / 1e9:.1f} GB"
     try:
+        need = dequant.peak_bytes(variant_dir)
+        if need > machine.available_memory() // 2:
+            return None, f"not computed: dequantizing it layer by layer needs about {need / 1e9:.1f} GB"
         logits = dequant.logits(variant_dir, ids)
     except dequant.DequantError as exc:
         return None, f"not computed: {exc}"
