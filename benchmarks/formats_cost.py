@@ -64,6 +64,7 @@ def measure(model: Path, gptq_out: Path, work: Path, text_file: Path, args) -> d
     from quantpub import calibration
     from quantpub.backends import ct_variant, mlx_variant
     from quantpub.evaluate import _load_hf, _log_softmax, hf_logprobs, score
+    from quantpub.manifest import read as read_manifest
     from quantpub.matrix_formats import CtScheme, MlxTarget
 
     tokenizer = AutoTokenizer.from_pretrained(model)
@@ -107,8 +108,8 @@ def measure(model: Path, gptq_out: Path, work: Path, text_file: Path, args) -> d
         row(f"mlx-{bits}bit-64g", "added", seconds, mlx_variant.logprobs(out, data.windows))
     for branch in ("main", SAME_SOLVE["W8A8"]):
         d = next(d for d in gptq_out.iterdir() if _branch(d) == branch)
-        manifest = json.loads((d / "quantpub.json").read_text())
-        row(f"gptq {branch}", "baseline", manifest["quantize_seconds"], hf_logprobs(_load_hf(d, "cpu", manifest), data))
+        manifest = read_manifest(d)
+        row(f"gptq {branch}", "baseline", manifest.quantize_seconds, hf_logprobs(_load_hf(d, "cpu", manifest), data))
     for scheme in ("W4A16", "W8A8") if args.routes else ():  # the builder's own solve: the route when no branch matches
         params = CtScheme(scheme=scheme, group_size=group if scheme == "W4A16" else None)
         out = work / "route" / params.variant_id()

@@ -121,3 +121,18 @@ def test_tested_to_load_in_comes_from_records_only(tmp_path):
     manifest["compat"] = None
     text = render("compressed_tensors", manifest["repo"], typed([manifest]), source, repos=[manifest["repo"]])
     assert "No runtime load was recorded for these files, so none is claimed." in text
+
+
+def test_chart_labels_name_the_scheme_or_the_bits():
+    from types import SimpleNamespace
+
+    from quantpub.card.chart import short_label
+    from quantpub.matrix_formats import CtScheme, MlxTarget
+
+    def point(kind, params):
+        return SimpleNamespace(kind=kind, parameters=params, label="SmolLM2-135M-Instruct-quantized.w4a16", variant="v")
+
+    assert short_label(point("compressed-tensors", CtScheme(scheme="W4A16", group_size=64))) == "W4A16 g64"
+    assert short_label(point("compressed-tensors", CtScheme(scheme="W4A16"))) == "W4A16 g128"
+    assert short_label(point("compressed-tensors", CtScheme(scheme="FP8_DYNAMIC"))) == "FP8_DYNAMIC"
+    assert short_label(point("MLX", MlxTarget(bits=4, group_size=64))) == "4b g64"

@@ -126,3 +126,15 @@ def test_packed_integers_in_another_dtype_are_refused(tmp_path):
     save_file(tensors, str(out / "model.safetensors"))
     with pytest.raises(ValueError, match="model.safetensors: model.layers.0.self_attn.q_proj.qzeros is torch.int64"):
         conform_to_source(out, src)
+
+
+def test_a_transformers5_config_gets_the_rope_keys_older_readers_use():
+    from quantpub.backends.conform import with_legacy_rope
+
+    scaled = {"model_type": "llama", "rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6}}
+    assert with_legacy_rope(scaled) == {**scaled, "rope_theta": 1e6,
+                                        "rope_scaling": {"type": "linear", "rope_type": "linear", "factor": 4.0}}
+    plain = {"rope_parameters": {"rope_type": "default", "rope_theta": 1e5}}
+    assert with_legacy_rope(plain) == {**plain, "rope_theta": 1e5}
+    old = {"rope_theta": 1e4, "rope_scaling": None}
+    assert with_legacy_rope(old) is old and with_legacy_rope({"model_type": "gpt2"}) == {"model_type": "gpt2"}

@@ -52,3 +52,32 @@ def test_a_config_claiming_other_bits_fails_validation(tiny_models, tmp_path):
     mlx_variant.build(source, out, MlxTarget(bits=4))
     with pytest.raises(ValueError, match="config.json says 4-bit, the matrix asked for 8"):
         mlx_variant.validate(out, MlxTarget(bits=8), list(range(5, 30)))
+
+
+def test_a_transformers5_config_keeps_its_rope_base_in_mlx(tiny_models, tmp_path):
+    """A source saved by transformers 5 has only ``rope_parameters``; mlx-lm reads ``rope_theta`` and would
+    run with 10000 instead of the model's base. The MLX file's logits match the source's in transformers."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = tmp_path / "source"
+    shutil.copytree(tiny_models("llama"), source)
+    config = json.loads((source / "config.json").read_text())
+    for key in ("rope_theta", "rope_scaling"):
+        config.pop(key, None)
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": 500.0}
+    (source / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "mlx-8"
+    mlx_variant.build(source, out, MlxTarget(bits=8, group_size=64))
+    assert json.loads((out / "config.json").read_text()).get("rope_theta") == 500.0
+    assert mlx_variant._load(out).model.layers[0].self_attn.rope.base == 500.0  # what mlx-lm runs with
+
+    window = list(range(5, 101))
+    got = next(mlx_variant.logprobs(out, [window]))
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    with torch.no_grad():
+        want = torch.log_softmax(model(torch.tensor([window])).logits[0].double(), -1).numpy()
+    kld = float((np.exp(want) * (want - got)).sum(-1).mean())
+    assert kld < 1e-3, kld

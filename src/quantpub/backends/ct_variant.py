@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from quantpub.backends.conform import GENERATION_CONFIG, source_dtype, tokenizer_files
+from quantpub.backends.conform import GENERATION_CONFIG, source_dtype, tokenizer_files, with_legacy_rope
 from quantpub.calibration import CalibrationSet
 from quantpub.matrix import GptqVariant
 from quantpub.matrix_formats import CtScheme
@@ -150,7 +150,7 @@ def _check_gptq(gptq_dir: Path, variant: GptqVariant) -> None:
 
 
 def _config(source_dir: Path) -> dict[str, Any]:
-    return json.loads((Path(source_dir) / "config.json").read_text())
+    return with_legacy_rope(json.loads((Path(source_dir) / "config.json").read_text()))
 
 
 def _torch_dtype(name: str):

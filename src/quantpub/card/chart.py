@@ -17,10 +17,14 @@ MARKERS = {"GPTQ": ("o", "tab:blue"), "AWQ": ("s", "tab:orange"), "GGUF": ("^", 
 
 
 def short_label(p: Point) -> str:
-    """``Q4_K_M`` for a GGUF file; ``4b g32 act`` for GPTQ, ``4b g128`` for AWQ (the legend says which)."""
+    """``Q4_K_M`` for a GGUF file; ``4b g32 act`` for GPTQ, ``4b g128`` for AWQ and MLX (the legend says
+    which); ``W4A16 g64``, ``W8A8``, ``FP8_DYNAMIC`` for compressed-tensors (the repo name is too long)."""
     params = p.parameters
     if p.kind == "GGUF":
         return params.name if params is not None else p.variant.removeprefix("gguf-")
+    if getattr(params, "scheme", None):
+        group = getattr(params, "group_size", None) or (128 if params.scheme == "W4A16" else None)
+        return params.scheme + (f" g{group}" if group else "")
     bits = getattr(params, "bits", None)
     if bits is None:
         return p.label

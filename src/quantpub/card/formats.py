@@ -32,8 +32,8 @@ SCHEME_TAGS = {"W4A16": ["w4a16", "int4"], "W8A8": ["w8a8", "int8"], "FP8_DYNAMI
 UNTESTED = {
     "compressed_tensors": "vLLM and SGLang on GPUs, where these files run on the scheme's own kernels (no GPU "
                           "ran them here)",
-    "mlx": "MLX on Apple silicon (Metal): these files were checked with MLX's CPU build on Linux, the same "
-           "format and the same arithmetic on another device",
+    "mlx": "MLX on Apple silicon (Metal): these files were checked with MLX's CPU build on Linux, which "
+           "computes them in float32 (a Mac computes in the file's 16-bit dtype)",
 }
 
 
