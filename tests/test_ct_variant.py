@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 from quantpub import calibration
 from quantpub.backends import ct_variant
+from quantpub.backends.conform import with_legacy_rope
 from quantpub.backends.ct_convert import GptqToCompressed
 from quantpub.matrix_formats import CtScheme
 from quantpub.source import model_facts
@@ -51,7 +52,8 @@ def test_fp8_dynamic_is_data_free_and_loads_in_transformers(tiny, tmp_path):
     assert (group["weights"]["type"], group["weights"]["strategy"], group["weights"]["num_bits"]) == ("float", "channel", 8)
     assert group["input_activations"]["dynamic"] is True and group["input_activations"]["strategy"] == "token"
     source_config = json.loads((source / "config.json").read_text())
-    assert {k: v for k, v in config.items() if k != "quantization_config"} == source_config
+    assert {k: v for k, v in config.items() if k != "quantization_config"} == with_legacy_rope(source_config)
+    assert config["rope_theta"] == source_config["rope_parameters"]["rope_theta"]  # a transformers 5 source
     tensors = _tensors(out)
     weight = tensors["model.layers.0.self_attn.q_proj.weight"]
     assert weight.dtype == torch.float8_e4m3fn and tensors["model.layers.0.self_attn.q_proj.weight_scale"].shape == (256, 1)

@@ -69,7 +69,8 @@ def manifest_parameters(params: CtScheme) -> dict[str, Any]:
 def build(source_dir: Path, out_dir: Path, params: CtScheme, calib: CalibrationSet | None, device: str, *,
           from_gptq: Path | None = None) -> dict[str, Any]:
     """Write the variant into ``out_dir`` (created; must not exist): weights, ``config.json`` (the
-    source's plus compressed-tensors' ``quantization_config``), tokenizer and generation config.
+    source's plus compressed-tensors' ``quantization_config``, and the old rope keys when the source
+    has only ``rope_parameters``), tokenizer and generation config.
 
     ``from_gptq``: a built GPTQ directory of ``gptq_variant(params)`` to convert instead of solving.
     Returns a record: scheme, format, route, seconds, library versions.
@@ -115,6 +116,8 @@ def build(source_dir: Path, out_dir: Path, params: CtScheme, calib: CalibrationS
                 max_workers=1, device="cpu")
         record["gptq"] = variant.model_dump(mode="json")  # the calibration windows are the manifest's own record
     _ship_only_variant_files(out_dir, source_dir)
+    config = out_dir / "config.json"  # the rope keys transformers 4 and older vLLM read (``with_legacy_rope``)
+    config.write_text(json.dumps(with_legacy_rope(json.loads(config.read_text())), indent=2) + "\n")
     record["seconds"] = round(time.monotonic() - started, 2)
     record["versions"] = versions()
     return record
@@ -150,7 +153,7 @@ def _check_gptq(gptq_dir: Path, variant: GptqVariant) -> None:
 
 
 def _config(source_dir: Path) -> dict[str, Any]:
-    return with_legacy_rope(json.loads((Path(source_dir) / "config.json").read_text()))
+    return json.loads((Path(source_dir) / "config.json").read_text())
 
 
 def _torch_dtype(name: str):
