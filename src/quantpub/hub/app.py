@@ -13,6 +13,7 @@ from starlette.routing import Mount, request_response
 from starlette.staticfiles import StaticFiles
 
 from quantpub.hub import admin, api, lfs, web
+from quantpub.hub.bodies import drain_unread
 from quantpub.hub.errors import HubError
 from quantpub.hub.git import GitMirror
 from quantpub.hub.guard import Guard
@@ -50,6 +51,7 @@ def create_app(config) -> Starlette:
             handler, params = found
             return await handler(Ctx(request, hub, caller, params))
         except HubError as exc:
+            await drain_unread(request)
             return error_response(exc)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             return error_response(HubError(400, f"malformed request: {exc}"))
